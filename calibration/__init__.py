@@ -1,0 +1,1 @@
+"""Prompt sampling, activation statistics, KL sensitivity, checkpoint export/load, evaluation."""

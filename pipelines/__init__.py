@@ -1,0 +1,1 @@
+"""Prefect flows and tasks, deployments and the `fp4roll` CLI."""
