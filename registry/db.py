@@ -1,0 +1,159 @@
+"""Engines, sessions and migrations for the fp4roll store.
+
+Default: a SQLite file ``$FP4ROLL_HOME/fp4roll.db`` (FP4ROLL_HOME defaults to ``~/.fp4roll``) in WAL
+mode with a busy timeout, so a CLI, a flow and a reader can share it. Production: PostgreSQL by URL,
+through the argument or ``FP4ROLL_DB_URL`` (``postgresql://`` is mapped to the psycopg 3 driver).
+
+Schema changes go through Alembic (``upgrade(url)``, CLI ``fp4roll db upgrade``); the migration scripts
+ship inside the package, so this works from an installed wheel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+logger = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def fp4roll_home() -> Path:
+    """``$FP4ROLL_HOME`` or ``~/.fp4roll`` (not created here)."""
+    return Path(os.environ.get("FP4ROLL_HOME") or Path.home() / ".fp4roll").expanduser()
+
+
+def default_db_url() -> str:
+    """``$FP4ROLL_DB_URL`` if set, else the SQLite file under ``FP4ROLL_HOME``."""
+    env_url = os.environ.get("FP4ROLL_DB_URL")
+    if env_url:
+        return env_url
+    return f"sqlite:///{fp4roll_home() / 'fp4roll.db'}"
+
+
+def resolve_url(url: str | URL | None = None) -> URL:
+    """Normalise a database URL: default when None, psycopg 3 driver for bare PostgreSQL URLs."""
+    parsed = make_url(url if url is not None else default_db_url())
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if not (parsed.drivername.startswith("sqlite") or parsed.drivername.startswith("postgresql")):
+        raise ValueError(
+            f"unsupported database {parsed.drivername!r}: use sqlite:///path or postgresql://…"
+        )
+    return parsed
+
+
+def safe_url(url: str | URL | None = None) -> str:
+    """The URL with its password masked, for logs and messages."""
+    return resolve_url(url).render_as_string(hide_password=True)
+
+
+def _configure_sqlite(dbapi_connection, _record) -> None:  # noqa: ANN001 - DB-API connection
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA journal_mode = WAL")  # ignored (stays 'memory') for :memory:
+        cursor.execute("PRAGMA synchronous = NORMAL")
+    finally:
+        cursor.close()
+
+
+def create_engine_for(url: str | URL | None = None) -> Engine:
+    """A new engine for ``url`` (see module doc). Creates the SQLite file's directory if needed."""
+    resolved = resolve_url(url)
+    if resolved.drivername.startswith("sqlite"):
+        database = resolved.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(resolved, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        sa.event.listen(engine, "connect", _configure_sqlite)
+    else:
+        engine = sa.create_engine(resolved, pool_pre_ping=True)
+    logger.debug("engine for %s", resolved.render_as_string(hide_password=True))
+    return engine
+
+
+def get_engine(url: str | URL | None = None) -> Engine:
+    """A process-wide cached engine per URL."""
+    key = resolve_url(url).render_as_string(hide_password=False)
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _engines[key] = create_engine_for(key)
+    return engine
+
+
+def dispose_engines() -> None:
+    """Close every cached engine (tests, forked workers)."""
+    with _engines_lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+def session_factory(url: str | URL | None = None) -> sessionmaker[Session]:
+    return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+
+
+@contextlib.contextmanager
+def session_scope(url: str | URL | None = None) -> Iterator[Session]:
+    """A session that commits on success and rolls back on any exception."""
+    session = session_factory(url)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def _alembic_config(connection: sa.Connection):  # noqa: ANN202 - alembic.config.Config
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # Hand the live connection to env.py: no URL round trip (passwords with '%' survive).
+    config.attributes["connection"] = connection
+    return config
+
+
+def upgrade(url: str | URL | None = None, revision: str = "head") -> str | None:
+    """Migrate the database at ``url`` to ``revision``; idempotent. Returns the new revision."""
+    from alembic import command
+
+    engine = get_engine(url)
+    with engine.begin() as connection:
+        command.upgrade(_alembic_config(connection), revision)
+    current = current_revision(url)
+    logger.info("database %s at revision %s", safe_url(url), current)
+    return current
+
+
+def current_revision(url: str | URL | None = None) -> str | None:
+    """The Alembic revision the database is at (None for an empty database)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with get_engine(url).connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def head_revision() -> str | None:
+    """The newest revision shipped with this package."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
