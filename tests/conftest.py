@@ -24,6 +24,8 @@ import pytest  # noqa: E402
 
 _SESSION_HOME = tempfile.mkdtemp(prefix="fp4roll-test-home-")
 os.environ["FP4ROLL_HOME"] = _SESSION_HOME
+# Prefect reads its settings when first imported: keep its state (and results) out of ~/.prefect.
+os.environ["PREFECT_HOME"] = os.path.join(_SESSION_HOME, "prefect")
 
 POSTGRES_URL = os.environ.get(
     "FP4ROLL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
