@@ -1,0 +1,339 @@
+"""Canary gate policy: what the judge measures, how strictly, and how a rollout advances.
+
+Plain frozen dataclasses (validated in ``__post_init__``). At the edges (flow parameters, YAML/JSON
+config) build them with :func:`load_gate_policy`, which validates through pydantic's ``TypeAdapter``
+so a typo in a config file is a clear error, not a silently ignored key.
+
+Defaults follow DESIGN.md "Gates":
+
+* quality: mean and p99 token KL, top-1 agreement, Δ perplexity; a quality drop above 1 % fails
+  (critical: the rollout is rolled back);
+* latency: Mann–Whitney U on per-request latency; a significant p99 regression of ≥ 1.2× fails the
+  metric (the stage does not pass, so no promotion), ≥ 1.5× is a critical failure (roll back);
+* outlier fallback rate < 0.5 % of tokens (critical);
+* at least ``min_samples`` samples per side and metric, otherwise Inconclusive, never Pass;
+* staged plan 1 % → 10 % → 50 % → 100 % with a failure limit and an inconclusive limit
+  (Flagger ``threshold`` / Argo Rollouts ``failureLimit`` / ``inconclusiveLimit``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+
+class Direction(str, Enum):
+    """Which way is better for a metric."""
+
+    LOWER_IS_BETTER = "lower"
+    HIGHER_IS_BETTER = "higher"
+
+
+class Statistic(str, Enum):
+    """How the per-request samples of one side are summarised into one number."""
+
+    MEAN = "mean"
+    MEDIAN = "median"
+    P95 = "p95"
+    P99 = "p99"
+
+
+class Effect(str, Enum):
+    """How the candidate's statistic is compared with the baseline's.
+
+    ``RATIO``: candidate / baseline (latency). ``DIFFERENCE``: candidate − baseline.
+    ``EXP_DIFFERENCE``: exp(candidate − baseline), i.e. the perplexity ratio when the samples are
+    per-request mean NLLs.
+    """
+
+    RATIO = "ratio"
+    DIFFERENCE = "difference"
+    EXP_DIFFERENCE = "exp_difference"
+
+
+class Comparison(str, Enum):
+    """``TWO_SAMPLE``: baseline and candidate samples, Mann–Whitney U and effect limits.
+    ``CANDIDATE_ONLY``: the metric is already relative to the baseline (KL, top-1 agreement) or an
+    absolute property of the candidate (outlier fallback rate); only absolute limits apply."""
+
+    TWO_SAMPLE = "two_sample"
+    CANDIDATE_ONLY = "candidate_only"
+
+
+@dataclass(frozen=True)
+class MetricGate:
+    """One judged metric.
+
+    Limits are breached when the value lies strictly beyond them in the bad direction: for a
+    lower-is-better metric the candidate fails when ``effect > max_effect``; for higher-is-better
+    when ``effect < max_effect`` (a floor). ``ceiling`` is an absolute limit on the candidate's
+    statistic (upper bound when lower is better, lower bound when higher is better).
+    ``critical_effect`` / ``critical_ceiling`` make a breach a critical failure (roll back at once);
+    ``critical=True`` makes any failure of this metric critical.
+    ``require_significance``: effect limits only count when Mann–Whitney U says the candidate is
+    worse at ``GatePolicy.confidence`` (Kayenta style, for noisy metrics such as latency). Absolute
+    ceilings never need significance.
+    """
+
+    __pydantic_config__ = {"extra": "forbid"}  # edge validation: unknown keys are errors
+
+    name: str
+    direction: Direction
+    comparison: Comparison = Comparison.TWO_SAMPLE
+    statistic: Statistic = Statistic.MEAN
+    effect: Effect = Effect.RATIO
+    max_effect: float | None = None
+    critical_effect: float | None = None
+    ceiling: float | None = None
+    critical_ceiling: float | None = None
+    critical: bool = False
+    require_significance: bool = True
+    min_samples: int | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.strip():
+            raise ValueError("MetricGate.name must be a non-empty string")
+        object.__setattr__(self, "direction", Direction(self.direction))
+        object.__setattr__(self, "comparison", Comparison(self.comparison))
+        object.__setattr__(self, "statistic", Statistic(self.statistic))
+        object.__setattr__(self, "effect", Effect(self.effect))
+        for attr in ("max_effect", "critical_effect", "ceiling", "critical_ceiling"):
+            value = getattr(self, attr)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"metric {self.name!r}: {attr} must be finite, got {value!r}")
+        if self.comparison is Comparison.CANDIDATE_ONLY and (
+            self.max_effect is not None or self.critical_effect is not None
+        ):
+            raise ValueError(
+                f"metric {self.name!r}: effect limits need a baseline; a candidate-only metric "
+                "takes ceiling / critical_ceiling"
+            )
+        if (
+            self.comparison is Comparison.CANDIDATE_ONLY
+            and self.ceiling is None
+            and self.critical_ceiling is None
+        ):
+            raise ValueError(f"metric {self.name!r}: a candidate-only metric needs a ceiling")
+        if self.min_samples is not None and self.min_samples < 1:
+            raise ValueError(f"metric {self.name!r}: min_samples must be >= 1")
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ValueError(f"metric {self.name!r}: weight must be a positive finite number")
+        worse = self._worse_or_equal
+        if (
+            self.max_effect is not None
+            and self.critical_effect is not None
+            and not worse(self.critical_effect, self.max_effect)
+        ):
+            raise ValueError(
+                f"metric {self.name!r}: critical_effect {self.critical_effect} must be at least as "
+                f"bad as max_effect {self.max_effect}"
+            )
+        if (
+            self.ceiling is not None
+            and self.critical_ceiling is not None
+            and not worse(self.critical_ceiling, self.ceiling)
+        ):
+            raise ValueError(
+                f"metric {self.name!r}: critical_ceiling {self.critical_ceiling} must be at least "
+                f"as bad as ceiling {self.ceiling}"
+            )
+
+    def _worse_or_equal(self, value: float, limit: float) -> bool:
+        """True when ``value`` is at or beyond ``limit`` in the bad direction."""
+        if self.direction is Direction.LOWER_IS_BETTER:
+            return value >= limit
+        return value <= limit
+
+    def breaches(self, value: float, limit: float) -> bool:
+        """True when ``value`` lies strictly beyond ``limit`` in the bad direction."""
+        if self.direction is Direction.LOWER_IS_BETTER:
+            return value > limit
+        return value < limit
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Traffic steps and limits (Flagger/Argo style).
+
+    ``steps``: traffic percentages, strictly increasing, the last one 100.
+    ``failure_limit``: failed stage analyses tolerated before rolling back (1 = first Fail rolls
+    back; a critical failure always rolls back at once).
+    ``inconclusive_limit``: consecutive inconclusive analyses of one stage before the rollout is
+    rolled back as undecidable.
+    """
+
+    __pydantic_config__ = {"extra": "forbid"}  # edge validation: unknown keys are errors
+
+    steps: tuple[float, ...] = (1.0, 10.0, 50.0, 100.0)
+    failure_limit: int = 1
+    inconclusive_limit: int = 3
+
+    def __post_init__(self) -> None:
+        steps = tuple(float(s) for s in self.steps)
+        object.__setattr__(self, "steps", steps)
+        if not steps:
+            raise ValueError("StagePlan.steps must not be empty")
+        if any(not (0 < s <= 100) for s in steps):
+            raise ValueError(f"StagePlan.steps must lie in (0, 100], got {steps}")
+        if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+            raise ValueError(f"StagePlan.steps must be strictly increasing, got {steps}")
+        if steps[-1] != 100.0:
+            raise ValueError(f"StagePlan.steps must end at 100, got {steps}")
+        if self.failure_limit < 1 or self.inconclusive_limit < 1:
+            raise ValueError("failure_limit and inconclusive_limit must be >= 1")
+
+
+def default_metric_gates() -> tuple[MetricGate, ...]:
+    """The DESIGN.md gate defaults (see the module docstring)."""
+    return (
+        MetricGate(
+            name="latency_ms",
+            direction=Direction.LOWER_IS_BETTER,
+            statistic=Statistic.P99,
+            effect=Effect.RATIO,
+            max_effect=1.2,
+            critical_effect=1.5,
+            require_significance=True,
+        ),
+        MetricGate(
+            # samples: per-request mean NLL (nats/token); effect: perplexity ratio
+            name="nll",
+            direction=Direction.LOWER_IS_BETTER,
+            statistic=Statistic.MEAN,
+            effect=Effect.EXP_DIFFERENCE,
+            max_effect=1.01,
+            critical=True,
+            require_significance=False,
+        ),
+        MetricGate(
+            # samples: per-request share of tokens whose top-1 matches the baseline's
+            name="top1_agreement",
+            direction=Direction.HIGHER_IS_BETTER,
+            comparison=Comparison.CANDIDATE_ONLY,
+            ceiling=0.99,
+            critical=True,
+        ),
+        MetricGate(
+            # samples: per-request mean next-token KL(P_baseline || P_candidate), nats
+            name="kl_mean",
+            direction=Direction.LOWER_IS_BETTER,
+            comparison=Comparison.CANDIDATE_ONLY,
+            ceiling=0.05,
+            critical=True,
+        ),
+        MetricGate(
+            # samples: per-request p99 next-token KL, nats; summarised by the mean over requests
+            name="kl_p99",
+            direction=Direction.LOWER_IS_BETTER,
+            comparison=Comparison.CANDIDATE_ONLY,
+            ceiling=0.5,
+            critical=True,
+        ),
+        MetricGate(
+            # samples: per-request share of tokens with activations beyond the calibrated range
+            name="outlier_fallback_rate",
+            direction=Direction.LOWER_IS_BETTER,
+            comparison=Comparison.CANDIDATE_ONLY,
+            ceiling=0.005,
+            critical=True,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """Everything the judge and the rollout driver need.
+
+    ``confidence``: one-sided Mann–Whitney confidence (0.98 → significant when p < 0.02).
+    ``pass_score`` / ``marginal_score``: stage score (weighted % of passing metrics, Kayenta style);
+    score ≥ pass → Pass, marginal ≤ score < pass → Inconclusive (do not advance), below → Fail.
+    ``max_missing_fraction``: share of non-finite samples on one side above which a metric is
+    Inconclusive (missing data), even if enough finite samples remain.
+    """
+
+    __pydantic_config__ = {"extra": "forbid"}  # edge validation: unknown keys are errors
+
+    metrics: tuple[MetricGate, ...] = field(default_factory=default_metric_gates)
+    confidence: float = 0.98
+    min_samples: int = 50
+    pass_score: float = 95.0
+    marginal_score: float = 75.0
+    max_missing_fraction: float = 0.1
+    plan: StagePlan = field(default_factory=StagePlan)
+
+    def __post_init__(self) -> None:
+        metrics = tuple(self.metrics)
+        object.__setattr__(self, "metrics", metrics)
+        if not metrics:
+            raise ValueError("GatePolicy.metrics must not be empty")
+        names = [m.name for m in metrics]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"GatePolicy.metrics has duplicate names: {duplicates}")
+        if not (0.5 <= self.confidence < 1.0):
+            raise ValueError(f"confidence must be in [0.5, 1), got {self.confidence}")
+        if self.min_samples < 2:
+            raise ValueError("min_samples must be >= 2 (Mann–Whitney needs data)")
+        if not (0 <= self.marginal_score <= self.pass_score <= 100):
+            raise ValueError(
+                "need 0 <= marginal_score <= pass_score <= 100, got "
+                f"{self.marginal_score}, {self.pass_score}"
+            )
+        if not (0 <= self.max_missing_fraction < 1):
+            raise ValueError("max_missing_fraction must be in [0, 1)")
+
+    @property
+    def alpha(self) -> float:
+        return 1.0 - self.confidence
+
+    def metric(self, name: str) -> MetricGate:
+        for gate in self.metrics:
+            if gate.name == name:
+                return gate
+        raise KeyError(f"no metric {name!r} in policy (have {[m.name for m in self.metrics]})")
+
+    def min_samples_for(self, gate: MetricGate) -> int:
+        return gate.min_samples if gate.min_samples is not None else self.min_samples
+
+
+def load_gate_policy(source: GatePolicy | dict[str, Any] | str | Path | None = None) -> GatePolicy:
+    """A validated :class:`GatePolicy` from a mapping, a JSON file path, or ``None`` (defaults).
+
+    Unknown keys are rejected (pydantic ``extra='forbid'``) so a misspelt threshold is an error.
+    """
+    from pydantic import TypeAdapter
+
+    if source is None:
+        return GatePolicy()
+    if isinstance(source, GatePolicy):
+        return source
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"gate policy file not found: {path}")
+        source = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(source, dict):
+        raise TypeError(f"gate policy must be a mapping, got {type(source).__name__}")
+    adapter = TypeAdapter(GatePolicy)
+    return adapter.validate_python(source)
+
+
+def gate_policy_as_dict(policy: GatePolicy) -> dict[str, Any]:
+    """JSON-ready form of a policy (round-trips through :func:`load_gate_policy`)."""
+    from dataclasses import asdict
+
+    def _plain(value: Any) -> Any:
+        if isinstance(value, Enum):
+            return value.value
+        if isinstance(value, dict):
+            return {k: _plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [_plain(v) for v in value]
+        return value
+
+    return _plain(asdict(policy))
