@@ -1,0 +1,213 @@
+"""Activation statistics: the static input absolute maximum of every targeted Linear.
+
+Like compressed-tensors' ``static_minmax`` observer, the statistic is the running maximum of ``|x|`` over
+the whole calibration set (never a mean of per-batch maxima). Pad positions are excluded. Members of a
+fused group (``q/k/v``, ``gate/up``) see the same input, and vLLM needs one ``input_global_scale`` per
+fused weight, so the group maximum is shared by every member.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibration.groups import LinearGroup, TargetSelection
+from kernels import global_scale_from_amax
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Right-padded token ids. ``input_ids``/``attention_mask``: int64 ``[batch, seq]``; mask 1 = real."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+def tokenize_batches(
+    tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int
+) -> list[TokenBatch]:
+    """Tokenize ``texts`` (truncated to ``max_length`` tokens) into right-padded batches.
+
+    Prompts are sorted by length (stable) so batches carry little padding; the pad id is irrelevant
+    because every consumer masks pad positions out. Empty prompts are dropped with a warning.
+    Raises ``ValueError`` when nothing is left or the sizes are not positive.
+    """
+    if max_length < 1 or batch_size < 1:
+        raise ValueError(f"max_length and batch_size must be >= 1, got {max_length}, {batch_size}")
+    sequences: list[list[int]] = []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        if ids:
+            sequences.append(list(ids))
+    if len(sequences) < len(texts):
+        logger.warning("dropped %d prompt(s) with no tokens", len(texts) - len(sequences))
+    if not sequences:
+        raise ValueError("no prompt produced any token; cannot calibrate or evaluate on nothing")
+    sequences.sort(key=len)
+    batches = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        width = max(len(s) for s in chunk)
+        input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, : len(seq)] = 1
+        batches.append(TokenBatch(input_ids, attention_mask))
+    return batches
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """Static input amax per fused group (shared by its members), over ``num_tokens`` real tokens."""
+
+    group_input_amax: Mapping[str, float]  # group name -> max |x| over the calibration set
+    member_to_group: Mapping[str, str]  # Linear module name -> group name
+    num_prompts: int
+    num_tokens: int
+
+    def input_amax(self, module_name: str) -> float:
+        return self.group_input_amax[self.member_to_group[module_name]]
+
+    def input_global_scale(self, group: LinearGroup | str) -> torch.Tensor:
+        """``448*6 / amax`` as FP32 ``[1]`` (the compressed-tensors ``input_global_scale``)."""
+        name = group.name if isinstance(group, LinearGroup) else group
+        return global_scale_from_amax(
+            torch.tensor(self.group_input_amax[name], dtype=torch.float32)
+        )
+
+    def module_input_amax(self) -> dict[str, torch.Tensor]:
+        """``{module name: amax}`` (FP32 ``[1]``) for every targeted Linear, as checkpoint export takes it."""
+        return {
+            member: torch.tensor([self.group_input_amax[group]], dtype=torch.float32)
+            for member, group in self.member_to_group.items()
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "group_input_amax": dict(self.group_input_amax),
+                "member_to_group": dict(self.member_to_group),
+                "num_prompts": self.num_prompts,
+                "num_tokens": self.num_tokens,
+            },
+            indent=2,
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ActivationStats:
+        data = json.loads(text)
+        return cls(
+            group_input_amax={k: float(v) for k, v in data["group_input_amax"].items()},
+            member_to_group=dict(data["member_to_group"]),
+            num_prompts=int(data["num_prompts"]),
+            num_tokens=int(data["num_tokens"]),
+        )
+
+
+class _AmaxRecorder:
+    """Forward pre-hooks that fold ``max |x|`` of each Linear's real-token inputs into a running max."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.amax: dict[str, float] = dict.fromkeys(modules, 0.0)
+        self.seen: set[str] = set()
+        self.token_mask: torch.Tensor | None = None  # bool [batch, seq] of the batch being run
+        self._handles = [
+            mod.register_forward_pre_hook(self._hook(name)) for name, mod in modules.items()
+        ]
+
+    def _hook(self, name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                return
+            mask = self.token_mask
+            if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask]  # [real tokens, in_features]; pad positions never count
+            if x.numel() == 0:
+                return
+            value = float(x.detach().abs().amax())
+            if not math.isfinite(value):
+                raise ValueError(f"non-finite input seen by {name!r} during calibration")
+            self.amax[name] = max(self.amax[name], value)
+            self.seen.add(name)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+@torch.inference_mode()
+def collect_activation_stats(
+    model: nn.Module,
+    batches: Sequence[TokenBatch],
+    selection: TargetSelection,
+    *,
+    progress: bool = True,
+) -> ActivationStats:
+    """Run ``model`` over ``batches`` and return the static input amax of every targeted fused group.
+
+    Precondition: every member of ``selection.groups`` is an ``nn.Linear`` of ``model``. The hooks are
+    removed afterwards, also on error. Raises ``RuntimeError`` when a targeted Linear never ran.
+    """
+    if not batches:
+        raise ValueError("no calibration batches")
+    modules = dict(model.named_modules())
+    targets = {m: modules[m] for g in selection.groups for m in g.members}
+    device = _model_device(model)
+    recorder = _AmaxRecorder(targets)
+    num_prompts = 0
+    num_tokens = 0
+    try:
+        for batch in tqdm(batches, desc="activation stats", unit="batch", disable=not progress):
+            batch = batch.to(device)
+            recorder.token_mask = batch.attention_mask.bool()
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            num_prompts += batch.input_ids.shape[0]
+            num_tokens += batch.num_tokens
+    finally:
+        recorder.remove()
+    missing = sorted(set(targets) - recorder.seen)
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} targeted Linear(s) never ran on the calibration set: {missing[:5]}"
+        )
+    group_amax = {g.name: max(recorder.amax[m] for m in g.members) for g in selection.groups}
+    for name, amax in group_amax.items():
+        if amax == 0.0:
+            logger.warning(
+                "group %s saw only zero inputs; its input_global_scale is undefined", name
+            )
+    logger.info("activation stats over %d prompts / %d tokens", num_prompts, num_tokens)
+    return ActivationStats(
+        group_input_amax=group_amax,
+        member_to_group={m: g.name for g in selection.groups for m in g.members},
+        num_prompts=num_prompts,
+        num_tokens=num_tokens,
+    )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
