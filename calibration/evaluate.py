@@ -40,7 +40,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -192,11 +192,13 @@ class _Loaded:
     model: nn.Module
     tokenizer: Any
     name: str
+    input_ranges: Mapping[str, float] | None = None  # from a loader's info, when it gives one
 
 
-def load_model_dir(path: str | os.PathLike) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` from a folder: our NVFP4 checkpoint (``quantization_config`` in
-    ``config.json``, loaded with activation fake-quant for W4A4) or a plain Hugging Face model."""
+def load_model_dir(path: str | os.PathLike) -> tuple[nn.Module, Any, Any]:
+    """``(model, tokenizer, info)`` from a folder: our NVFP4 checkpoint (``quantization_config`` in
+    ``config.json``; W4A4 loaded with activation fake-quant, ``info.input_global_scales`` set) or a
+    plain Hugging Face model (``info`` is the folder)."""
     folder = Path(path)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -205,34 +207,50 @@ def load_model_dir(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     if config.get("quantization_config"):
         from calibration.checkpoint import load_nvfp4_checkpoint
 
-        model, tokenizer, _info = load_nvfp4_checkpoint(folder)
-    else:
-        from calibration.models import load_causal_lm
+        return load_nvfp4_checkpoint(folder)
+    from calibration.models import load_causal_lm
 
-        loaded = load_causal_lm(folder)
-        model, tokenizer = (loaded[0], loaded[1]) if isinstance(loaded, tuple) else (loaded, None)
-    return model, tokenizer
+    loaded = load_causal_lm(folder)
+    return loaded.model, loaded.tokenizer, folder
+
+
+def ranges_from_input_global_scales(scales: Mapping[str, float]) -> dict[str, float]:
+    """``{layer: 448*6 / input_global_scale}``: the calibrated input amax of each W4A4 layer."""
+    ranges = {}
+    for name, scale in scales.items():
+        value = float(torch.as_tensor(scale, dtype=torch.float32).reshape(-1)[0])
+        if not (math.isfinite(value) and value > 0):
+            raise ReplayError(f"{name}: input_global_scale {value} is not a positive finite number")
+        ranges[name] = FP8_E4M3_MAX * FP4_E2M1_MAX / value
+    return ranges
 
 
 def _resolve(source: ModelSource, role: str) -> _Loaded:
     if isinstance(source, nn.Module):
-        name = str(
-            getattr(getattr(source, "config", None), "name_or_path", "") or type(source).__name__
-        )
+        config = getattr(source, "config", None)
+        name = str(getattr(config, "name_or_path", "") or type(source).__name__)
         return _Loaded(source, None, name)
     if isinstance(source, tuple):
         if not source or not isinstance(source[0], nn.Module):
             raise ReplayError(f"{role}: a tuple source must start with the model")
         loaded = _resolve(source[0], role)
         tokenizer = source[1] if len(source) > 1 else None
-        return _Loaded(loaded.model, tokenizer, loaded.name)
+        # (model, tokenizer, CheckpointInfo): its input_global_scales name the W4A4 layers
+        scales = getattr(source[2], "input_global_scales", None) if len(source) > 2 else None
+        ranges = ranges_from_input_global_scales(scales) if scales else None
+        name = loaded.name
+        if len(source) > 2:
+            origin = source[2] if isinstance(source[2], os.PathLike) else None
+            origin = origin or getattr(source[2], "path", None)
+            name = str(origin) if origin else name
+        return _Loaded(loaded.model, tokenizer, name, ranges)
     if isinstance(source, (str, os.PathLike)):
-        model, tokenizer = load_model_dir(source)
-        return _Loaded(model, tokenizer, str(source))
+        loaded = _resolve(load_model_dir(source), role)
+        return replace(loaded, name=str(source))
     if callable(source):
         loaded = _resolve(source(), role)
-        name = getattr(source, "__name__", None) or loaded.name
-        return _Loaded(loaded.model, loaded.tokenizer, loaded.name if name == "<lambda>" else name)
+        name = getattr(source, "__name__", None)
+        return loaded if name in (None, "<lambda>") else replace(loaded, name=name)
     raise ReplayError(f"{role}: cannot use a {type(source).__name__} as a model source")
 
 
@@ -359,7 +377,11 @@ class _Side:
         self.model = loaded.model
         self.name = loaded.name
         self.device = _model_device(loaded.model)
-        self.ranges = dict(calibrated_input_ranges(loaded.model) if ranges is None else ranges)
+        if ranges is None:
+            ranges = loaded.input_ranges
+        if ranges is None:
+            ranges = calibrated_input_ranges(loaded.model)
+        self.ranges = dict(ranges)
         self.watch = _OutlierWatch(loaded.model, self.ranges) if self.ranges else None
         self.was_training = loaded.model.training
         loaded.model.eval()
@@ -428,8 +450,9 @@ def replay(
     source came with (a folder or a loader returning ``(model, tokenizer, ...)``). ``batch_size=1``
     gives per-request latency; with a larger batch each request gets the batch time / batch size.
     ``request_indices`` (default ``0..n-1``) are the prompts' positions in the hold-out window.
-    ``input_ranges_*`` override the W4A4 ranges found from ``input_global_scale`` attributes
-    (``{}`` disables outlier tracking). Requests whose forward raises are kept as error records (NaN
+    W4A4 layers to watch for outliers (``{layer: calibrated input amax}``): ``input_ranges_*`` if
+    given (``{}`` disables tracking), else the loader info's ``input_global_scales``, else modules
+    carrying an ``input_global_scale`` tensor. Requests whose forward raises are kept as error records (NaN
     metrics) and the replay goes on; tokenizer or vocabulary mismatches raise :class:`ReplayError`.
     """
     if max_len < 1 or batch_size < 1 or chunk_positions < 1:
