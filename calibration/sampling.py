@@ -1,0 +1,448 @@
+"""Calibration sampling from production prompt logs: redact, deduplicate, stratify, split, hash.
+
+Pure functions over ``PromptRecord`` values (the store lives in ``registry/``; ``pipelines/logs.py``
+glues the two). The pipeline, in order:
+
+1. **Redaction** (``calibration.redaction``) of every prompt first: nothing unredacted goes further.
+2. **Exact duplicates**: SHA-256 of the normalised redacted text (NFKC, case-folded, digit runs -> 0,
+   whitespace collapsed).
+   System messages are left out of duplicate detection (a route's shared system prompt would
+   otherwise make every request of that route look alike).
+3. **Near duplicates**: MinHash (64 permutations) over character 5-gram shingles of the normalised
+   text, LSH with 16 bands x 4 rows to find candidate pairs, then the *exact* Jaccard similarity of
+   the shingle sets must reach ``near_duplicate_threshold`` (default 0.8); pairs are merged with
+   union-find. Each cluster keeps one representative (earliest ``received_at``), so near-duplicates
+   can never straddle the calibration / hold-out split.
+4. **Stratification** by (route, length bucket); the hold-out is allocated first, proportionally to
+   the stratum sizes (largest remainder), then the calibration set from what is left.
+5. Within a stratum prompts are ranked by ``SHA-256(seed, text digest)``: deterministic, independent
+   of database ids, import order or machine.
+6. The **digest** is SHA-256 over the ordered (role, route, redacted text) of every member: the
+   corpus hash later artifacts carry. It contains no paths, ids or timestamps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from calibration.redaction import redact_with_counts
+
+logger = logging.getLogger(__name__)
+
+DIGEST_VERSION = "fp4roll-calibration-set-v1"
+# Upper edges (exclusive) of the length buckets, in approximate tokens; the last bucket is open.
+DEFAULT_LENGTH_EDGES: tuple[int, ...] = (32, 128, 512)
+DEFAULT_NEAR_DUPLICATE_THRESHOLD = 0.8
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+_SHINGLE_CHARS = 5
+_NUM_PERM = 64
+_BANDS = 16
+_ROWS = _NUM_PERM // _BANDS
+_MERSENNE_32 = np.uint64(4294967291)  # largest prime below 2**32
+
+
+def approx_token_count(text: str) -> int:
+    """Approximate token count: word runs plus single punctuation marks (not a model tokenizer)."""
+    return sum(1 for _ in _TOKEN_RE.finditer(text))
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One logged prompt. ``text`` is the flattened prompt ("role: content" blocks for chat)."""
+
+    id: int
+    received_at: dt.datetime
+    route: str
+    model: str | None
+    text: str
+    token_count: int
+    source: str
+    messages: tuple[Mapping[str, Any], ...] | None = None
+
+
+@dataclass(frozen=True)
+class SampledPrompt:
+    """A member of a calibration set or hold-out; ``text`` is REDACTED."""
+
+    prompt_id: int
+    role: str  # "calibration" | "holdout"
+    position: int
+    route: str
+    length_bucket: str
+    token_count: int  # approximate tokens of the redacted text
+    text: str
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Parameters of ``sample_calibration_set``. ``size``/``holdout_size`` >= 0, seed any int."""
+
+    size: int
+    holdout_size: int
+    seed: int = 0
+    length_edges: tuple[int, ...] = DEFAULT_LENGTH_EDGES
+    near_duplicate_threshold: float = DEFAULT_NEAR_DUPLICATE_THRESHOLD
+    routes: tuple[str, ...] | None = None  # None: every route
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+        if self.holdout_size < 0:
+            raise ValueError(f"holdout_size must be >= 0, got {self.holdout_size}")
+        if list(self.length_edges) != sorted(set(self.length_edges)) or any(
+            e <= 0 for e in self.length_edges
+        ):
+            raise ValueError(
+                f"length_edges must be strictly increasing positives: {self.length_edges}"
+            )
+        if not 0.0 < self.near_duplicate_threshold <= 1.0:
+            raise ValueError(
+                f"near_duplicate_threshold must be in (0, 1], got {self.near_duplicate_threshold}"
+            )
+
+
+@dataclass(frozen=True)
+class CalibrationSample:
+    """The result of sampling: members in order, the digest over them and a summary."""
+
+    calibration: tuple[SampledPrompt, ...]
+    holdout: tuple[SampledPrompt, ...]
+    digest: str
+    summary: Mapping[str, Any]
+    config: SamplingConfig
+
+    @property
+    def members(self) -> tuple[SampledPrompt, ...]:
+        return self.calibration + self.holdout
+
+
+class NotEnoughPromptsError(ValueError):
+    """Fewer unique prompts in the window than size + holdout."""
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    record: PromptRecord
+    text: str  # redacted
+    normalized: str
+    text_digest: str
+    token_count: int
+    length_bucket: str
+    rank: str = field(default="")
+
+
+def flatten_messages(messages: Sequence[Mapping[str, Any]]) -> str:
+    """``role: content`` blocks separated by blank lines (the store's flattening of chat prompts)."""
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def _redact_record(record: PromptRecord, counts: Counter[str]) -> tuple[str, str]:
+    """(redacted prompt text, redacted text used for duplicate detection).
+
+    Chat prompts are redacted message by message; duplicate detection ignores system messages (a
+    route's shared system prompt would otherwise make all of its requests look alike).
+    """
+    if not record.messages:
+        result = redact_with_counts(record.text)
+        counts.update(result.counts)
+        return result.text, result.text
+    redacted_messages = []
+    for message in record.messages:
+        result = redact_with_counts(str(message.get("content", "")))
+        counts.update(result.counts)
+        redacted_messages.append({"role": message.get("role", "user"), "content": result.text})
+    dedup_source = "\n\n".join(m["content"] for m in redacted_messages if m["role"] != "system")
+    return flatten_messages(redacted_messages), dedup_source
+
+
+def length_bucket_labels(edges: Sequence[int]) -> list[str]:
+    labels = []
+    lower = 0
+    for edge in edges:
+        labels.append(f"{lower}-{edge - 1}")
+        lower = edge
+    labels.append(f"{lower}+")
+    return labels
+
+
+def length_bucket(token_count: int, edges: Sequence[int] = DEFAULT_LENGTH_EDGES) -> str:
+    labels = length_bucket_labels(edges)
+    for edge, label in zip(edges, labels, strict=False):
+        if token_count < edge:
+            return label
+    return labels[-1]
+
+
+def normalize_text(text: str) -> str:
+    """Normalisation used for duplicate detection (not for storage)."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = re.sub(r"\d+", "0", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _shingles(normalized: str) -> np.ndarray:
+    """Sorted unique character 5-gram ids (exact: 5 bytes packed into a uint64)."""
+    data = np.frombuffer(normalized.encode("utf-8"), dtype=np.uint8).astype(np.uint64)
+    if data.size < _SHINGLE_CHARS:
+        value = np.uint64(0)
+        for byte in data:
+            value = (value << np.uint64(8)) | byte
+        return np.array([value | np.uint64(1 << 63)], dtype=np.uint64)
+    n = data.size - _SHINGLE_CHARS + 1
+    packed = np.zeros(n, dtype=np.uint64)
+    for offset in range(_SHINGLE_CHARS):
+        packed = (packed << np.uint64(8)) | data[offset : offset + n]
+    return np.unique(packed)
+
+
+def _permutations(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)  # fixed: MinHash must not depend on the sampling seed
+    a = rng.integers(1, int(_MERSENNE_32), size=_NUM_PERM, dtype=np.uint64)
+    b = rng.integers(0, int(_MERSENNE_32), size=_NUM_PERM, dtype=np.uint64)
+    return a, b
+
+
+_PERM_A, _PERM_B = _permutations()
+
+
+def _minhash(shingles: np.ndarray) -> np.ndarray:
+    # Mix the 40-bit shingle id down to 32 bits (uint64 arithmetic wraps), then a*x+b mod p.
+    with np.errstate(over="ignore"):
+        x = shingles * np.uint64(0x9E3779B97F4A7C15)
+    x = x >> np.uint64(32)
+    hashes = (_PERM_A[:, None] * x[None, :] + _PERM_B[:, None]) % _MERSENNE_32
+    return hashes.min(axis=1)
+
+
+def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    inter = np.intersect1d(a, b, assume_unique=True).size
+    return inter / (a.size + b.size - inter)
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        ri, rj = self.find(i), self.find(j)
+        if ri != rj:
+            self.parent[max(ri, rj)] = min(ri, rj)
+
+
+def near_duplicate_clusters(texts: Sequence[str], threshold: float) -> list[int]:
+    """Cluster label (index of the cluster's first text) per normalised text; see module doc."""
+    shingles = [_shingles(t) for t in texts]
+    signatures = np.stack([_minhash(s) for s in shingles]) if texts else np.zeros((0, _NUM_PERM))
+    uf = _UnionFind(len(texts))
+    checked: set[tuple[int, int]] = set()
+    # Candidates whose MinHash estimate is far below the threshold skip the exact check.
+    estimate_floor = max(0.0, threshold - 0.25)
+    for band in range(_BANDS):
+        buckets: dict[bytes, list[int]] = defaultdict(list)
+        rows = signatures[:, band * _ROWS : (band + 1) * _ROWS]
+        for index in range(len(texts)):
+            buckets[rows[index].tobytes()].append(index)
+        for members in buckets.values():
+            if len(members) < 2:
+                continue
+            member_signatures = signatures[members]
+            for pos, i in enumerate(members[:-1]):
+                estimates = (member_signatures[pos + 1 :] == member_signatures[pos]).mean(axis=1)
+                for offset in np.flatnonzero(estimates >= estimate_floor):
+                    j = members[pos + 1 + int(offset)]
+                    if (i, j) in checked or uf.find(i) == uf.find(j):
+                        continue
+                    checked.add((i, j))
+                    if _jaccard(shingles[i], shingles[j]) >= threshold:
+                        uf.union(i, j)
+    return [uf.find(i) for i in range(len(texts))]
+
+
+def _allocate(available: Mapping[tuple[str, str], int], n: int) -> dict[tuple[str, str], int]:
+    """Split ``n`` over strata proportionally to ``available`` (largest remainder, capped)."""
+    allocation = dict.fromkeys(available, 0)
+    remaining = n
+    while remaining > 0:
+        open_strata = {
+            k: available[k] - allocation[k] for k in available if available[k] > allocation[k]
+        }
+        if not open_strata:
+            break
+        total = sum(open_strata.values())
+        shares = {k: remaining * v / total for k, v in open_strata.items()}
+        floors = {k: min(int(s), open_strata[k]) for k, s in shares.items()}
+        given = sum(floors.values())
+        # Hand out the rest by largest remainder; ties broken by stratum key (deterministic).
+        order = sorted(open_strata, key=lambda k: (-(shares[k] - floors[k]), k))
+        for k in order:
+            if given >= remaining:
+                break
+            if floors[k] < open_strata[k]:
+                floors[k] += 1
+                given += 1
+        for k, v in floors.items():
+            allocation[k] += v
+        remaining -= given
+        if given == 0:
+            break
+    return allocation
+
+
+def calibration_digest(members: Iterable[SampledPrompt]) -> str:
+    """SHA-256 over the ordered (role, route, redacted text) of ``members``."""
+    hasher = hashlib.sha256(DIGEST_VERSION.encode() + b"\n")
+    for member in members:
+        line = json.dumps([member.role, member.route, member.text], ensure_ascii=False)
+        hasher.update(line.encode("utf-8") + b"\n")
+    return hasher.hexdigest()
+
+
+def _stats(members: Sequence[SampledPrompt], labels: Sequence[str]) -> dict[str, Any]:
+    routes = Counter(m.route for m in members)
+    buckets = Counter(m.length_bucket for m in members)
+    return {
+        "count": len(members),
+        "routes": dict(sorted(routes.items())),
+        "length_histogram": {label: buckets.get(label, 0) for label in labels},
+        "tokens": sum(m.token_count for m in members),
+    }
+
+
+def sample_calibration_set(
+    records: Iterable[PromptRecord], config: SamplingConfig
+) -> CalibrationSample:
+    """Sample a calibration set and a disjoint hold-out from ``records`` (see module doc).
+
+    Raises ``NotEnoughPromptsError`` when fewer unique prompts than ``size + holdout_size`` exist.
+    """
+    labels = length_bucket_labels(config.length_edges)
+    redactions: Counter[str] = Counter()
+    by_digest: dict[str, _Candidate] = {}
+    n_input = 0
+    n_exact = 0
+    for record in records:
+        if config.routes is not None and record.route not in config.routes:
+            continue
+        n_input += 1
+        redacted_text, dedup_source = _redact_record(record, redactions)
+        normalized = normalize_text(dedup_source)
+        text_digest = hashlib.sha256(normalized.encode("utf-8")).hexdigest()
+        tokens = approx_token_count(redacted_text)
+        candidate = _Candidate(
+            record=record,
+            text=redacted_text,
+            normalized=normalized,
+            text_digest=text_digest,
+            token_count=tokens,
+            length_bucket=length_bucket(tokens, config.length_edges),
+        )
+        previous = by_digest.get(text_digest)
+        if previous is not None:
+            n_exact += 1
+            if (record.received_at, record.id) >= (previous.record.received_at, previous.record.id):
+                continue
+        by_digest[text_digest] = candidate
+
+    # Deterministic order independent of input order: by text digest.
+    unique = sorted(by_digest.values(), key=lambda c: c.text_digest)
+    clusters = near_duplicate_clusters(
+        [c.normalized for c in unique], config.near_duplicate_threshold
+    )
+    representatives: dict[int, _Candidate] = {}
+    for label, candidate in zip(clusters, unique, strict=True):
+        best = representatives.get(label)
+        key = (candidate.record.received_at, candidate.text_digest)
+        if best is None or key < (best.record.received_at, best.text_digest):
+            representatives[label] = candidate
+    n_near = len(unique) - len(representatives)
+
+    needed = config.size + config.holdout_size
+    if len(representatives) < needed:
+        raise NotEnoughPromptsError(
+            f"need {needed} unique prompts (size {config.size} + holdout {config.holdout_size}) "
+            f"but the window has {len(representatives)} after deduplication "
+            f"({n_input} prompts, {n_exact} exact and {n_near} near duplicates removed)"
+        )
+
+    strata: dict[tuple[str, str], list[_Candidate]] = defaultdict(list)
+    for candidate in representatives.values():
+        rank = hashlib.sha256(f"{config.seed}\x00{candidate.text_digest}".encode()).hexdigest()
+        strata[(candidate.record.route, candidate.length_bucket)].append(
+            dataclasses.replace(candidate, rank=rank)
+        )
+    for members in strata.values():
+        members.sort(key=lambda c: c.rank)
+
+    holdout_alloc = _allocate({k: len(v) for k, v in strata.items()}, config.holdout_size)
+    calibration_alloc = _allocate(
+        {k: len(v) - holdout_alloc[k] for k, v in strata.items()}, config.size
+    )
+    holdout_picks = [c for k, v in strata.items() for c in v[: holdout_alloc[k]]]
+    calibration_picks = [
+        c
+        for k, v in strata.items()
+        for c in v[holdout_alloc[k] : holdout_alloc[k] + calibration_alloc[k]]
+    ]
+
+    def _members(picks: list[_Candidate], role: str) -> tuple[SampledPrompt, ...]:
+        ordered = sorted(picks, key=lambda c: c.rank)
+        return tuple(
+            SampledPrompt(
+                prompt_id=c.record.id,
+                role=role,
+                position=position,
+                route=c.record.route,
+                length_bucket=c.length_bucket,
+                token_count=c.token_count,
+                text=c.text,
+            )
+            for position, c in enumerate(ordered)
+        )
+
+    calibration = _members(calibration_picks, "calibration")
+    holdout = _members(holdout_picks, "holdout")
+    digest = calibration_digest(calibration + holdout)
+    summary = {
+        "input_prompts": n_input,
+        "exact_duplicates_removed": n_exact,
+        "near_duplicates_removed": n_near,
+        "unique_prompts": len(representatives),
+        "dedup": (
+            f"exact: sha256(normalised text); near: MinHash {_NUM_PERM} perm, "
+            f"{_SHINGLE_CHARS}-char shingles, LSH {_BANDS}x{_ROWS}, Jaccard >= "
+            f"{config.near_duplicate_threshold}"
+        ),
+        "redactions": dict(sorted(redactions.items())),
+        "length_buckets": labels,
+        "strata": {f"{r}|{b}": len(v) for (r, b), v in sorted(strata.items())},
+        "calibration": _stats(calibration, labels),
+        "holdout": _stats(holdout, labels),
+    }
+    logger.info(
+        "sampled calibration set %s: %d calibration + %d holdout from %d prompts",
+        digest[:12],
+        len(calibration),
+        len(holdout),
+        n_input,
+    )
+    return CalibrationSample(
+        calibration=calibration, holdout=holdout, digest=digest, summary=summary, config=config
+    )

@@ -1,0 +1,209 @@
+"""Glue between the prompt-log store (``registry``) and sampling / drift (``calibration``).
+
+Plain functions with pydantic parameter models; the CLI (``pipelines/cli_logs.py``) and the Prefect
+flows call these. Nothing here logs prompt text.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from calibration.drift import DriftThresholds, DriftVerdict, compare
+from calibration.sampling import (
+    DEFAULT_LENGTH_EDGES,
+    DEFAULT_NEAR_DUPLICATE_THRESHOLD,
+    CalibrationSample,
+    PromptRecord,
+    SamplingConfig,
+    sample_calibration_set,
+)
+from registry import db
+from registry import prompt_logs as store
+
+logger = logging.getLogger(__name__)
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value
+
+
+class SampleParameters(BaseModel):
+    """Parameters of a calibration-set sampling run (naive times are taken as UTC)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    size: int = Field(512, ge=1, description="calibration prompts")
+    holdout: int = Field(
+        256, ge=0, description="canary hold-out prompts, disjoint from calibration"
+    )
+    since: dt.datetime | None = Field(None, description="window start (inclusive)")
+    until: dt.datetime | None = Field(None, description="window end (exclusive)")
+    seed: int = 0
+    routes: tuple[str, ...] | None = None
+    length_edges: tuple[int, ...] = DEFAULT_LENGTH_EDGES
+    near_duplicate_threshold: float = Field(DEFAULT_NEAR_DUPLICATE_THRESHOLD, gt=0, le=1)
+
+    @field_validator("since", "until")
+    @classmethod
+    def _utc(cls, value: dt.datetime | None) -> dt.datetime | None:
+        return _aware(value)
+
+    @model_validator(mode="after")
+    def _window(self) -> SampleParameters:
+        if self.since and self.until and self.since >= self.until:
+            raise ValueError(f"empty window: since {self.since} is not before until {self.until}")
+        return self
+
+
+class DriftParameters(BaseModel):
+    """Parameters of a drift check; default window: the 7 days before the newest logged prompt."""
+
+    model_config = ConfigDict(frozen=True)
+
+    calibration_set: str = Field(..., description="digest (or a >= 6-character prefix)")
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    window_days: float = Field(7.0, gt=0)
+    js_threshold: float = Field(0.1, gt=0, le=1)
+    psi_threshold: float = Field(0.2, gt=0)
+    min_samples: int = Field(50, ge=1)
+
+    @field_validator("since", "until")
+    @classmethod
+    def _utc(cls, value: dt.datetime | None) -> dt.datetime | None:
+        return _aware(value)
+
+
+@dataclass(frozen=True)
+class SampleOutcome:
+    digest: str
+    created: bool  # False: an identical set was already stored
+    calibration_set_id: int
+    size: int
+    holdout_size: int
+    summary: dict[str, Any]
+
+
+def to_prompt_record(prompt: store.LoggedPrompt) -> PromptRecord:
+    return PromptRecord(
+        id=prompt.id,
+        received_at=prompt.received_at,
+        route=prompt.route,
+        model=prompt.model,
+        text=prompt.text,
+        token_count=prompt.token_count,
+        source=prompt.source,
+        messages=prompt.messages,
+    )
+
+
+def import_logs(paths: Iterable[str | Path], db_url: str | None = None, **kwargs: Any):
+    """Migrate the store if needed, then import JSONL files (``registry.prompt_logs.import_files``)."""
+    db.upgrade(db_url)
+    return store.import_files(paths, db_url, **kwargs)
+
+
+def sample(params: SampleParameters, db_url: str | None = None) -> CalibrationSample:
+    """Sample (without storing) from the store's window."""
+    records = (
+        to_prompt_record(p)
+        for p in store.fetch_window(
+            db_url, since=params.since, until=params.until, routes=params.routes
+        )
+    )
+    config = SamplingConfig(
+        size=params.size,
+        holdout_size=params.holdout,
+        seed=params.seed,
+        length_edges=params.length_edges,
+        near_duplicate_threshold=params.near_duplicate_threshold,
+        routes=params.routes,
+    )
+    return sample_calibration_set(records, config)
+
+
+def sample_and_store(params: SampleParameters, db_url: str | None = None) -> SampleOutcome:
+    """Sample a calibration set + hold-out and record it (redacted members, digest, summary)."""
+    result = sample(params, db_url)
+    filters = {
+        "since": params.since.isoformat() if params.since else None,
+        "until": params.until.isoformat() if params.until else None,
+        "routes": list(params.routes) if params.routes else None,
+        "strata": ["route", "length_bucket"],
+        "length_edges": list(params.length_edges),
+        "near_duplicate_threshold": params.near_duplicate_threshold,
+    }
+    members = [
+        store.CalibrationMemberRow(
+            prompt_log_id=m.prompt_id,
+            role=m.role,
+            position=m.position,
+            route=m.route,
+            token_count=m.token_count,
+            redacted_text=m.text,
+        )
+        for m in result.members
+    ]
+    stored, created = store.save_calibration_set(
+        digest=result.digest,
+        filters=filters,
+        seed=params.seed,
+        summary=dict(result.summary),
+        members=members,
+        url=db_url,
+    )
+    return SampleOutcome(
+        digest=stored.digest,
+        created=created,
+        calibration_set_id=stored.id,
+        size=stored.size,
+        holdout_size=stored.holdout_size,
+        summary=dict(stored.summary),
+    )
+
+
+@dataclass(frozen=True)
+class _Member:
+    text: str
+    route: str
+    token_count: int
+
+
+def reference_samples(calibration_set: store.StoredCalibrationSet) -> Sequence[_Member]:
+    """All members (calibration and hold-out) of a stored set, as drift reference samples."""
+    return [_Member(m.redacted_text, m.route, m.token_count) for m in calibration_set.members]
+
+
+def check_drift(params: DriftParameters, db_url: str | None = None) -> DriftVerdict:
+    """Compare a recent window of logs with a stored calibration set."""
+    calibration_set = store.load_calibration_set(params.calibration_set, db_url)
+    since, until = params.since, params.until
+    if since is None:
+        _, newest = store.time_range(db_url)
+        end = until or newest
+        since = end - dt.timedelta(days=params.window_days) if end else None
+    recent = [to_prompt_record(p) for p in store.fetch_window(db_url, since=since, until=until)]
+    verdict = compare(
+        reference_samples(calibration_set),
+        recent,
+        DriftThresholds(
+            js=params.js_threshold, psi=params.psi_threshold, min_samples=params.min_samples
+        ),
+    )
+    logger.info(
+        "drift of %d recent prompts vs set %s: drifted=%s %s",
+        verdict.n_recent,
+        calibration_set.digest[:12],
+        verdict.drifted,
+        dict(verdict.metrics),
+    )
+    return verdict

@@ -1,0 +1,790 @@
+"""Production prompt logs: import (JSONL, gzip, SQL tables) and store operations for calibration sets.
+
+Accepted JSONL line shapes (one JSON object per line):
+
+* OpenAI chat-completions request: ``{"messages": [{"role": ..., "content": str | [parts]}], "model": ...}``
+* plain prompt: ``{"prompt": "..."}``
+
+Route: ``metadata.route``, ``route``, ``metadata.template`` or ``template`` (else ``"default"``).
+Time: ``timestamp`` / ``received_at`` / ``created_at`` / ``created`` (top level or in ``metadata``), ISO
+8601 or Unix seconds (milliseconds when > 1e12); naive ISO times are taken as UTC; a missing time
+becomes the import time (counted in the report). Files are read as streams; gzip is detected by its
+magic bytes, not the extension.
+
+A bad line (invalid JSON, not UTF-8, empty, over the size limit, wrong shape) is reported with
+``file:line`` and a reason, counted, and skipped; every valid line is stored. Re-importing adds nothing:
+each prompt has a ``content_digest`` = SHA-256 over canonical JSON of its content and route, unique in
+the table, inserted with ``INSERT … ON CONFLICT DO NOTHING``.
+
+Nothing here logs prompt contents (they may hold PII): only file names, line numbers and reasons.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+
+from registry import db
+from registry.schema import CalibrationSet, CalibrationSetMember, MemberRole, PromptLog
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_LINE_BYTES = 1 << 20  # 1 MiB per JSONL line
+DEFAULT_BATCH_SIZE = 500
+MAX_REPORTED_BAD_LINES = 1000  # all are counted; this many are kept with file:line and reason
+DEFAULT_ROUTE = "default"
+MAX_ROUTE_CHARS = 128
+MAX_MODEL_CHARS = 256
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+PROMPT_FIELDS = ("messages", "prompt", "route", "model", "timestamp")
+_TIME_KEYS = ("timestamp", "received_at", "created_at", "created")
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+_GZIP_MAGIC = b"\x1f\x8b"
+
+ProgressCallback = Callable[[str, int, int], None]  # (source, bytes done, bytes total)
+
+
+class PromptShapeError(ValueError):
+    """A JSON value that is not a prompt log line we understand."""
+
+
+@dataclass(frozen=True)
+class BadLine:
+    source: str
+    line: int  # 1-based; 0 means the whole source (unreadable file)
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """Outcome of one import. ``exit_code``: 0 all lines ok, 2 partial success, 1 nothing valid."""
+
+    sources: tuple[str, ...]
+    lines: int
+    imported: int
+    duplicates: int
+    bad: int
+    bad_lines: tuple[BadLine, ...]
+    missing_timestamps: int
+    elapsed_seconds: float
+
+    @property
+    def valid(self) -> int:
+        return self.imported + self.duplicates
+
+    @property
+    def exit_code(self) -> int:
+        if self.bad == 0:
+            return 0
+        return 2 if self.valid > 0 else 1
+
+
+@dataclass(frozen=True)
+class ParsedPrompt:
+    """A validated prompt log line, ready to insert."""
+
+    content_digest: str
+    received_at: dt.datetime
+    route: str
+    model: str | None
+    messages: tuple[Mapping[str, str], ...] | None
+    prompt_text: str | None
+    token_count: int
+    timestamp_missing: bool = False
+
+
+@dataclass(frozen=True)
+class LoggedPrompt:
+    """A stored prompt as read back. ``text`` is the flattened prompt (see ``flatten_prompt``)."""
+
+    id: int
+    content_digest: str
+    received_at: dt.datetime
+    route: str
+    model: str | None
+    text: str
+    token_count: int
+    source: str
+    messages: tuple[Mapping[str, Any], ...] | None = None
+
+
+@dataclass(frozen=True)
+class CalibrationMemberRow:
+    prompt_log_id: int
+    role: str  # "calibration" | "holdout"
+    position: int
+    route: str
+    token_count: int
+    redacted_text: str
+
+
+@dataclass(frozen=True)
+class StoredCalibrationSet:
+    id: int
+    digest: str
+    created_at: dt.datetime
+    filters: Mapping[str, Any]
+    size: int
+    holdout_size: int
+    seed: int
+    summary: Mapping[str, Any]
+    members: tuple[CalibrationMemberRow, ...] = field(default=())
+
+    def role(self, role: str) -> tuple[CalibrationMemberRow, ...]:
+        return tuple(m for m in self.members if m.role == role)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing
+
+
+def approx_token_count(text: str) -> int:
+    """Word runs plus single punctuation marks; same rule as ``calibration.sampling``."""
+    return sum(1 for _ in _TOKEN_RE.finditer(text))
+
+
+def flatten_prompt(messages: Sequence[Mapping[str, Any]] | None, prompt_text: str | None) -> str:
+    """Plain text of a prompt: the text itself, or ``role: content`` blocks separated by blank lines."""
+    if messages is None:
+        return prompt_text or ""
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def content_digest(
+    route: str, messages: Sequence[Mapping[str, Any]] | None, text: str | None
+) -> str:
+    """SHA-256 over canonical JSON of the prompt content and route (no time, model or source)."""
+    payload: dict[str, Any] = {"route": route}
+    if messages is not None:
+        payload["messages"] = [dict(m) for m in messages]
+    else:
+        payload["prompt"] = text
+    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _check_text(value: str, what: str) -> str:
+    if "\x00" in value:
+        raise PromptShapeError(f"{what} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptShapeError(f"{what} is not encodable as UTF-8 (lone surrogate?)") from exc
+    return value
+
+
+def _content_text(content: Any, index: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, Mapping) and part.get("type") == "text":
+                if not isinstance(part.get("text"), str):
+                    raise PromptShapeError(f"messages[{index}]: text part without a string 'text'")
+                parts.append(part["text"])
+            # image/audio/file parts carry no text to calibrate on: skipped.
+        return "\n".join(parts)
+    if content is None:
+        return ""
+    raise PromptShapeError(
+        f"messages[{index}].content must be a string or a list of parts, not {type(content).__name__}"
+    )
+
+
+def _normalise_messages(raw: Any) -> tuple[dict[str, str], ...]:
+    if not isinstance(raw, list) or not raw:
+        raise PromptShapeError("'messages' must be a non-empty list")
+    messages = []
+    for index, message in enumerate(raw):
+        if not isinstance(message, Mapping):
+            raise PromptShapeError(f"messages[{index}] is not an object")
+        role = message.get("role")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            raise PromptShapeError(
+                f"messages[{index}].role {role!r} is not one of {sorted(CHAT_ROLES)}"
+            )
+        text = _check_text(_content_text(message.get("content"), index), f"messages[{index}]")
+        messages.append({"role": role, "content": text})
+    if not any(m["content"].strip() for m in messages):
+        raise PromptShapeError("every message is empty")
+    return tuple(messages)
+
+
+def _parse_time(value: Any) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        moment = value
+    elif isinstance(value, bool):
+        raise PromptShapeError(f"timestamp {value!r} is not a time")
+    elif isinstance(value, int | float):
+        if not math.isfinite(value) or value < 0:
+            raise PromptShapeError(f"timestamp {value!r} is not a valid Unix time")
+        seconds = value / 1000 if value > 1e12 else value
+        try:
+            return dt.datetime.fromtimestamp(seconds, tz=dt.timezone.utc)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise PromptShapeError(f"timestamp {value!r} is out of range") from exc
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            moment = dt.datetime.fromisoformat(text)
+        except ValueError as exc:
+            raise PromptShapeError(f"timestamp {value[:40]!r} is not ISO 8601") from exc
+    else:
+        raise PromptShapeError(f"timestamp of type {type(value).__name__} is not a time")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return moment.astimezone(dt.timezone.utc)
+
+
+def _first(obj: Mapping[str, Any], metadata: Mapping[str, Any], keys: Sequence[str]) -> Any:
+    for source in (metadata, obj):
+        for key in keys:
+            if source.get(key) is not None:
+                return source[key]
+    return None
+
+
+def parse_prompt(obj: Any, *, now: dt.datetime | None = None) -> ParsedPrompt:
+    """Validate one decoded log line. Raises ``PromptShapeError`` with the reason."""
+    if not isinstance(obj, Mapping):
+        raise PromptShapeError(f"expected a JSON object, got {type(obj).__name__}")
+    metadata = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
+
+    messages: tuple[dict[str, str], ...] | None = None
+    prompt_text: str | None = None
+    if obj.get("messages") is not None:
+        raw_messages = obj["messages"]
+        if isinstance(raw_messages, str):  # a JSON column read from SQL
+            try:
+                raw_messages = json.loads(raw_messages)
+            except json.JSONDecodeError as exc:
+                raise PromptShapeError("'messages' is a string but not JSON") from exc
+        messages = _normalise_messages(raw_messages)
+    elif obj.get("prompt") is not None:
+        if not isinstance(obj["prompt"], str):
+            raise PromptShapeError(f"'prompt' must be a string, not {type(obj['prompt']).__name__}")
+        if not obj["prompt"].strip():
+            raise PromptShapeError("'prompt' is empty")
+        prompt_text = _check_text(obj["prompt"], "prompt")
+    else:
+        raise PromptShapeError("neither 'messages' nor 'prompt'")
+
+    route = _first(obj, metadata, ("route", "template"))
+    if route is None:
+        route = DEFAULT_ROUTE
+    if not isinstance(route, str) or not route.strip():
+        raise PromptShapeError(f"route must be a non-empty string, got {route!r}")
+    route = _check_text(route.strip(), "route")
+    if len(route) > MAX_ROUTE_CHARS:
+        raise PromptShapeError(f"route longer than {MAX_ROUTE_CHARS} characters")
+
+    model = obj.get("model")
+    if model is not None:
+        if not isinstance(model, str):
+            raise PromptShapeError(f"'model' must be a string, not {type(model).__name__}")
+        model = _check_text(model, "model")[:MAX_MODEL_CHARS]
+
+    raw_time = _first(obj, metadata, _TIME_KEYS)
+    missing = raw_time is None
+    received_at = (now or dt.datetime.now(dt.timezone.utc)) if missing else _parse_time(raw_time)
+
+    text = flatten_prompt(messages, prompt_text)
+    return ParsedPrompt(
+        content_digest=content_digest(route, messages, prompt_text),
+        received_at=received_at,
+        route=route,
+        model=model,
+        messages=messages,
+        prompt_text=prompt_text,
+        token_count=approx_token_count(text),
+        timestamp_missing=missing,
+    )
+
+
+def _iter_raw_lines(
+    stream: BinaryIO, max_line_bytes: int
+) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """(line number, content without newline | None, error reason | None), reading in bounded pieces."""
+    line_no = 0
+    while True:
+        chunk = stream.readline(max_line_bytes + 1)
+        if not chunk:
+            return
+        line_no += 1
+        if len(chunk) > max_line_bytes and not chunk.endswith(b"\n"):
+            total = len(chunk)
+            while True:  # drain the rest of the over-long line without keeping it
+                more = stream.readline(1 << 20)
+                total += len(more)
+                if not more or more.endswith(b"\n"):
+                    break
+            yield line_no, None, f"line is {total} bytes, over the {max_line_bytes}-byte limit"
+            continue
+        yield line_no, chunk.rstrip(b"\r\n"), None
+
+
+def _decode_line(raw: bytes, now: dt.datetime) -> ParsedPrompt:
+    if not raw.strip():
+        raise PromptShapeError("empty line")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromptShapeError(f"not valid UTF-8 (byte {exc.start})") from exc
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PromptShapeError(f"invalid JSON: {exc.msg} (column {exc.colno})") from exc
+    except RecursionError as exc:
+        raise PromptShapeError("invalid JSON: nested too deeply") from exc
+    return parse_prompt(obj, now=now)
+
+
+# --------------------------------------------------------------------------------------------------
+# Import
+
+
+class _Importer:
+    """Accumulates batches, inserts them and counts outcomes."""
+
+    def __init__(self, url: str | URL | None, batch_size: int) -> None:
+        self.engine = db.get_engine(url)
+        self.batch_size = batch_size
+        self.batch: list[dict[str, Any]] = []
+        self.lines = self.imported = self.duplicates = self.bad = self.missing_timestamps = 0
+        self.bad_lines: list[BadLine] = []
+        self.now = dt.datetime.now(dt.timezone.utc)
+
+    def add_bad(self, source: str, line: int, reason: str) -> None:
+        self.bad += 1
+        if len(self.bad_lines) < MAX_REPORTED_BAD_LINES:
+            self.bad_lines.append(BadLine(source, line, reason))
+        logger.warning("%s:%d: %s", source, line, reason)
+
+    def add(self, parsed: ParsedPrompt, source: str, line: int) -> None:
+        self.missing_timestamps += parsed.timestamp_missing
+        self.batch.append(
+            {
+                "content_digest": parsed.content_digest,
+                "received_at": parsed.received_at,
+                "route": parsed.route,
+                "model": parsed.model,
+                "messages": [dict(m) for m in parsed.messages] if parsed.messages else None,
+                "prompt_text": parsed.prompt_text,
+                "token_count": parsed.token_count,
+                "source": source[-1024:],
+                "source_line": line,
+                "imported_at": self.now,
+            }
+        )
+        if len(self.batch) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.batch:
+            return
+        # Duplicates inside one batch: keep the first occurrence.
+        unique: dict[str, dict[str, Any]] = {}
+        for row in self.batch:
+            unique.setdefault(row["content_digest"], row)
+        rows = list(unique.values())
+        inserted = insert_prompt_rows(self.engine, rows)
+        self.imported += inserted
+        self.duplicates += len(self.batch) - inserted
+        self.batch = []
+
+    def report(self, sources: Sequence[str], started: float) -> ImportReport:
+        self.flush()
+        return ImportReport(
+            sources=tuple(sources),
+            lines=self.lines,
+            imported=self.imported,
+            duplicates=self.duplicates,
+            bad=self.bad,
+            bad_lines=tuple(self.bad_lines),
+            missing_timestamps=self.missing_timestamps,
+            elapsed_seconds=time.perf_counter() - started,
+        )
+
+
+def insert_prompt_rows(engine: sa.Engine, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Insert prompt rows, skipping existing content digests. Returns how many were new."""
+    if not rows:
+        return 0
+    dialect = engine.dialect.name
+    if dialect == "postgresql":
+        stmt = postgresql.insert(PromptLog).on_conflict_do_nothing(
+            index_elements=["content_digest"]
+        )
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(PromptLog).on_conflict_do_nothing(index_elements=["content_digest"])
+    else:  # pragma: no cover - resolve_url refuses other backends
+        raise ValueError(f"unsupported dialect {dialect}")
+    with engine.begin() as conn:
+        result = conn.execute(stmt.returning(PromptLog.id), list(rows))
+        return len(result.all())
+
+
+def _open_stream(path: Path) -> tuple[BinaryIO, BinaryIO]:
+    """(raw file for progress, decoded stream); gzip detected by magic bytes."""
+    raw = open(path, "rb")  # noqa: SIM115 - closed by the caller
+    magic = raw.read(2)
+    raw.seek(0)
+    if magic == _GZIP_MAGIC:
+        return raw, gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    return raw, raw
+
+
+def import_files(
+    paths: Iterable[str | Path],
+    url: str | URL | None = None,
+    *,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_progress: ProgressCallback | None = None,
+) -> ImportReport:
+    """Import JSONL prompt logs (plain or gzip) into the store at ``url`` (see module doc).
+
+    The store must be migrated (``registry.db.upgrade``). Unreadable files are reported as bad
+    line 0 and the other files are still imported.
+    """
+    started = time.perf_counter()
+    importer = _Importer(url, batch_size)
+    sources: list[str] = []
+    for path in map(Path, paths):
+        source = str(path)
+        sources.append(source)
+        try:
+            total = path.stat().st_size
+            raw, stream = _open_stream(path)
+        except OSError as exc:
+            importer.add_bad(source, 0, f"cannot open: {exc.strerror or exc}")
+            continue
+        line_no = 0
+        last_reported = 0
+        try:
+            with raw, stream:
+                for line_no, content, error in _iter_raw_lines(stream, max_line_bytes):
+                    importer.lines += 1
+                    if error is not None:
+                        importer.add_bad(source, line_no, error)
+                        continue
+                    try:
+                        parsed = _decode_line(content or b"", importer.now)
+                    except PromptShapeError as exc:
+                        importer.add_bad(source, line_no, str(exc))
+                        continue
+                    importer.add(parsed, source, line_no)
+                    if on_progress is not None and line_no % 256 == 0:
+                        position = raw.tell()
+                        if position != last_reported:
+                            on_progress(source, position, total)
+                            last_reported = position
+        except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+            importer.add_bad(source, line_no + 1, f"file is corrupt or truncated: {exc}")
+        if on_progress is not None:
+            on_progress(source, total, total)
+    report = importer.report(sources, started)
+    logger.info(
+        "imported %d new prompts (%d duplicates, %d bad lines) from %d file(s) in %.2fs",
+        report.imported,
+        report.duplicates,
+        report.bad,
+        len(sources),
+        report.elapsed_seconds,
+    )
+    return report
+
+
+def parse_column_mapping(pairs: Iterable[str]) -> dict[str, str]:
+    """``["col=field", ...]`` -> ``{field: column}``; fields are ``PROMPT_FIELDS``."""
+    mapping: dict[str, str] = {}
+    for pair in pairs:
+        column, sep, field_name = pair.partition("=")
+        column, field_name = column.strip(), field_name.strip()
+        if not sep or not column or not field_name:
+            raise ValueError(f"column mapping {pair!r} is not COLUMN=FIELD")
+        if field_name not in PROMPT_FIELDS:
+            raise ValueError(f"unknown field {field_name!r} in {pair!r}; fields: {PROMPT_FIELDS}")
+        if field_name in mapping:
+            raise ValueError(f"field {field_name!r} mapped twice")
+        mapping[field_name] = column
+    if "messages" not in mapping and "prompt" not in mapping:
+        raise ValueError("map a column to 'messages' or 'prompt'")
+    return mapping
+
+
+def import_sql(
+    source_url: str | URL,
+    table: str,
+    mapping: Mapping[str, str],
+    url: str | URL | None = None,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_progress: ProgressCallback | None = None,
+) -> ImportReport:
+    """Import prompts from an existing SQL table; ``mapping`` is ``{field: column}``.
+
+    Rows are streamed; a row that fails validation is reported as bad line <row number>.
+    ``table`` may be ``schema.table``.
+    """
+    started = time.perf_counter()
+    importer = _Importer(url, batch_size)
+    source_url = make_url(source_url)
+    source_engine = db.create_engine_for(source_url)
+    schema_name, _, table_name = table.rpartition(".")
+    # No credentials in the stored source label.
+    source = f"sql:{source_url.get_backend_name()}/{source_url.database or ''}/{table}"
+    try:
+        reflected = sa.Table(
+            table_name, sa.MetaData(), schema=schema_name or None, autoload_with=source_engine
+        )
+        missing = [c for c in mapping.values() if c not in reflected.c]
+        if missing:
+            raise ValueError(
+                f"table {table!r} has no column(s) {missing}; it has {list(reflected.c.keys())}"
+            )
+        columns = [reflected.c[c].label(f) for f, c in mapping.items()]
+        total = 0
+        with source_engine.connect() as conn:
+            total = conn.execute(sa.select(sa.func.count()).select_from(reflected)).scalar_one()
+            rows = conn.execution_options(stream_results=True, yield_per=batch_size).execute(
+                sa.select(*columns)
+            )
+            for row_no, row in enumerate(rows, start=1):
+                importer.lines += 1
+                try:
+                    parsed = parse_prompt(dict(row._mapping), now=importer.now)
+                except PromptShapeError as exc:
+                    importer.add_bad(source, row_no, str(exc))
+                    continue
+                importer.add(parsed, source, row_no)
+                if on_progress is not None and row_no % 256 == 0:
+                    on_progress(source, row_no, total)
+        if on_progress is not None:
+            on_progress(source, total, total)
+    finally:
+        source_engine.dispose()
+    return importer.report([source], started)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading prompts and calibration sets
+
+
+def _to_logged(row: PromptLog) -> LoggedPrompt:
+    messages = tuple(row.messages) if row.messages is not None else None
+    return LoggedPrompt(
+        id=row.id,
+        content_digest=row.content_digest,
+        received_at=row.received_at,
+        route=row.route,
+        model=row.model,
+        text=flatten_prompt(messages, row.prompt_text),
+        token_count=row.token_count,
+        source=row.source,
+        messages=messages,
+    )
+
+
+def fetch_window(
+    url: str | URL | None = None,
+    *,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    routes: Sequence[str] | None = None,
+    batch_size: int = 1000,
+) -> Iterator[LoggedPrompt]:
+    """Stream stored prompts with ``since <= received_at < until``, ordered by time then id."""
+    stmt = sa.select(PromptLog).order_by(PromptLog.received_at, PromptLog.id)
+    if since is not None:
+        stmt = stmt.where(PromptLog.received_at >= since)
+    if until is not None:
+        stmt = stmt.where(PromptLog.received_at < until)
+    if routes:
+        stmt = stmt.where(PromptLog.route.in_(list(routes)))
+    with db.session_scope(url) as session:
+        for row in session.scalars(stmt.execution_options(yield_per=batch_size)):
+            yield _to_logged(row)
+
+
+def count_prompts(url: str | URL | None = None) -> int:
+    with db.get_engine(url).connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(PromptLog)).scalar_one()
+
+
+def time_range(url: str | URL | None = None) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """(earliest, latest) ``received_at`` in the store."""
+    with db.session_scope(url) as session:
+        low, high = session.execute(
+            sa.select(sa.func.min(PromptLog.received_at), sa.func.max(PromptLog.received_at))
+        ).one()
+    utc = dt.timezone.utc
+    if isinstance(low, str):  # SQLite aggregates bypass the column type
+        low, high = dt.datetime.fromisoformat(low), dt.datetime.fromisoformat(high)
+    low = low.replace(tzinfo=low.tzinfo or utc).astimezone(utc) if low else None
+    high = high.replace(tzinfo=high.tzinfo or utc).astimezone(utc) if high else None
+    return low, high
+
+
+def _to_stored(row: CalibrationSet, with_members: bool) -> StoredCalibrationSet:
+    members: tuple[CalibrationMemberRow, ...] = ()
+    if with_members:
+        ordered = sorted(row.members, key=lambda m: (m.role != MemberRole.calibration, m.position))
+        members = tuple(
+            CalibrationMemberRow(
+                prompt_log_id=m.prompt_log_id,
+                role=MemberRole(m.role).value,
+                position=m.position,
+                route=m.route,
+                token_count=m.token_count,
+                redacted_text=m.redacted_text,
+            )
+            for m in ordered
+        )
+    return StoredCalibrationSet(
+        id=row.id,
+        digest=row.digest,
+        created_at=row.created_at,
+        filters=row.filters,
+        size=row.size,
+        holdout_size=row.holdout_size,
+        seed=row.seed,
+        summary=row.summary,
+        members=members,
+    )
+
+
+def save_calibration_set(
+    *,
+    digest: str,
+    filters: Mapping[str, Any],
+    seed: int,
+    summary: Mapping[str, Any],
+    members: Sequence[CalibrationMemberRow],
+    url: str | URL | None = None,
+) -> tuple[StoredCalibrationSet, bool]:
+    """Store a calibration set (members hold REDACTED text only). Returns (set, created).
+
+    Idempotent: a set with the same digest is returned as is (``created`` False).
+    """
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ValueError(f"digest must be 64 lowercase hex characters, got {digest!r}")
+    size = sum(m.role == MemberRole.calibration.value for m in members)
+    holdout_size = sum(m.role == MemberRole.holdout.value for m in members)
+    if size + holdout_size != len(members):
+        raise ValueError("member roles must be 'calibration' or 'holdout'")
+    with db.session_scope(url) as session:
+        existing = session.scalar(sa.select(CalibrationSet).where(CalibrationSet.digest == digest))
+        if existing is not None:
+            return _to_stored(existing, with_members=True), False
+        row = CalibrationSet(
+            digest=digest,
+            filters=dict(filters),
+            size=size,
+            holdout_size=holdout_size,
+            seed=seed,
+            summary=dict(summary),
+        )
+        row.members = [
+            CalibrationSetMember(
+                prompt_log_id=m.prompt_log_id,
+                role=MemberRole(m.role),
+                position=m.position,
+                route=m.route,
+                token_count=m.token_count,
+                redacted_text=m.redacted_text,
+            )
+            for m in members
+        ]
+        session.add(row)
+        try:
+            session.flush()
+        except sa.exc.IntegrityError:
+            # Lost a race with an identical set: return the winner.
+            session.rollback()
+            existing = session.scalar(
+                sa.select(CalibrationSet).where(CalibrationSet.digest == digest)
+            )
+            if existing is None:
+                raise
+            return _to_stored(existing, with_members=True), False
+        stored = _to_stored(row, with_members=True)
+    logger.info("stored calibration set %s (%d + %d holdout)", digest[:12], size, holdout_size)
+    return stored, True
+
+
+def load_calibration_set(
+    digest: str, url: str | URL | None = None, *, with_members: bool = True
+) -> StoredCalibrationSet:
+    """The calibration set whose digest is ``digest`` or starts with it (>= 6 hex characters)."""
+    digest = digest.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{6,64}", digest):
+        raise ValueError(f"digest prefix must be 6-64 hex characters, got {digest!r}")
+    with db.session_scope(url) as session:
+        rows = session.scalars(
+            sa.select(CalibrationSet).where(CalibrationSet.digest.startswith(digest)).limit(2)
+        ).all()
+        if not rows:
+            raise LookupError(f"no calibration set with digest {digest}")
+        if len(rows) > 1:
+            raise LookupError(f"digest prefix {digest} is ambiguous; give more characters")
+        return _to_stored(rows[0], with_members=with_members)
+
+
+def list_calibration_sets(url: str | URL | None = None) -> list[StoredCalibrationSet]:
+    """Every calibration set, newest first, without members."""
+    with db.session_scope(url) as session:
+        rows = session.scalars(
+            sa.select(CalibrationSet).order_by(
+                CalibrationSet.created_at.desc(), CalibrationSet.id.desc()
+            )
+        ).all()
+        return [_to_stored(r, with_members=False) for r in rows]
+
+
+__all__ = [
+    "BadLine",
+    "CalibrationMemberRow",
+    "ImportReport",
+    "LoggedPrompt",
+    "ParsedPrompt",
+    "PromptShapeError",
+    "StoredCalibrationSet",
+    "approx_token_count",
+    "content_digest",
+    "count_prompts",
+    "fetch_window",
+    "flatten_prompt",
+    "import_files",
+    "import_sql",
+    "insert_prompt_rows",
+    "list_calibration_sets",
+    "load_calibration_set",
+    "parse_column_mapping",
+    "parse_prompt",
+    "save_calibration_set",
+    "time_range",
+]
