@@ -1,21 +1,23 @@
-"""Fast CPU path (vectorized torch). Must equal ``kernels.reference`` bit for bit."""
+"""Fast CPU path (vectorized torch). Must equal ``kernels.reference`` bit for bit.
+
+Quantization works on row chunks of ~1M elements (cache-friendly), and maps each scaled value to
+its E2M1 code with one signed ``torch.bucketize`` over 15 boundaries plus a 16-entry table
+instead of the reference's 7 comparisons. Measured and rejected: ``torch.compile`` of the same
+math (75 s first compile, a new compile per shape, no faster than this path on 2 cores).
+Dequantize, activation fake-quant and the matmul use the reference (already a single gather).
+"""
 
 from __future__ import annotations
 
+import torch
+
+from kernels.formats import FP4_BLOCK_SIZE, NVFP4Weight, check_weight
 from kernels.reference import (
-    dequantize_nvfp4_reference as dequantize_nvfp4_cpu,
-)
-from kernels.reference import (
-    fake_quantize_nvfp4_activation_reference as fake_quantize_nvfp4_activation_cpu,
-)
-from kernels.reference import (
-    fake_quantize_nvfp4_weight_reference as fake_quantize_nvfp4_weight_cpu,
-)
-from kernels.reference import (
-    nvfp4_w4a16_matmul_reference as nvfp4_w4a16_matmul_cpu,
-)
-from kernels.reference import (
-    quantize_nvfp4_reference as quantize_nvfp4_cpu,
+    _resolve_global_scale,
+    block_scales_reference,
+    dequantize_nvfp4_reference,
+    fake_quantize_nvfp4_activation_reference,
+    nvfp4_w4a16_matmul_reference,
 )
 
 __all__ = [
@@ -25,3 +27,77 @@ __all__ = [
     "nvfp4_w4a16_matmul_cpu",
     "quantize_nvfp4_cpu",
 ]
+
+dequantize_nvfp4_cpu = dequantize_nvfp4_reference
+fake_quantize_nvfp4_activation_cpu = fake_quantize_nvfp4_activation_reference
+nvfp4_w4a16_matmul_cpu = nvfp4_w4a16_matmul_reference
+
+CHUNK_ELEMENTS = 1 << 20
+
+
+def _next(value: float, toward: float) -> float:
+    return float(torch.nextafter(torch.tensor(value), torch.tensor(toward)))
+
+
+# ``bucketize(v, BOUNDARIES)`` counts boundaries strictly below v; bucket -> code via CODE_OF_BUCKET.
+# Same decisions as kernels.reference.e2m1_codes_reference (RNE, saturating, sign iff v < 0).
+_BOUNDARIES = torch.tensor(
+    [_next(-5.0, -9), -3.5, _next(-2.5, -9), -1.75, _next(-1.25, -9), -0.75, _next(-0.25, -9)]
+    + [_next(0.0, -1)]  # (-tiny, 0.25] -> code 0, so -0.0 encodes as +0
+    + [0.25, _next(0.75, 0), 1.25, _next(1.75, 0), 2.5, _next(3.5, 0), 5.0],
+    dtype=torch.float32,
+)
+_CODE_OF_BUCKET = torch.tensor(
+    [15, 14, 13, 12, 11, 10, 9, 8, 0, 1, 2, 3, 4, 5, 6, 7], dtype=torch.uint8
+)
+
+
+@torch.no_grad()
+def quantize_nvfp4_cpu(
+    weight: torch.Tensor,
+    global_scale: torch.Tensor | float | None = None,
+    *,
+    name: str = "weight",
+) -> NVFP4Weight:
+    """Same contract and bytes as ``quantize_nvfp4_reference``; faster on CPU."""
+    check_weight(weight, name)
+    out_features, in_features = weight.shape
+    blocks_per_row = in_features // FP4_BLOCK_SIZE
+    gs = _resolve_global_scale(weight, global_scale)
+    boundaries = _BOUNDARIES.to(weight.device)
+    code_of_bucket = _CODE_OF_BUCKET.to(weight.device)
+    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=weight.device)
+    scale = torch.empty(
+        out_features, blocks_per_row, dtype=torch.float8_e4m3fn, device=weight.device
+    )
+    chunk_rows = max(1, CHUNK_ELEMENTS // in_features)
+    for start in range(0, out_features, chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        blocks = (
+            weight[rows].to(torch.float32, copy=True).reshape(-1, blocks_per_row, FP4_BLOCK_SIZE)
+        )
+        block_scale, scale_eff = block_scales_reference(blocks.abs().amax(dim=-1), gs)
+        scale[rows] = block_scale
+        zero_scale = scale_eff == 0  # [r, nb]
+        has_zero = bool(zero_scale.any())
+        if has_zero:
+            scale_eff = torch.where(zero_scale, torch.ones_like(scale_eff), scale_eff)
+        blocks.div_(scale_eff.unsqueeze(-1))  # in place: blocks now holds x / scale_eff
+        codes = code_of_bucket[torch.bucketize(blocks, boundaries, out_int32=True)]
+        if has_zero:
+            codes.masked_fill_(zero_scale.unsqueeze(-1), 0)
+        codes = codes.reshape(-1, in_features)  # [r, K]
+        packed[rows] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return NVFP4Weight(packed, scale, gs)
+
+
+@torch.no_grad()
+def fake_quantize_nvfp4_weight_cpu(
+    weight: torch.Tensor,
+    global_scale: torch.Tensor | float | None = None,
+    *,
+    name: str = "weight",
+) -> torch.Tensor:
+    """``dequantize(quantize(weight))`` in ``weight``'s dtype and shape."""
+    packed = quantize_nvfp4_cpu(weight, global_scale, name=name)
+    return dequantize_nvfp4_reference(*packed, dtype=weight.dtype)

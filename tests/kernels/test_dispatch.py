@@ -74,3 +74,13 @@ def test_public_errors_name_the_tensor(force_backend):
     bad[0, 0] = float("nan")
     with pytest.raises(kernels.NonFiniteWeightError, match="up_proj"):
         kernels.fake_quantize_nvfp4_weight(bad, name="up_proj")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_quantize_never_modifies_the_input(force_backend, backend):
+    force_backend(backend)
+    weight = torch.randn(8, 32)
+    before = weight.clone()
+    kernels.quantize_nvfp4(weight)
+    kernels.fake_quantize_nvfp4_weight(weight)
+    assert torch.equal(weight, before)
