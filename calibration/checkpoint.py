@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -66,6 +65,8 @@ WEIGHT_PACKED = "weight_packed"
 WEIGHT_SCALE = "weight_scale"
 WEIGHT_GLOBAL_SCALE = "weight_global_scale"
 INPUT_GLOBAL_SCALE = "input_global_scale"
+#: Attribute of a loaded W4A4 model holding its activation fake-quant hook handles.
+ACTIVATION_HOOKS_ATTR = "_fp4roll_activation_hooks"
 
 
 class NVFP4Scheme(str, Enum):
@@ -434,7 +435,7 @@ def export_nvfp4_checkpoint(
         scheme=scheme,
         quantized_layers=selection.quantized_layers,
         group_count=len(selection.groups),
-        skipped=MappingProxyType(skipped),
+        skipped=skipped,
         bytes_before=bytes_before,
         bytes_after=bytes_after,
         shard_count=shard_count,
@@ -572,18 +573,16 @@ def load_nvfp4_checkpoint(
     modules = dict(model.named_modules())
     if scheme.quantizes_activations:
         hooks = [_install_activation_quant(modules[layer], s) for layer, s in input_scales.items()]
-        model._fp4roll_activation_hooks = hooks  # kept so callers can remove them
+        setattr(model, ACTIVATION_HOOKS_ATTR, hooks)
     linears = _linear_modules(model)
     info = CheckpointInfo(
         path=path,
         scheme=scheme,
         quantized_layers=tuple(quantized),
         ignored_layers=tuple(sorted(n for n in linears if n not in set(quantized))),
-        weight_global_scales=MappingProxyType(weight_scales),
-        input_global_scales=MappingProxyType(
-            {k: float(v.reshape(-1)[0]) for k, v in input_scales.items()}
-        ),
-        quantization_config=MappingProxyType(quant_config.model_dump(mode="json")),
+        weight_global_scales=weight_scales,
+        input_global_scales={k: float(v.reshape(-1)[0]) for k, v in input_scales.items()},
+        quantization_config=quant_config.model_dump(mode="json"),
     )
     logger.info(
         "loaded %s (%s): %d quantized Linear layers, %d high precision, dtype %s",
@@ -594,6 +593,17 @@ def load_nvfp4_checkpoint(
         torch_dtype,
     )
     return model, load_tokenizer(path), info
+
+
+def remove_activation_quantization(model: nn.Module) -> int:
+    """Remove the W4A4 input fake-quant hooks :func:`load_nvfp4_checkpoint` installed (the model then
+    behaves as W4A16); return how many were removed."""
+    hooks = getattr(model, ACTIVATION_HOOKS_ATTR, [])
+    for hook in hooks:
+        hook.remove()
+    if hasattr(model, ACTIVATION_HOOKS_ATTR):
+        delattr(model, ACTIVATION_HOOKS_ATTR)
+    return len(hooks)
 
 
 def _tied_parameter_names(model: nn.Module) -> set[str]:
@@ -707,6 +717,7 @@ __all__ = [
     "load_nvfp4_checkpoint",
     "quantize_model_tensors",
     "read_nvfp4_quantization_config",
+    "remove_activation_quantization",
     "with_fallback",
     "ModelLoadError",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from calibration.checkpoint import (
     build_quantization_config,
     export_nvfp4_checkpoint,
     load_nvfp4_checkpoint,
+    remove_activation_quantization,
 )
 from calibration.groups import select_targets
 from calibration.models import load_causal_lm
@@ -88,6 +90,7 @@ def test_w4a16_layout_config_and_reload(exported, tiny):
     assert "lm_head.weight" not in meta  # tied to embed_tokens, stored once
     assert len(summary.quantized_layers) == 14 and summary.group_count == 8
     assert dict(summary.skipped) == {"lm_head": "ignored by pattern"}
+    assert pickle.loads(pickle.dumps(summary)) == summary  # can cross process/task boundaries
     assert summary.bytes_after < summary.bytes_before
 
     from compressed_tensors.quantization import QuantizationConfig
@@ -144,8 +147,7 @@ def test_w4a4_config_extra_files_and_activation_quant(exported, tiny):
         a4 = model(ids).logits
         a16 = w4a16_model(ids).logits
     assert not torch.equal(a4, a16)
-    for hook in model._fp4roll_activation_hooks:
-        hook.remove()
+    assert remove_activation_quantization(model) == len(info.quantized_layers)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, a16)
     assert isinstance(_generate(w4a16_model, tokenizer), str)
@@ -199,6 +201,7 @@ def test_names_dtypes_shapes_match_compressed_tensors_compressor(exported):
     assert agree >= 0.999
 
 
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
 @pytest.mark.parametrize("which", ["w4a16", "w4a4"])
 def test_transformers_compressed_tensors_integration_gets_our_weights(exported, which):
     """transformers' own compressed-tensors path (decompress) reads our checkpoint to the same
