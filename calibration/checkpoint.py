@@ -547,7 +547,10 @@ def load_nvfp4_checkpoint(
             global_scale = tensors.pop(f"{layer}.{WEIGHT_GLOBAL_SCALE}")
         except KeyError as exc:
             raise CheckpointError(f"{path}: {layer} lacks {exc.args[0]}") from None
-        state[f"{layer}.weight"] = dequantize_nvfp4(packed, scale, global_scale, dtype=torch_dtype)
+        # dequantize where the model will run (Triton on CUDA, vectorized torch on CPU)
+        state[f"{layer}.weight"] = dequantize_nvfp4(
+            packed.to(target), scale.to(target), global_scale.to(target), dtype=torch_dtype
+        )
         weight_scales[layer] = float(global_scale.reshape(-1)[0])
         input_scale = tensors.pop(f"{layer}.{INPUT_GLOBAL_SCALE}", None)
         if input_scale is not None:
@@ -557,7 +560,8 @@ def load_nvfp4_checkpoint(
     for name, tensor in tensors.items():
         state[name] = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor
 
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    with torch.device(target):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = _tied_parameter_names(model)
     missing = [k for k in missing if k not in tied]

@@ -269,7 +269,7 @@ def prepare_smollm2(cache_dir: str | Path | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     out_dir = Path(cache_dir) if cache_dir is not None else fp4roll_home() / "models" / SMOLLM2_NAME
-    if (out_dir / "config.json").is_file() and find_weight_files(out_dir).safetensors:
+    if _is_complete_model_dir(out_dir):
         logger.info("SmolLM2 already prepared at %s", out_dir)
         return out_dir
     if out_dir.exists():
@@ -307,6 +307,7 @@ def prepare_smollm2(cache_dir: str | Path | None = None) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        os.chmod(tmp, 0o755)
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / "SOURCE.txt").write_text(
@@ -314,11 +315,20 @@ def prepare_smollm2(cache_dir: str | Path | None = None) -> Path:
             "The GGUF is Q4_1: weights already sit on a 4-bit grid.\n"
         )
         os.replace(tmp, out_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_complete_model_dir(out_dir):  # another process prepared it meanwhile
+            return out_dir
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("SmolLM2 prepared at %s", out_dir)
     return out_dir
+
+
+def _is_complete_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and bool(find_weight_files(path).safetensors)
 
 
 def _tied_keys(model: torch.nn.Module) -> set[str]:
