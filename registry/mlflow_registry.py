@@ -1,0 +1,772 @@
+"""MLflow registration and promotion of NVFP4 checkpoints.
+
+* :func:`register` — one run per recalibration in the experiment ``fp4roll/<model>``: params,
+  metrics (per-group KL with sanitized names), artifacts (checkpoint, ``calibration.json``, KL plot,
+  redacted calibration-set summary), dataset lineage (``mlflow.data`` meta dataset +
+  ``log_inputs`` with context ``calibration``), then a model version whose source is the run's
+  checkpoint artifact URI, tagged, with alias ``challenger``. The idempotency key (hash of the
+  inputs and of the checkpoint's bytes) is stored as a tag and searched before creating anything,
+  so registering the same inputs twice returns the same version.
+* :func:`promote`, :func:`rollback`, :func:`reject_challenger` — alias moves between ``champion``,
+  ``challenger`` and ``previous-champion``; idempotent; versions are tagged with the outcome; each
+  returns the :class:`AliasMove` records for the ledger (empty when nothing had to move).
+
+Credentials inside URLs (``scheme://user:pass@host``, ``?password=…``) are redacted before they
+reach params, tags or logs. The version is created only after every artifact is uploaded, so a
+crash mid-upload never leaves a registered version pointing at a partial checkpoint.
+
+Default tracking URI: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///$FP4ROLL_HOME/mlflow.db`` with
+artifacts under ``$FP4ROLL_HOME/mlartifacts``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+logger = logging.getLogger(__name__)
+
+TAG_PREFIX = "fp4roll."
+IDEMPOTENCY_TAG = "fp4roll.idempotency_key"
+OUTCOME_TAG = "fp4roll.outcome"
+PREVIOUS_CHAMPION_BEFORE_TAG = "fp4roll.previous_champion_before"
+RESTORED_FROM_TAG = "fp4roll.restored_from"
+RESTORE_PREVIOUS_TAG = "fp4roll.restore_previous_champion"
+CHECKPOINT_ARTIFACT_PATH = "checkpoint"
+CALIBRATION_CONTEXT = "calibration"
+_MAX_PARAM_LENGTH = 6000  # MLflow 3 limit for a param value
+_MAX_TAG_LENGTH = 8000
+_MLFLOW_DIGEST_LENGTH = 36  # datasets.digest is VARCHAR(36) in MLflow's SQL store
+
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&;](?:password|passwd|pwd|token|secret|api[_-]?key|access[_-]?key|sig)=)[^&;\s]*",
+    re.IGNORECASE,
+)
+_METRIC_NAME_BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+class Alias(str, Enum):
+    CHAMPION = "champion"
+    CHALLENGER = "challenger"
+    PREVIOUS_CHAMPION = "previous-champion"
+
+
+class VersionOutcome(str, Enum):
+    """Value of the ``fp4roll.outcome`` tag on a model version."""
+
+    CHALLENGER = "challenger"
+    PROMOTED = "promoted"
+    SUPERSEDED = "superseded"
+    ROLLED_BACK = "rolled_back"
+    RESTORED = "restored"
+    REJECTED = "rejected"
+
+
+class RegistryError(RuntimeError):
+    """A registration or alias move that cannot be carried out as asked."""
+
+
+def redact(text: str) -> str:
+    """``text`` with URL user-info and secret query values replaced by ``***``."""
+    text = _URL_USERINFO.sub(r"\g<scheme>***@", text)
+    return _SECRET_QUERY.sub(r"\g<key>***", text)
+
+
+def sanitize_metric_name(name: str) -> str:
+    """An MLflow-legal metric name (alphanumerics, ``_ - . / space``); other characters → ``_``."""
+    cleaned = _METRIC_NAME_BAD_CHARS.sub("_", name).strip()
+    if not cleaned:
+        raise ValueError(f"metric name {name!r} is empty after sanitizing")
+    return cleaned[:250]
+
+
+def fp4roll_home() -> Path:
+    return Path(os.environ.get("FP4ROLL_HOME") or Path.home() / ".fp4roll").expanduser()
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` or the SQLite store under ``$FP4ROLL_HOME``."""
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if env_uri:
+        return env_uri
+    return f"sqlite:///{fp4roll_home() / 'mlflow.db'}"
+
+
+def default_artifact_root() -> Path:
+    return fp4roll_home() / "mlartifacts"
+
+
+def code_version() -> str:
+    """``fp4roll <version>`` plus the git commit of the working tree when there is one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        label = f"fp4roll {version('fp4roll')}"
+    except PackageNotFoundError:
+        label = "fp4roll (not installed)"
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{label} git {sha}" if sha else label
+
+
+class RegistrationMetrics(BaseModel):
+    """Quality and size figures of one recalibration (from the KL sweep / evaluation)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    combined_kl: float
+    p99_kl: float | None = None
+    top1_agreement: float | None = Field(None, ge=0, le=1)
+    delta_perplexity: float | None = None
+    bytes_before: int | None = Field(None, ge=0)
+    bytes_after: int | None = Field(None, ge=0)
+    group_kl: dict[str, float] = Field(default_factory=dict)
+
+
+class RegistrationRequest(BaseModel):
+    """Everything :func:`register` needs; paths must exist. ``corpus_source`` may be a DB URL or
+    a path: it is redacted before being stored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    source_model: str = Field(min_length=1)
+    scheme: str = Field(min_length=1)
+    block_size: int = Field(16, ge=1)
+    corpus_digest: str = Field(pattern=r"^[0-9a-fA-F]{16,128}$")
+    corpus_source: str | None = None
+    calibration_size: int = Field(ge=1)
+    holdout_size: int = Field(0, ge=0)
+    sensitivity_prompts: int | None = Field(None, ge=1)
+    kl_threshold: float = Field(gt=0)
+    max_fallback_fraction: float | None = Field(None, gt=0, le=1)
+    fallback_layers: tuple[str, ...] = ()
+    metrics: RegistrationMetrics
+    checkpoint_dir: Path
+    calibration_json: Path | None = None
+    kl_plot: Path | None = None
+    calibration_summary: Path | None = None
+    code_version: str = Field(default_factory=code_version)
+    extra_params: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("checkpoint_dir")
+    @classmethod
+    def _checkpoint_is_dir(cls, path: Path) -> Path:
+        if not path.is_dir():
+            raise ValueError(f"checkpoint_dir is not a directory: {path}")
+        if not any(p.is_file() for p in path.rglob("*")):
+            raise ValueError(f"checkpoint_dir is empty: {path}")
+        return path
+
+    @field_validator("calibration_json", "kl_plot", "calibration_summary")
+    @classmethod
+    def _file_exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"artifact file not found: {path}")
+        return path
+
+
+class RegisteredVersion(BaseModel):
+    """Result of :func:`register`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_name: str
+    version: str
+    run_id: str
+    experiment_id: str
+    source: str
+    idempotency_key: str
+    reused: bool
+
+
+class AliasMove(BaseModel):
+    """One alias change (a ledger row). ``to_version=None`` means the alias was removed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_name: str
+    alias: Alias
+    from_version: str | None
+    to_version: str | None
+    reason: str
+    moved_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+
+
+def _client(tracking_uri: str | None):  # noqa: ANN202 - mlflow.MlflowClient
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or default_tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+def _is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+def checkpoint_digest(checkpoint_dir: Path) -> str:
+    """sha256 over the relative paths and bytes of every file under ``checkpoint_dir``."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in checkpoint_dir.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(checkpoint_dir).as_posix().encode())
+        digest.update(b"\0")
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def idempotency_key(request: RegistrationRequest) -> str:
+    """Hash of the registration inputs: settings, corpus digest, fallback list, code version and
+    the checkpoint's bytes (not the metrics or the artifact paths, which vary between runs)."""
+    inputs = {
+        "model_name": request.model_name,
+        "source_model": redact(request.source_model),
+        "scheme": request.scheme,
+        "block_size": request.block_size,
+        "corpus_digest": request.corpus_digest.lower(),
+        "calibration_size": request.calibration_size,
+        "holdout_size": request.holdout_size,
+        "sensitivity_prompts": request.sensitivity_prompts,
+        "kl_threshold": request.kl_threshold,
+        "max_fallback_fraction": request.max_fallback_fraction,
+        "fallback_layers": sorted(request.fallback_layers),
+        "code_version": request.code_version,
+        "checkpoint": checkpoint_digest(request.checkpoint_dir),
+    }
+    canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _clip(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def _params(request: RegistrationRequest) -> dict[str, str]:
+    params: dict[str, Any] = {
+        "source_model": request.source_model,
+        "scheme": request.scheme,
+        "block_size": request.block_size,
+        "corpus_digest": request.corpus_digest,
+        "corpus_source": request.corpus_source,
+        "calibration_size": request.calibration_size,
+        "holdout_size": request.holdout_size,
+        "sensitivity_prompts": request.sensitivity_prompts,
+        "kl_threshold": request.kl_threshold,
+        "max_fallback_fraction": request.max_fallback_fraction,
+        "fallback_count": len(request.fallback_layers),
+        "code_version": request.code_version,
+        **request.extra_params,
+    }
+    return {
+        key: _clip(redact(str(value)), _MAX_PARAM_LENGTH)
+        for key, value in params.items()
+        if value is not None
+    }
+
+
+def _metrics(request: RegistrationRequest) -> dict[str, float]:
+    figures = request.metrics
+    metrics: dict[str, float] = {}
+    for name in (
+        "combined_kl",
+        "p99_kl",
+        "top1_agreement",
+        "delta_perplexity",
+        "bytes_before",
+        "bytes_after",
+    ):
+        value = getattr(figures, name)
+        if value is not None:
+            metrics[name] = float(value)
+    if figures.bytes_before and figures.bytes_after:
+        metrics["compression_ratio"] = figures.bytes_before / figures.bytes_after
+    for group, kl in figures.group_kl.items():
+        key = sanitize_metric_name(f"group_kl/{group}")
+        if key in metrics:
+            raise ValueError(f"group names collide after sanitizing: {key!r}")
+        metrics[key] = float(kl)
+    return metrics
+
+
+def _version_tags(request: RegistrationRequest, key: str) -> dict[str, str]:
+    tags = {
+        IDEMPOTENCY_TAG: key,
+        "fp4roll.corpus_digest": request.corpus_digest,
+        "fp4roll.fallback_layers": json.dumps(sorted(request.fallback_layers)),
+        "fp4roll.scheme": request.scheme,
+        "fp4roll.block_size": str(request.block_size),
+        "fp4roll.code_version": request.code_version,
+        "fp4roll.source_model": request.source_model,
+        OUTCOME_TAG: VersionOutcome.CHALLENGER.value,
+    }
+    return {k: _clip(redact(v), _MAX_TAG_LENGTH) for k, v in tags.items()}
+
+
+def _ensure_registered_model(client, name: str) -> None:  # noqa: ANN001
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        try:
+            client.create_registered_model(
+                name, description="NVFP4 checkpoints registered by fp4roll"
+            )
+        except MlflowException as create_exc:  # created concurrently
+            if create_exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+
+def _ensure_experiment(client, name: str, tracking_uri: str) -> str:  # noqa: ANN001
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if not _is_remote(tracking_uri):
+        root = default_artifact_root()
+        root.mkdir(parents=True, exist_ok=True)
+        artifact_location = (root / name.replace("/", "_")).resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def experiment_name(model_name: str) -> str:
+    return f"fp4roll/{model_name}"
+
+
+def find_version_by_key(client, model_name: str, key: str):  # noqa: ANN001, ANN201
+    """The model version tagged with idempotency ``key``, or None."""
+    found = client.search_model_versions(
+        f"name = '{model_name}' and tags.`{IDEMPOTENCY_TAG}` = '{key}'"
+    )
+    found = sorted(found, key=lambda mv: int(mv.version))
+    return found[0] if found else None
+
+
+def _finished_run_with_key(client, experiment_id: str, key: str):  # noqa: ANN001, ANN202
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{IDEMPOTENCY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def _log_lineage(client, run_id: str, request: RegistrationRequest) -> None:  # noqa: ANN001
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    digest = request.corpus_digest.lower()
+    source = CodeDatasetSource(
+        tags={
+            "kind": "fp4roll calibration corpus",
+            "corpus_digest": digest,
+            "corpus_source": redact(request.corpus_source or "unspecified"),
+            "calibration_size": str(request.calibration_size),
+            "holdout_size": str(request.holdout_size),
+        }
+    )
+    dataset = MetaDataset(
+        source=source,
+        name=f"calibration-{digest[:12]}",
+        digest=digest[:_MLFLOW_DIGEST_LENGTH],
+    )
+    dataset_input = DatasetInput(
+        dataset=dataset._to_mlflow_entity(),
+        tags=[
+            InputTag(key="mlflow.data.context", value=CALIBRATION_CONTEXT),
+            InputTag(key="fp4roll.corpus_digest", value=digest),
+        ],
+    )
+    client.log_inputs(run_id, datasets=[dataset_input])
+
+
+def _log_artifacts(client, run_id: str, request: RegistrationRequest) -> None:  # noqa: ANN001
+    client.log_artifacts(run_id, str(request.checkpoint_dir), CHECKPOINT_ARTIFACT_PATH)
+    if request.calibration_json is not None:
+        # always stored as ``calibration.json`` beside the checkpoint, whatever the local name
+        with tempfile.TemporaryDirectory(prefix="fp4roll-calibration-") as staging:
+            staged = Path(staging) / "calibration.json"
+            shutil.copyfile(request.calibration_json, staged)
+            client.log_artifact(run_id, str(staged))
+    if request.kl_plot is not None:
+        client.log_artifact(run_id, str(request.kl_plot), "plots")
+    if request.calibration_summary is not None:
+        client.log_artifact(run_id, str(request.calibration_summary), "calibration_set")
+    client.log_text(
+        run_id,
+        json.dumps(sorted(request.fallback_layers), indent=2),
+        "fallback_layers.json",
+    )
+
+
+def _create_run(client, experiment_id: str, request: RegistrationRequest, key: str) -> str:  # noqa: ANN001
+    from mlflow.entities import Metric, Param, RunTag
+
+    run = client.create_run(
+        experiment_id,
+        run_name=f"recalibrate-{request.corpus_digest[:8]}-{key[:8]}",
+        tags={
+            IDEMPOTENCY_TAG: key,
+            "fp4roll.model_name": request.model_name,
+            "fp4roll.corpus_digest": request.corpus_digest,
+        },
+    )
+    run_id = run.info.run_id
+    try:
+        now_ms = int(dt.datetime.now(dt.timezone.utc).timestamp() * 1000)
+        params = [Param(k, v) for k, v in _params(request).items()]
+        metrics = [Metric(k, v, now_ms, 0) for k, v in _metrics(request).items()]
+        for start in range(0, max(len(params), len(metrics)), 100):  # MLflow batch limits
+            client.log_batch(
+                run_id, metrics=metrics[start : start + 100], params=params[start : start + 100]
+            )
+        client.log_batch(
+            run_id,
+            tags=[RunTag(k, v) for k, v in _version_tags(request, key).items() if k != OUTCOME_TAG],
+        )
+        _log_lineage(client, run_id, request)
+        _log_artifacts(client, run_id, request)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def register(
+    request: RegistrationRequest, *, tracking_uri: str | None = None, set_challenger: bool = True
+) -> RegisteredVersion:
+    """Log the recalibration run and create (or reuse) the model version; alias it ``challenger``.
+
+    Idempotent: a version carrying the same idempotency key is returned as is (``reused=True``,
+    aliases untouched); a finished run with the key but no version (crash before the version was
+    created) is reused instead of logging a second run.
+    """
+    client, uri = _client(tracking_uri)
+    key = idempotency_key(request)
+    name = request.model_name
+    _ensure_registered_model(client, name)
+    existing = find_version_by_key(client, name, key)
+    experiment_id = _ensure_experiment(client, experiment_name(name), uri)
+    if existing is not None:
+        logger.info("registration of %s reuses version %s (key %s)", name, existing.version, key)
+        return RegisteredVersion(
+            model_name=name,
+            version=str(existing.version),
+            run_id=existing.run_id,
+            experiment_id=experiment_id,
+            source=existing.source,
+            idempotency_key=key,
+            reused=True,
+        )
+
+    run = _finished_run_with_key(client, experiment_id, key)
+    if run is not None:
+        run_id = run.info.run_id
+        logger.info("reusing finished run %s for %s (key %s)", run_id, name, key)
+    else:
+        run_id = _create_run(client, experiment_id, request, key)
+    artifact_uri = client.get_run(run_id).info.artifact_uri.rstrip("/")
+    source = f"{artifact_uri}/{CHECKPOINT_ARTIFACT_PATH}"
+    version = client.create_model_version(
+        name,
+        source=source,
+        run_id=run_id,
+        tags=_version_tags(request, key),
+        description=redact(
+            f"{request.scheme} checkpoint of {request.source_model}, corpus "
+            f"{request.corpus_digest[:12]}, {len(request.fallback_layers)} fallback layers"
+        ),
+    )
+    if set_challenger:
+        client.set_registered_model_alias(name, Alias.CHALLENGER.value, version.version)
+    logger.info(
+        "registered %s version %s from run %s (scheme %s, corpus %s)",
+        name,
+        version.version,
+        run_id,
+        request.scheme,
+        request.corpus_digest[:12],
+    )
+    return RegisteredVersion(
+        model_name=name,
+        version=str(version.version),
+        run_id=run_id,
+        experiment_id=experiment_id,
+        source=source,
+        idempotency_key=key,
+        reused=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Promotion
+
+
+def aliases(model_name: str, *, tracking_uri: str | None = None) -> dict[str, str]:
+    """Current alias → version map of a registered model."""
+    client, _ = _client(tracking_uri)
+    return _aliases(client, model_name)
+
+
+def _aliases(client, model_name: str) -> dict[str, str]:  # noqa: ANN001
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(model_name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"registered model {model_name!r} does not exist") from exc
+        raise
+    return {alias: str(version) for alias, version in (model.aliases or {}).items()}
+
+
+def _require_version(client, model_name: str, version: str) -> None:  # noqa: ANN001
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version(model_name, str(version))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"{model_name} has no version {version}") from exc
+        raise
+
+
+def _move(
+    client,  # noqa: ANN001
+    model_name: str,
+    alias: Alias,
+    current: Mapping[str, str],
+    to_version: str | None,
+    reason: str,
+    moves: list[AliasMove],
+) -> None:
+    from_version = current.get(alias.value)
+    if from_version == to_version:
+        return
+    if to_version is None:
+        client.delete_registered_model_alias(model_name, alias.value)
+    else:
+        client.set_registered_model_alias(model_name, alias.value, to_version)
+    moves.append(
+        AliasMove(
+            model_name=model_name,
+            alias=alias,
+            from_version=from_version,
+            to_version=to_version,
+            reason=reason,
+        )
+    )
+    logger.info(
+        "%s: alias %s %s -> %s (%s)", model_name, alias.value, from_version, to_version, reason
+    )
+
+
+def _tag(client, model_name: str, version: str, tags: Mapping[str, str]) -> None:  # noqa: ANN001
+    for key, value in tags.items():
+        client.set_model_version_tag(
+            model_name, version, key, _clip(redact(value), _MAX_TAG_LENGTH)
+        )
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def promote(
+    model_name: str,
+    version: str,
+    *,
+    reason: str = "canary passed",
+    tracking_uri: str | None = None,
+) -> tuple[AliasMove, ...]:
+    """Make ``version`` the champion; the old champion becomes ``previous-champion``; the
+    ``challenger`` alias is removed if it pointed at ``version``. Idempotent: promoting the current
+    champion moves nothing and returns ``()``."""
+    client, _ = _client(tracking_uri)
+    version = str(version)
+    _require_version(client, model_name, version)
+    current = _aliases(client, model_name)
+    moves: list[AliasMove] = []
+    old_champion = current.get(Alias.CHAMPION.value)
+    if old_champion != version:
+        # remember what previous-champion was, so a rollback restores the state exactly
+        _tag(
+            client,
+            model_name,
+            version,
+            {PREVIOUS_CHAMPION_BEFORE_TAG: current.get(Alias.PREVIOUS_CHAMPION.value) or ""},
+        )
+        if old_champion is not None:
+            _move(client, model_name, Alias.PREVIOUS_CHAMPION, current, old_champion, reason, moves)
+        _move(client, model_name, Alias.CHAMPION, current, version, reason, moves)
+        _tag(
+            client,
+            model_name,
+            version,
+            {
+                OUTCOME_TAG: VersionOutcome.PROMOTED.value,
+                "fp4roll.promoted_at": _now(),
+                "fp4roll.promote_reason": reason,
+            },
+        )
+        if old_champion is not None:
+            _tag(
+                client,
+                model_name,
+                old_champion,
+                {OUTCOME_TAG: VersionOutcome.SUPERSEDED.value, "fp4roll.superseded_by": version},
+            )
+    if current.get(Alias.CHALLENGER.value) == version:
+        _move(client, model_name, Alias.CHALLENGER, current, None, reason, moves)
+    return tuple(moves)
+
+
+def rollback(
+    model_name: str,
+    to_version: str | None = None,
+    *,
+    reason: str,
+    tracking_uri: str | None = None,
+) -> tuple[AliasMove, ...]:
+    """Put ``to_version`` (default: ``previous-champion``) back as champion.
+
+    The rolled-back champion is tagged ``rolled_back`` with ``reason``; ``previous-champion`` is
+    restored to what it was before that champion's promotion, so promote-then-rollback leaves
+    ``champion`` and ``previous-champion`` exactly as they were. Idempotent: when the champion was
+    put in place by a rollback (tag ``fp4roll.outcome=restored``) a default call only completes
+    that rollback (after a crash) and otherwise moves nothing; to go further back, name
+    ``to_version``. Returns the alias moves made (``()`` when none).
+    """
+    if not reason or not reason.strip():
+        raise ValueError("rollback needs a reason")
+    client, _ = _client(tracking_uri)
+    current = _aliases(client, model_name)
+    champion = current.get(Alias.CHAMPION.value)
+    moves: list[AliasMove] = []
+    if champion is not None and (to_version is None or str(to_version) == champion):
+        champion_tags = client.get_model_version(model_name, champion).tags
+        if champion_tags.get(OUTCOME_TAG) == VersionOutcome.RESTORED.value:
+            _finish_rollback(client, model_name, champion, champion_tags, current, moves)
+            return tuple(moves)
+        if to_version is not None:
+            return ()  # already the champion, nothing to undo
+    target = (
+        str(to_version) if to_version is not None else current.get(Alias.PREVIOUS_CHAMPION.value)
+    )
+    if target is None:
+        raise RegistryError(f"{model_name}: no previous-champion to roll back to")
+    _require_version(client, model_name, target)
+    previous_after = current.get(Alias.PREVIOUS_CHAMPION.value)
+    if champion is not None and target == previous_after:
+        before = client.get_model_version(model_name, champion).tags
+        previous_after = before.get(PREVIOUS_CHAMPION_BEFORE_TAG) or None
+    # the target's tags record the whole rollback first, so a crash midway can be completed
+    target_tags = {
+        OUTCOME_TAG: VersionOutcome.RESTORED.value,
+        RESTORED_FROM_TAG: champion or "",
+        RESTORE_PREVIOUS_TAG: previous_after or "",
+        "fp4roll.restored_at": _now(),
+        "fp4roll.rollback_reason": reason,
+    }
+    _tag(client, model_name, target, target_tags)
+    _move(client, model_name, Alias.CHAMPION, current, target, reason, moves)
+    _finish_rollback(client, model_name, target, target_tags, current, moves)
+    return tuple(moves)
+
+
+def _finish_rollback(
+    client,  # noqa: ANN001
+    model_name: str,
+    champion: str,
+    champion_tags: Mapping[str, str],
+    current: Mapping[str, str],
+    moves: list[AliasMove],
+) -> None:
+    """Second half of a rollback to ``champion``: restore previous-champion, tag the loser."""
+    reason = champion_tags.get("fp4roll.rollback_reason", "rollback")
+    previous = champion_tags.get(RESTORE_PREVIOUS_TAG) or None
+    _move(client, model_name, Alias.PREVIOUS_CHAMPION, current, previous, reason, moves)
+    rolled_back = champion_tags.get(RESTORED_FROM_TAG) or None
+    if rolled_back is not None:
+        tags = client.get_model_version(model_name, rolled_back).tags
+        if tags.get(OUTCOME_TAG) != VersionOutcome.ROLLED_BACK.value:
+            _tag(
+                client,
+                model_name,
+                rolled_back,
+                {
+                    OUTCOME_TAG: VersionOutcome.ROLLED_BACK.value,
+                    "fp4roll.rolled_back_at": _now(),
+                    "fp4roll.rollback_reason": reason,
+                },
+            )
+
+
+def reject_challenger(
+    model_name: str,
+    version: str,
+    *,
+    reason: str,
+    tracking_uri: str | None = None,
+) -> tuple[AliasMove, ...]:
+    """A canary failed before promotion: remove ``challenger`` from ``version`` (the champion keeps
+    serving) and tag it ``rejected``. Idempotent."""
+    client, _ = _client(tracking_uri)
+    version = str(version)
+    _require_version(client, model_name, version)
+    current = _aliases(client, model_name)
+    if current.get(Alias.CHAMPION.value) == version:
+        raise RegistryError(f"{model_name} version {version} is the champion; use rollback")
+    moves: list[AliasMove] = []
+    if current.get(Alias.CHALLENGER.value) == version:
+        _move(client, model_name, Alias.CHALLENGER, current, None, reason, moves)
+    _tag(
+        client,
+        model_name,
+        version,
+        {OUTCOME_TAG: VersionOutcome.REJECTED.value, "fp4roll.reject_reason": reason},
+    )
+    return tuple(moves)
+
+
+def version_tags(
+    model_name: str, version: str, *, tracking_uri: str | None = None
+) -> dict[str, str]:
+    client, _ = _client(tracking_uri)
+    return dict(client.get_model_version(model_name, str(version)).tags)
