@@ -77,9 +77,9 @@ _ASSIGNMENT_TRIGGERS = ("key", "token", "secret", "pass")
 _CARD_CANDIDATE_RE = re.compile(r"(?<![\w])\d(?:[ \-]?\d){12,18}(?![\w])")
 _CARD_GROUPED_RE = re.compile(r"^\d{4}([ \-])\d{4}\1\d{4}\1\d{1,7}$")
 
-_EMAIL_RE = re.compile(
-    r"(?<![\w.+\-])[A-Za-z0-9._%+\-]+@[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}"
+_EMAIL_RE = re.compile(  # Unicode-aware (internationalised local parts and domains)
+    r"(?<![\w.+\-])[\w.%+\-]+@[^\W_](?:[\w\-]*[^\W_])?"
+    r"(?:\.[^\W_](?:[\w\-]*[^\W_])?)*\.[^\W\d_]{2,}"
 )
 
 _PHONE_RE = re.compile(

@@ -207,10 +207,15 @@ def _shingles(normalized: str) -> np.ndarray:
     return np.unique(packed)
 
 
-def _permutations(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)  # fixed: MinHash must not depend on the sampling seed
-    a = rng.integers(1, int(_MERSENNE_32), size=_NUM_PERM, dtype=np.uint64)
-    b = rng.integers(0, int(_MERSENNE_32), size=_NUM_PERM, dtype=np.uint64)
+def _permutations() -> tuple[np.ndarray, np.ndarray]:
+    """Fixed MinHash coefficients from SHA-256 (no RNG: identical on every machine and numpy)."""
+    p = int(_MERSENNE_32)
+    coefficients = [
+        int.from_bytes(hashlib.sha256(f"fp4roll-minhash-{i}".encode()).digest()[:16], "big")
+        for i in range(_NUM_PERM)
+    ]
+    a = np.array([1 + (c >> 64) % (p - 1) for c in coefficients], dtype=np.uint64)
+    b = np.array([(c & ((1 << 64) - 1)) % p for c in coefficients], dtype=np.uint64)
     return a, b
 
 
@@ -277,9 +282,18 @@ def near_duplicate_clusters(texts: Sequence[str], threshold: float) -> list[int]
 
 
 def _allocate(available: Mapping[tuple[str, str], int], n: int) -> dict[tuple[str, str], int]:
-    """Split ``n`` over strata proportionally to ``available`` (largest remainder, capped)."""
+    """Split ``n`` over strata proportionally to ``available`` (largest remainder, capped).
+
+    When ``n`` covers every non-empty stratum, each first gets one prompt, so rare routes and
+    lengths are represented rather than rounded away.
+    """
     allocation = dict.fromkeys(available, 0)
     remaining = n
+    non_empty = sorted(k for k, v in available.items() if v > 0)
+    if 0 < len(non_empty) <= n:
+        for k in non_empty:
+            allocation[k] = 1
+        remaining -= len(non_empty)
     while remaining > 0:
         open_strata = {
             k: available[k] - allocation[k] for k in available if available[k] > allocation[k]

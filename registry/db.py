@@ -132,24 +132,38 @@ def _alembic_config(connection: sa.Connection):  # noqa: ANN202 - alembic.config
     return config
 
 
+@contextlib.contextmanager
+def _quiet_alembic() -> Iterator[None]:
+    """Alembic logs INFO lines on every run; keep them unless DEBUG logging is on."""
+    alembic_logger = logging.getLogger("alembic")
+    previous_level = alembic_logger.level
+    if not alembic_logger.isEnabledFor(logging.DEBUG):
+        alembic_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        alembic_logger.setLevel(previous_level)
+
+
 def upgrade(url: str | URL | None = None, revision: str = "head") -> str | None:
     """Migrate the database at ``url`` to ``revision``; idempotent. Returns the new revision."""
-    from alembic import command
+    with _quiet_alembic():
+        from alembic import command
 
-    engine = get_engine(url)
-    with engine.begin() as connection:
-        command.upgrade(_alembic_config(connection), revision)
-    current = current_revision(url)
-    logger.info("database %s at revision %s", safe_url(url), current)
+        with get_engine(url).begin() as connection:
+            command.upgrade(_alembic_config(connection), revision)
+        current = current_revision(url)
+    logger.debug("database %s at revision %s", safe_url(url), current)
     return current
 
 
 def current_revision(url: str | URL | None = None) -> str | None:
     """The Alembic revision the database is at (None for an empty database)."""
-    from alembic.runtime.migration import MigrationContext
+    with _quiet_alembic():
+        from alembic.runtime.migration import MigrationContext
 
-    with get_engine(url).connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        with get_engine(url).connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
 
 
 def head_revision() -> str | None:

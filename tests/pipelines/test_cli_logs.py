@@ -1,0 +1,66 @@
+"""`fp4roll db upgrade` and `fp4roll logs ...` through typer's CliRunner (SQLite)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from typer.testing import CliRunner
+
+from calibration.data import SAMPLE_PROMPT_LOGS
+from pipelines.cli import app
+from registry import db
+
+runner = CliRunner()
+
+
+def _invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_logs_cli_import_sample_drift(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    try:
+        result = _invoke("db", "upgrade", "--db", url)
+        assert result.exit_code == 0 and "revision" in result.output
+        assert _invoke("db", "upgrade", "--db", url).exit_code == 0  # idempotent
+
+        result = _invoke("logs", "import", str(SAMPLE_PROMPT_LOGS), "--db", url)
+        assert result.exit_code == 0, result.output
+        assert "3,374" in result.output and "all lines imported" in result.output
+
+        bad = tmp_path / "bad.jsonl"
+        bad.write_bytes(b'{"prompt": "fine", "route": "r", "created": 1768000000}\nnot json\n')
+        result = _invoke("logs", "import", str(bad), "--db", url)
+        assert result.exit_code == 2  # partial success
+        assert f"{bad}:2: invalid JSON" in result.output
+
+        result = _invoke(
+            "logs", "sample", "--size", "40", "--holdout", "20", "--route", "translate",
+            "--until", "2026-01-26", "--db", url, "--json",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        payload = json.loads(result.output)
+        digest = payload["digest"]
+        assert re.fullmatch(r"[0-9a-f]{64}", digest)
+        assert payload["summary"]["calibration"]["routes"] == {"translate": 40}
+
+        result = _invoke("logs", "sample", "--size", "40", "--holdout", "20", "--route", "translate",
+                         "--until", "2026-01-26", "--db", url)  # fmt: skip
+        assert (
+            result.exit_code == 0 and digest in result.output and "already stored" in result.output
+        )
+
+        assert digest[:16] in _invoke("logs", "sets", "--db", url).output
+
+        # Production is all five routes; the set is translation only: drift (exit 3).
+        result = _invoke("logs", "drift", "--set", digest[:12], "--db", url)
+        assert result.exit_code == 3, result.output
+        assert "DRIFT" in result.output and "route-share PSI" in result.output
+
+        result = _invoke("logs", "drift", "--set", "0000000000", "--db", url)
+        assert result.exit_code == 1
+        result = _invoke("logs", "sample", "--size", "100000", "--db", url)
+        assert result.exit_code == 1 and "unique prompts" in result.output
+    finally:
+        db.dispose_engines()

@@ -1,0 +1,94 @@
+"""Shipped sample logs end to end: import -> sample -> disjoint hold-out -> digest, both backends."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+
+import sqlalchemy as sa
+
+from calibration.data import SAMPLE_PROMPT_LOGS
+from calibration.redaction import find_pii
+from calibration.sampling import near_duplicate_clusters, normalize_text
+from pipelines import logs
+from registry import db
+from registry import prompt_logs as store
+from registry.schema import CalibrationSetMember, PromptLog
+
+logger = logging.getLogger(__name__)
+UTC = dt.timezone.utc
+PARAMS = logs.SampleParameters(
+    size=256, holdout=128, until=dt.datetime(2026, 1, 26, tzinfo=UTC), seed=0
+)
+# The corpus hash of PARAMS over the shipped sample logs. It must be the same on every machine and
+# backend; it changes only when the shipped data or the sampling algorithm changes (then update it
+# deliberately, together with DIGEST_VERSION in calibration/sampling.py if the algorithm changed).
+GOLDEN_DIGEST = "8f28bcb5904224850575aaefcaf17b75a4722858a972b64a0a8c0456cad67834"
+
+
+def test_shipped_logs_import_sample_holdout_and_digest(
+    migrated_db_url: str, record_property
+) -> None:
+    started = time.perf_counter()
+    report = store.import_files([SAMPLE_PROMPT_LOGS], migrated_db_url)
+    elapsed = time.perf_counter() - started
+    record_property("import_seconds", round(elapsed, 3))
+    print(f"\nimported {report.lines} lines ({report.imported} new) in {elapsed:.2f} s")
+    assert (report.lines, report.bad, report.exit_code) == (4000, 0, 0)
+    assert report.imported == 3374 and report.duplicates == 626  # resent requests collapse
+    routes = {r for (r,) in _rows(migrated_db_url, sa.select(PromptLog.route).distinct())}
+    assert routes == {"chat-support", "code-help", "summarize", "extract-json", "translate"}
+
+    first = logs.sample_and_store(PARAMS, migrated_db_url)
+    assert first.created and (first.size, first.holdout_size) == (256, 128)
+    assert first.digest == GOLDEN_DIGEST
+    stored = store.load_calibration_set(first.digest, migrated_db_url)
+    calibration, holdout = stored.role("calibration"), stored.role("holdout")
+    assert not {m.prompt_log_id for m in calibration} & {m.prompt_log_id for m in holdout}
+    texts = [_without_system_message(m.redacted_text) for m in stored.members]
+    clusters = near_duplicate_clusters([normalize_text(t) for t in texts], 0.8)
+    assert len(set(clusters)) == len(texts)  # no near-duplicate pair anywhere, across the split too
+    assert set(stored.summary["calibration"]["routes"]) == routes
+    # Window respected.
+    member_ids = [m.prompt_log_id for m in stored.members]
+    for row in store.fetch_window(migrated_db_url, since=PARAMS.until):
+        assert row.id not in member_ids
+
+    # Redaction: nothing PII-shaped in the stored calibration set, although the logs are full of it.
+    assert sum(stored.summary["redactions"].values()) > 1000
+    stored_texts = [
+        t for (t,) in _rows(migrated_db_url, sa.select(CalibrationSetMember.redacted_text))
+    ]
+    leaks = [(kind, span) for text in stored_texts for kind, span in find_pii(text)]
+    assert leaks == []
+
+    # Any content change changes the digest: edit one sampled prompt in the store.
+    victim = calibration[0].prompt_log_id
+    with db.session_scope(migrated_db_url) as session:
+        row = session.get(PromptLog, victim)
+        messages = [dict(m) for m in row.messages] if row.messages else None
+        if messages:
+            messages[-1]["content"] += " (edited)"
+            row.messages = messages
+        else:
+            row.prompt_text += " (edited)"
+    assert logs.sample(PARAMS, migrated_db_url).digest != first.digest
+
+    # Drift: the last week of the same logs against the set is no drift.
+    verdict = logs.check_drift(
+        logs.DriftParameters(calibration_set=first.digest[:10]), migrated_db_url
+    )
+    assert not verdict.drifted and not verdict.inconclusive, verdict.reasons
+
+
+def _without_system_message(text: str) -> str:
+    """Sampling deduplicates on the non-system messages (a route's system prompt is shared)."""
+    if text.startswith("system: ") and "\n\nuser: " in text:
+        return text.split("\n\nuser: ", 1)[1]
+    return text
+
+
+def _rows(url: str, stmt) -> list:
+    with db.get_engine(url).connect() as conn:
+        return list(conn.execute(stmt))
