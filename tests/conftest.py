@@ -41,7 +41,11 @@ def _postgres_unavailable_reason() -> str | None:
             conn.execute(sa.text("select 1"))
         engine.dispose()
     except Exception as exc:  # noqa: BLE001 - any failure means "not available here"
-        return f"PostgreSQL not reachable at {POSTGRES_URL}: {type(exc).__name__}: {exc}".splitlines()[0]
+        return (
+            f"PostgreSQL not reachable at {POSTGRES_URL}: {type(exc).__name__}: {exc}".splitlines()[
+                0
+            ]
+        )
     return None
 
 
