@@ -26,7 +26,11 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
     admin = sa.create_engine(base_url)
     with admin.begin() as conn:
         conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{base_url}?options=-csearch_path%3D{schema}"
+    url = (
+        sa.engine.make_url(base_url)
+        .update_query_dict({"options": f"-csearch_path={schema}"})
+        .render_as_string(hide_password=False)
+    )
     try:
         yield url
     finally:
