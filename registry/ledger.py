@@ -1,0 +1,720 @@
+"""Rollout ledger: the history of every canary, stage verdict and alias move, surviving crashes.
+
+Functions over the SQLAlchemy schema in :mod:`registry.schema` (tables ``rollouts``,
+``stage_results``, ``alias_moves``); each call is one transaction on the store at ``db_url``
+(default: :func:`registry.db.default_db_url`), and returns frozen records, never ORM objects.
+
+* At most one active (pending/running/paused) rollout per model is enforced by the database's
+  partial unique index; :func:`start_rollout` just inserts and turns the ``IntegrityError`` into a
+  :class:`RolloutConflictError`. There is deliberately no Python pre-check.
+* Status changes follow :data:`ALLOWED_TRANSITIONS` and are applied with a conditional
+  ``UPDATE … WHERE status IN (allowed sources)``, so two processes cannot both move one rollout;
+  an illegal transition raises :class:`IllegalTransitionError`.
+* ``promoted`` needs proof: :func:`mark_promoted` refuses unless a ``champion`` alias move to the
+  candidate version is recorded for the rollout (passed in or already stored).
+* :func:`resume_or_abort` handles a rollout left active by a crash: it is resumed at its current
+  stage (completing an advance whose stage had already passed), marked promoted only when the
+  caller reports the candidate as champion (the promote step did complete), or aborted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from registry import db
+from registry.judge import Decision, Outcome, RolloutProgress
+from registry.judge import StageVerdict as JudgeVerdict
+from registry.mlflow_registry import Alias
+from registry.mlflow_registry import AliasMove as AliasMoveRecord
+from registry.schema import AliasMove, Rollout, RolloutStatus, StageResult, StageVerdict
+
+logger = logging.getLogger(__name__)
+
+ACTIVE = frozenset({RolloutStatus.pending, RolloutStatus.running, RolloutStatus.paused})
+TERMINAL = frozenset(
+    {RolloutStatus.promoted, RolloutStatus.rolled_back, RolloutStatus.aborted, RolloutStatus.failed}
+)
+#: status → statuses it may move to. Terminal statuses move nowhere.
+ALLOWED_TRANSITIONS: Mapping[RolloutStatus, frozenset[RolloutStatus]] = {
+    RolloutStatus.pending: frozenset(
+        {RolloutStatus.running, RolloutStatus.aborted, RolloutStatus.failed}
+    ),
+    RolloutStatus.running: frozenset(
+        {
+            RolloutStatus.paused,
+            RolloutStatus.promoted,
+            RolloutStatus.rolled_back,
+            RolloutStatus.aborted,
+            RolloutStatus.failed,
+        }
+    ),
+    RolloutStatus.paused: frozenset(
+        {
+            RolloutStatus.running,
+            RolloutStatus.rolled_back,
+            RolloutStatus.aborted,
+            RolloutStatus.failed,
+        }
+    ),
+    **{status: frozenset() for status in TERMINAL},
+}
+
+_OUTCOME_TO_VERDICT = {
+    Outcome.PASS: StageVerdict.passed,
+    Outcome.FAIL: StageVerdict.failed,
+    Outcome.INCONCLUSIVE: StageVerdict.inconclusive,
+}
+
+
+class LedgerError(RuntimeError):
+    """Base class of ledger errors."""
+
+
+class RolloutConflictError(LedgerError):
+    """The database refused a second active rollout for the same model."""
+
+    def __init__(self, model_name: str, active_rollout_id: int | None) -> None:
+        self.model_name = model_name
+        self.active_rollout_id = active_rollout_id
+        which = f" (rollout {active_rollout_id})" if active_rollout_id is not None else ""
+        super().__init__(f"model {model_name!r} already has an active rollout{which}")
+
+
+class IllegalTransitionError(LedgerError):
+    """A status change not allowed by :data:`ALLOWED_TRANSITIONS`."""
+
+
+class RolloutNotFoundError(LedgerError):
+    pass
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    id: int
+    model_name: str
+    candidate_version: str
+    baseline_version: str | None
+    status: RolloutStatus
+    stages: tuple[float, ...]
+    current_stage: int
+    reason: str | None
+    calibration_set_id: int | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    finished_at: dt.datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    @property
+    def on_last_stage(self) -> bool:
+        return self.current_stage >= len(self.stages) - 1
+
+
+@dataclass(frozen=True)
+class StageResultRecord:
+    id: int
+    rollout_id: int
+    stage: int
+    traffic_percent: float
+    metric: str
+    n_baseline: int
+    n_candidate: int
+    baseline_stat: float | None
+    candidate_stat: float | None
+    test_statistic: float | None
+    p_value: float | None
+    verdict: StageVerdict
+    details: dict[str, Any]
+    created_at: dt.datetime
+
+    @property
+    def analysis(self) -> int:
+        return int(self.details.get("analysis", 0))
+
+    @property
+    def stage_outcome(self) -> Outcome:
+        return Outcome(self.details["stage_outcome"])
+
+
+@dataclass(frozen=True)
+class AliasMoveRow:
+    id: int
+    model_name: str
+    alias: str
+    from_version: str | None
+    to_version: str | None
+    reason: str | None
+    rollout_id: int | None
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """What :func:`resume_or_abort` decided for an active rollout found after a crash."""
+
+    rollout: RolloutRecord
+    resumed: bool  # False: aborted (or reconciled as promoted, see rollout.status)
+    stage_index: int  # stage to (re-)analyse next
+    progress: RolloutProgress
+    promotion_pending: bool  # every stage passed; the promote step still has to run
+
+
+def _rollout_record(row: Rollout) -> RolloutRecord:
+    return RolloutRecord(
+        id=row.id,
+        model_name=row.model_name,
+        candidate_version=row.candidate_version,
+        baseline_version=row.baseline_version,
+        status=RolloutStatus(row.status),
+        stages=tuple(float(s) for s in row.stages),
+        current_stage=row.current_stage,
+        reason=row.reason,
+        calibration_set_id=row.calibration_set_id,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        finished_at=row.finished_at,
+    )
+
+
+def _stage_record(row: StageResult) -> StageResultRecord:
+    return StageResultRecord(
+        id=row.id,
+        rollout_id=row.rollout_id,
+        stage=row.stage,
+        traffic_percent=row.traffic_percent,
+        metric=row.metric,
+        n_baseline=row.n_baseline,
+        n_candidate=row.n_candidate,
+        baseline_stat=row.baseline_stat,
+        candidate_stat=row.candidate_stat,
+        test_statistic=row.test_statistic,
+        p_value=row.p_value,
+        verdict=StageVerdict(row.verdict),
+        details=dict(row.details or {}),
+        created_at=row.created_at,
+    )
+
+
+def _alias_record(row: AliasMove) -> AliasMoveRow:
+    return AliasMoveRow(
+        id=row.id,
+        model_name=row.model_name,
+        alias=row.alias,
+        from_version=row.from_version,
+        to_version=row.to_version,
+        reason=row.reason,
+        rollout_id=row.rollout_id,
+        created_at=row.created_at,
+    )
+
+
+def _get(session: Session, rollout_id: int) -> Rollout:
+    row = session.get(Rollout, rollout_id, populate_existing=True)
+    if row is None:
+        raise RolloutNotFoundError(f"no rollout {rollout_id}")
+    return row
+
+
+def _validate_stages(stages: Sequence[float]) -> list[float]:
+    values = [float(s) for s in stages]
+    if not values:
+        raise ValueError("stages must not be empty")
+    if any(not 0 < s <= 100 for s in values):
+        raise ValueError(f"stages must be traffic percentages in (0, 100], got {values}")
+    if any(b <= a for a, b in zip(values, values[1:], strict=False)) or values[-1] != 100:
+        raise ValueError(f"stages must be strictly increasing and end at 100, got {values}")
+    return values
+
+
+# --------------------------------------------------------------------------------------------
+# Lifecycle
+
+
+def start_rollout(
+    model_name: str,
+    candidate_version: str,
+    baseline_version: str | None,
+    stages: Sequence[float] = (1.0, 10.0, 50.0, 100.0),
+    *,
+    calibration_set_id: int | None = None,
+    reason: str | None = None,
+    db_url: str | None = None,
+) -> RolloutRecord:
+    """Insert a ``running`` rollout at stage 0. The database refuses a second active rollout of
+    the same model: that surfaces as :class:`RolloutConflictError` (naming the active one)."""
+    if not model_name or not candidate_version:
+        raise ValueError("model_name and candidate_version are required")
+    if baseline_version is not None and str(baseline_version) == str(candidate_version):
+        raise ValueError(f"candidate and baseline are the same version {candidate_version}")
+    stage_list = _validate_stages(stages)
+    try:
+        with db.session_scope(db_url) as session:
+            row = Rollout(
+                model_name=model_name,
+                candidate_version=str(candidate_version),
+                baseline_version=None if baseline_version is None else str(baseline_version),
+                status=RolloutStatus.running,
+                stages=stage_list,
+                current_stage=0,
+                reason=reason,
+                calibration_set_id=calibration_set_id,
+            )
+            session.add(row)
+            session.flush()
+            record = _rollout_record(row)
+    except IntegrityError as exc:
+        if not _is_active_rollout_conflict(exc):
+            raise  # some other constraint (e.g. a bad calibration_set_id)
+        active = active_rollout(model_name, db_url=db_url)
+        raise RolloutConflictError(model_name, active.id if active else None) from exc
+    logger.info(
+        "rollout %d started: %s v%s vs v%s, stages %s",
+        record.id,
+        model_name,
+        candidate_version,
+        baseline_version,
+        stage_list,
+    )
+    return record
+
+
+def _is_active_rollout_conflict(exc: IntegrityError) -> bool:
+    """The partial unique index ``uq_rollouts_one_active_per_model`` refused the row.
+
+    PostgreSQL names the index; SQLite reports the indexed column (the only unique key on
+    ``rollouts`` besides the primary key)."""
+    message = str(exc.orig)
+    return (
+        "uq_rollouts_one_active_per_model" in message
+        or "UNIQUE constraint failed: rollouts.model_name" in message
+    )
+
+
+def _transition(
+    session: Session,
+    rollout_id: int,
+    target: RolloutStatus,
+    *,
+    reason: str | None = None,
+    values: Mapping[str, Any] | None = None,
+) -> Rollout:
+    sources = [s for s, targets in ALLOWED_TRANSITIONS.items() if target in targets]
+    now = db_now()
+    update: dict[str, Any] = {"status": target, "updated_at": now, **(values or {})}
+    if reason is not None:
+        update["reason"] = reason
+    if target in TERMINAL:
+        update["finished_at"] = now
+    result = session.execute(
+        sa.update(Rollout)
+        .where(Rollout.id == rollout_id, Rollout.status.in_(sources))
+        .values(**update)
+        .execution_options(synchronize_session=False)
+    )
+    row = _get(session, rollout_id)
+    if result.rowcount != 1:
+        raise IllegalTransitionError(
+            f"rollout {rollout_id}: {RolloutStatus(row.status).value} -> {target.value} is not "
+            f"allowed (allowed from {RolloutStatus(row.status).value}: "
+            f"{sorted(s.value for s in ALLOWED_TRANSITIONS[RolloutStatus(row.status)]) or 'none'})"
+        )
+    logger.info("rollout %d -> %s%s", rollout_id, target.value, f" ({reason})" if reason else "")
+    return row
+
+
+def db_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def pause(rollout_id: int, reason: str, *, db_url: str | None = None) -> RolloutRecord:
+    with db.session_scope(db_url) as session:
+        return _rollout_record(
+            _transition(session, rollout_id, RolloutStatus.paused, reason=reason)
+        )
+
+
+def resume(rollout_id: int, *, db_url: str | None = None) -> RolloutRecord:
+    """paused (or pending) → running."""
+    with db.session_scope(db_url) as session:
+        return _rollout_record(_transition(session, rollout_id, RolloutStatus.running))
+
+
+def _next_analysis(session: Session, rollout_id: int) -> int:
+    rows = session.scalars(
+        sa.select(StageResult.details).where(StageResult.rollout_id == rollout_id)
+    ).all()
+    return 1 + max((int((d or {}).get("analysis", 0)) for d in rows), default=0)
+
+
+def record_stage_result(
+    rollout_id: int,
+    verdict: JudgeVerdict,
+    decision: Decision | None = None,
+    *,
+    db_url: str | None = None,
+) -> list[StageResultRecord]:
+    """Store one stage analysis (one row per metric, stage outcome/score/decision in ``details``).
+
+    Preconditions: the rollout is active and ``verdict.stage_index`` is its current stage.
+    """
+    with db.session_scope(db_url) as session:
+        row = _get(session, rollout_id)
+        status = RolloutStatus(row.status)
+        if status not in ACTIVE:
+            raise IllegalTransitionError(
+                f"rollout {rollout_id} is {status.value}: no more stage results"
+            )
+        if verdict.stage_index != row.current_stage:
+            raise LedgerError(
+                f"rollout {rollout_id} is at stage {row.current_stage}, verdict is for stage "
+                f"{verdict.stage_index}"
+            )
+        analysis = _next_analysis(session, rollout_id)
+        stage_details = {
+            "analysis": analysis,
+            "stage_outcome": verdict.outcome.value,
+            "stage_score": verdict.score,
+            "stage_reason": verdict.reason,
+            "critical_failure": verdict.critical_failure,
+            "decision": decision.value if decision is not None else None,
+        }
+        rows = []
+        for metric in verdict.metrics:
+            result = StageResult(
+                rollout_id=rollout_id,
+                stage=verdict.stage_index,
+                traffic_percent=verdict.traffic_percent,
+                metric=metric.metric,
+                n_baseline=metric.n_baseline,
+                n_candidate=metric.n_candidate,
+                baseline_stat=metric.baseline_statistic,
+                candidate_stat=metric.candidate_statistic,
+                test_statistic=metric.u_statistic,
+                p_value=metric.p_value,
+                verdict=_OUTCOME_TO_VERDICT[metric.verdict],
+                details={
+                    **stage_details,
+                    "reason": metric.reason,
+                    "effect": metric.effect,
+                    "critical": metric.critical,
+                    "direction": metric.direction.value,
+                    "comparison": metric.comparison.value,
+                    "statistic": metric.statistic.value,
+                },
+            )
+            session.add(result)
+            rows.append(result)
+        row.updated_at = db_now()
+        session.flush()
+        return [_stage_record(r) for r in rows]
+
+
+def record_stage_results(
+    rollout_id: int,
+    verdicts: Iterable[tuple[JudgeVerdict, Decision | None]],
+    *,
+    db_url: str | None = None,
+) -> list[StageResultRecord]:
+    """Several analyses in order (each its own transaction)."""
+    records: list[StageResultRecord] = []
+    for verdict, decision in verdicts:
+        records.extend(record_stage_result(rollout_id, verdict, decision, db_url=db_url))
+    return records
+
+
+def _last_analysis_outcome(session: Session, rollout_id: int, stage: int) -> Outcome | None:
+    rows = session.scalars(
+        sa.select(StageResult)
+        .where(StageResult.rollout_id == rollout_id, StageResult.stage == stage)
+        .order_by(StageResult.id.desc())
+        .limit(1)
+    ).all()
+    return Outcome(rows[0].details["stage_outcome"]) if rows else None
+
+
+def advance(rollout_id: int, *, db_url: str | None = None) -> RolloutRecord:
+    """Move a running rollout to its next stage. Precondition: the latest analysis of the current
+    stage passed and it is not the last stage (the last stage ends in :func:`mark_promoted`)."""
+    with db.session_scope(db_url) as session:
+        row = _get(session, rollout_id)
+        status = RolloutStatus(row.status)
+        if status is not RolloutStatus.running:
+            raise IllegalTransitionError(f"rollout {rollout_id} is {status.value}, not running")
+        stage = row.current_stage
+        if stage >= len(row.stages) - 1:
+            raise LedgerError(f"rollout {rollout_id} is on its last stage: promote, do not advance")
+        if _last_analysis_outcome(session, rollout_id, stage) is not Outcome.PASS:
+            raise LedgerError(f"rollout {rollout_id}: stage {stage} has no passing analysis")
+        result = session.execute(
+            sa.update(Rollout)
+            .where(
+                Rollout.id == rollout_id,
+                Rollout.current_stage == stage,
+                Rollout.status == RolloutStatus.running,
+            )
+            .values(current_stage=stage + 1, updated_at=db_now())
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:
+            raise LedgerError(f"rollout {rollout_id} changed concurrently")
+        return _rollout_record(_get(session, rollout_id))
+
+
+def _add_alias_moves(
+    session: Session, moves: Iterable[AliasMoveRecord], rollout_id: int | None
+) -> list[AliasMove]:
+    rows = []
+    for move in moves:
+        row = AliasMove(
+            model_name=move.model_name,
+            alias=Alias(move.alias).value,
+            from_version=move.from_version,
+            to_version=move.to_version,
+            reason=move.reason,
+            rollout_id=rollout_id,
+            created_at=move.moved_at,
+        )
+        session.add(row)
+        rows.append(row)
+    session.flush()
+    return rows
+
+
+def record_alias_moves(
+    moves: Iterable[AliasMoveRecord], *, rollout_id: int | None = None, db_url: str | None = None
+) -> list[AliasMoveRow]:
+    """Store alias moves returned by :mod:`registry.mlflow_registry` (manual ones: no rollout)."""
+    with db.session_scope(db_url) as session:
+        return [_alias_record(r) for r in _add_alias_moves(session, moves, rollout_id)]
+
+
+def mark_promoted(
+    rollout_id: int,
+    alias_moves: Iterable[AliasMoveRecord] = (),
+    *,
+    reason: str = "all stages passed",
+    db_url: str | None = None,
+) -> RolloutRecord:
+    """running → promoted, storing ``alias_moves`` in the same transaction.
+
+    Refused unless a champion move to the candidate version is recorded for this rollout (in
+    ``alias_moves`` or earlier): "promoted" means the promote step completed.
+    """
+    with db.session_scope(db_url) as session:
+        row = _get(session, rollout_id)
+        _add_alias_moves(session, alias_moves, rollout_id)
+        proof = session.scalar(
+            sa.select(sa.func.count())
+            .select_from(AliasMove)
+            .where(
+                AliasMove.rollout_id == rollout_id,
+                AliasMove.alias == Alias.CHAMPION.value,
+                AliasMove.to_version == row.candidate_version,
+            )
+        )
+        if not proof:
+            raise LedgerError(
+                f"rollout {rollout_id}: no champion move to version {row.candidate_version} "
+                "recorded; refusing to mark it promoted"
+            )
+        return _rollout_record(
+            _transition(session, rollout_id, RolloutStatus.promoted, reason=reason)
+        )
+
+
+def mark_rolled_back(
+    rollout_id: int,
+    reason: str,
+    alias_moves: Iterable[AliasMoveRecord] = (),
+    *,
+    db_url: str | None = None,
+) -> RolloutRecord:
+    """→ rolled_back with ``reason`` (a Fail verdict; traffic back to the baseline)."""
+    _require_reason(reason)
+    with db.session_scope(db_url) as session:
+        _add_alias_moves(session, alias_moves, rollout_id)
+        return _rollout_record(
+            _transition(session, rollout_id, RolloutStatus.rolled_back, reason=reason)
+        )
+
+
+def mark_aborted(rollout_id: int, reason: str, *, db_url: str | None = None) -> RolloutRecord:
+    """→ aborted with ``reason`` (stopped without a verdict: operator, crash, undecidable)."""
+    _require_reason(reason)
+    with db.session_scope(db_url) as session:
+        return _rollout_record(
+            _transition(session, rollout_id, RolloutStatus.aborted, reason=reason)
+        )
+
+
+def mark_failed(rollout_id: int, reason: str, *, db_url: str | None = None) -> RolloutRecord:
+    """→ failed with ``reason`` (the pipeline itself errored)."""
+    _require_reason(reason)
+    with db.session_scope(db_url) as session:
+        return _rollout_record(
+            _transition(session, rollout_id, RolloutStatus.failed, reason=reason)
+        )
+
+
+def _require_reason(reason: str) -> None:
+    if not reason or not reason.strip():
+        raise ValueError("a reason is required")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and crash recovery
+
+
+def get_rollout(rollout_id: int, *, db_url: str | None = None) -> RolloutRecord:
+    with db.session_scope(db_url) as session:
+        return _rollout_record(_get(session, rollout_id))
+
+
+def active_rollout(model_name: str, *, db_url: str | None = None) -> RolloutRecord | None:
+    with db.session_scope(db_url) as session:
+        row = session.scalars(
+            sa.select(Rollout).where(
+                Rollout.model_name == model_name, Rollout.status.in_(list(ACTIVE))
+            )
+        ).first()
+        return _rollout_record(row) if row is not None else None
+
+
+def rollouts(model_name: str, *, db_url: str | None = None) -> list[RolloutRecord]:
+    """Every rollout of a model, oldest first."""
+    with db.session_scope(db_url) as session:
+        rows = session.scalars(
+            sa.select(Rollout)
+            .where(Rollout.model_name == model_name)
+            .order_by(Rollout.created_at, Rollout.id)
+        ).all()
+        return [_rollout_record(r) for r in rows]
+
+
+def stage_results(rollout_id: int, *, db_url: str | None = None) -> list[StageResultRecord]:
+    with db.session_scope(db_url) as session:
+        rows = session.scalars(
+            sa.select(StageResult)
+            .where(StageResult.rollout_id == rollout_id)
+            .order_by(StageResult.id)
+        ).all()
+        return [_stage_record(r) for r in rows]
+
+
+def alias_moves(
+    model_name: str, *, rollout_id: int | None = None, db_url: str | None = None
+) -> list[AliasMoveRow]:
+    with db.session_scope(db_url) as session:
+        query = sa.select(AliasMove).where(AliasMove.model_name == model_name)
+        if rollout_id is not None:
+            query = query.where(AliasMove.rollout_id == rollout_id)
+        rows = session.scalars(query.order_by(AliasMove.id)).all()
+        return [_alias_record(r) for r in rows]
+
+
+def progress(rollout_id: int, *, db_url: str | None = None) -> RolloutProgress:
+    """The judge's counters rebuilt from the stored analyses (for :func:`registry.judge.decide`)."""
+    rollout = get_rollout(rollout_id, db_url=db_url)
+    analyses: dict[int, tuple[int, Outcome]] = {}
+    for result in stage_results(rollout_id, db_url=db_url):
+        analyses[result.analysis] = (result.stage, result.stage_outcome)
+    ordered = [analyses[k] for k in sorted(analyses)]
+    failed = sum(1 for _, outcome in ordered if outcome is Outcome.FAIL)
+    trailing = 0
+    for stage, outcome in reversed(ordered):
+        if stage != rollout.current_stage or outcome is not Outcome.INCONCLUSIVE:
+            break
+        trailing += 1
+    return RolloutProgress(
+        stage_index=rollout.current_stage,
+        failed_analyses=failed,
+        consecutive_inconclusive=trailing,
+    )
+
+
+def resume_or_abort(
+    model_name: str,
+    *,
+    champion_version: str | None = None,
+    resume: bool = True,
+    stale_after: dt.timedelta | None = None,
+    db_url: str | None = None,
+) -> ResumePoint | None:
+    """Recover the active rollout of ``model_name`` after a crash (None if there is none).
+
+    ``champion_version``: the version MLflow's ``champion`` alias points at now (the caller reads
+    it). If it is the candidate, the promote step completed before the crash: the move is recorded
+    and the rollout marked promoted. Otherwise the rollout is never marked promoted here; it is
+    resumed (``resume=True`` and not older than ``stale_after``) — completing an advance whose
+    stage already passed, a paused rollout stays paused — or aborted with the reason.
+    """
+    rollout = active_rollout(model_name, db_url=db_url)
+    if rollout is None:
+        return None
+    if champion_version is not None and str(champion_version) == rollout.candidate_version:
+        move = AliasMoveRecord(
+            model_name=model_name,
+            alias=Alias.CHAMPION,
+            from_version=rollout.baseline_version,
+            to_version=rollout.candidate_version,
+            reason="reconciled after a crash: the candidate was already champion",
+        )
+        if rollout.status is not RolloutStatus.running:
+            rollout = resume(rollout.id, db_url=db_url)
+        done = mark_promoted(
+            rollout.id, [move], reason="promoted (reconciled after a crash)", db_url=db_url
+        )
+        return ResumePoint(
+            rollout=done,
+            resumed=False,
+            stage_index=done.current_stage,
+            progress=progress(done.id, db_url=db_url),
+            promotion_pending=False,
+        )
+    age = db_now() - rollout.updated_at
+    if not resume or (stale_after is not None and age > stale_after):
+        why = "resume disabled" if not resume else f"stale for {age} (> {stale_after})"
+        aborted = mark_aborted(
+            rollout.id, f"left {rollout.status.value} after a crash; {why}", db_url=db_url
+        )
+        return ResumePoint(
+            rollout=aborted,
+            resumed=False,
+            stage_index=aborted.current_stage,
+            progress=progress(aborted.id, db_url=db_url),
+            promotion_pending=False,
+        )
+    if rollout.status is RolloutStatus.pending:
+        rollout = resume(rollout.id, db_url=db_url)
+    with db.session_scope(db_url) as session:
+        last = _last_analysis_outcome(session, rollout.id, rollout.current_stage)
+    promotion_pending = False
+    if last is Outcome.PASS and rollout.status is RolloutStatus.running:
+        if rollout.on_last_stage:
+            promotion_pending = True
+        else:
+            rollout = advance(rollout.id, db_url=db_url)  # the crash hit between judge and advance
+    logger.info(
+        "rollout %d of %s resumed at stage %d%s",
+        rollout.id,
+        model_name,
+        rollout.current_stage,
+        " (promotion pending)" if promotion_pending else "",
+    )
+    return ResumePoint(
+        rollout=rollout,
+        resumed=True,
+        stage_index=rollout.current_stage,
+        progress=progress(rollout.id, db_url=db_url),
+        promotion_pending=promotion_pending,
+    )
