@@ -207,3 +207,57 @@ def check_drift(params: DriftParameters, db_url: str | None = None) -> DriftVerd
         dict(verdict.metrics),
     )
     return verdict
+
+
+def calibration_texts(
+    digest: str, db_url: str | None = None, role: str = "calibration"
+) -> list[str]:
+    """The REDACTED texts of a stored set's ``role`` ("calibration" or "holdout"), in order."""
+    if role not in ("calibration", "holdout"):
+        raise ValueError(f"role must be 'calibration' or 'holdout', got {role!r}")
+    return [m.redacted_text for m in store.load_calibration_set(digest, db_url).role(role)]
+
+
+def export_calibration_set(digest: str, out_dir: str | Path, db_url: str | None = None) -> Path:
+    """Write ``calibration_set.json`` (digest, filters, summary) and ``members.jsonl`` (redacted).
+
+    Atomic: written to a temp folder beside ``out_dir`` and renamed; an existing ``out_dir`` is
+    refused. Returns ``out_dir``. Meant as an MLflow artifact / audit record.
+    """
+    import json
+    import os
+    import tempfile
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists; refusing to overwrite")
+    stored = store.load_calibration_set(digest, db_url)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        header = {
+            "digest": stored.digest,
+            "created_at": stored.created_at.isoformat(),
+            "size": stored.size,
+            "holdout_size": stored.holdout_size,
+            "seed": stored.seed,
+            "filters": dict(stored.filters),
+            "summary": dict(stored.summary),
+        }
+        (tmp / "calibration_set.json").write_text(json.dumps(header, indent=2, ensure_ascii=False))
+        with open(tmp / "members.jsonl", "w", encoding="utf-8") as fh:
+            for m in stored.members:
+                record = {
+                    "role": m.role,
+                    "position": m.position,
+                    "route": m.route,
+                    "text": m.redacted_text,
+                }
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, out_dir)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import time
 
@@ -28,7 +29,7 @@ GOLDEN_DIGEST = "8f28bcb5904224850575aaefcaf17b75a4722858a972b64a0a8c0456cad6783
 
 
 def test_shipped_logs_import_sample_holdout_and_digest(
-    migrated_db_url: str, record_property
+    migrated_db_url: str, record_property, tmp_path
 ) -> None:
     started = time.perf_counter()
     report = store.import_files([SAMPLE_PROMPT_LOGS], migrated_db_url)
@@ -62,6 +63,16 @@ def test_shipped_logs_import_sample_holdout_and_digest(
     ]
     leaks = [(kind, span) for text in stored_texts for kind, span in find_pii(text)]
     assert leaks == []
+
+    # Helpers later flows use: texts in order, and an atomic audit export.
+    assert logs.calibration_texts(first.digest, migrated_db_url) == [
+        m.redacted_text for m in calibration
+    ]
+    assert len(logs.calibration_texts(first.digest, migrated_db_url, role="holdout")) == 128
+    exported = logs.export_calibration_set(first.digest, tmp_path / "set", migrated_db_url)
+    header = json.loads((exported / "calibration_set.json").read_text())
+    assert header["digest"] == first.digest and header["summary"] == stored.summary
+    assert len((exported / "members.jsonl").read_text().splitlines()) == 384
 
     # Any content change changes the digest: edit one sampled prompt in the store.
     victim = calibration[0].prompt_log_id
