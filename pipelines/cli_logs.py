@@ -116,6 +116,7 @@ def import_cmd(
 ) -> None:
     """Import prompt logs (OpenAI chat requests or {"prompt": ...} lines); re-imports add nothing."""
     from pipelines.logs import import_logs
+    from registry.db import SchemaOutdatedError
 
     tasks: dict[str, int] = {}
     with _progress() as progress:
@@ -125,7 +126,10 @@ def import_cmd(
                 tasks[source] = progress.add_task(Path(source).name, total=total)
             progress.update(tasks[source], completed=done)
 
-        report = import_logs(files, db, max_line_bytes=max_line_bytes, on_progress=on_progress)
+        try:
+            report = import_logs(files, db, max_line_bytes=max_line_bytes, on_progress=on_progress)
+        except SchemaOutdatedError as exc:
+            _fail(str(exc))
     _print_report(report)
     raise typer.Exit(report.exit_code)
 
@@ -151,10 +155,10 @@ def import_sql_cmd(
         fields = parse_column_mapping(mapping)
     except ValueError as exc:
         _fail(str(exc))
-    store_db.upgrade(db)
     try:
+        store_db.ensure_schema(db)
         report = import_sql(source_url, table, fields, db)
-    except ValueError as exc:
+    except (ValueError, store_db.SchemaOutdatedError) as exc:
         _fail(str(exc))
     _print_report(report)
     raise typer.Exit(report.exit_code)
@@ -198,6 +202,7 @@ def sample_cmd(
     """Sample a redacted, deduplicated, stratified calibration set and a disjoint canary hold-out."""
     from calibration.sampling import NotEnoughPromptsError
     from pipelines.logs import SampleParameters, sample_and_store
+    from registry.db import SchemaOutdatedError
 
     try:
         params = SampleParameters(
@@ -209,7 +214,7 @@ def sample_cmd(
             routes=tuple(route) if route else None,
         )
         outcome = sample_and_store(params, db)
-    except (NotEnoughPromptsError, ValueError) as exc:
+    except (NotEnoughPromptsError, ValueError, SchemaOutdatedError) as exc:
         _fail(str(exc))
     if json_out:
         payload = {

@@ -107,13 +107,14 @@ def to_prompt_record(prompt: store.LoggedPrompt) -> PromptRecord:
 
 
 def import_logs(paths: Iterable[str | Path], db_url: str | None = None, **kwargs: Any):
-    """Migrate the store if needed, then import JSONL files (``registry.prompt_logs.import_files``)."""
-    db.upgrade(db_url)
+    """Create the schema if needed, then import JSONL files (``registry.prompt_logs.import_files``)."""
+    db.ensure_schema(db_url)
     return store.import_files(paths, db_url, **kwargs)
 
 
 def sample(params: SampleParameters, db_url: str | None = None) -> CalibrationSample:
     """Sample (without storing) from the store's window."""
+    db.ensure_schema(db_url)
     records = (
         to_prompt_record(p)
         for p in store.fetch_window(

@@ -166,6 +166,24 @@ def current_revision(url: str | URL | None = None) -> str | None:
             return MigrationContext.configure(connection).get_current_revision()
 
 
+class SchemaOutdatedError(RuntimeError):
+    """The database schema is older than this package and must be migrated explicitly."""
+
+
+def ensure_schema(url: str | URL | None = None) -> str | None:
+    """Make the schema usable: an empty database (or SQLite) is migrated to head; an outdated
+    PostgreSQL database is refused with the command to run (production migrations are explicit)."""
+    current, head = current_revision(url), head_revision()
+    if current == head:
+        return current
+    if current is None or resolve_url(url).drivername.startswith("sqlite"):
+        return upgrade(url)
+    raise SchemaOutdatedError(
+        f"database {safe_url(url)} is at revision {current}, this fp4roll needs {head}: "
+        "run `fp4roll db upgrade` first"
+    )
+
+
 def head_revision() -> str | None:
     """The newest revision shipped with this package."""
     from alembic.script import ScriptDirectory

@@ -353,6 +353,8 @@ def _decode_line(raw: bytes, now: dt.datetime) -> ParsedPrompt:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PromptShapeError(f"not valid UTF-8 (byte {exc.start})") from exc
+    if text.startswith("\ufeff"):  # a UTF-8 byte-order mark (first line of some exports)
+        text = text[1:]
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:

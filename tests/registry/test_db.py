@@ -99,3 +99,8 @@ def test_urls_are_normalised_and_passwords_masked(monkeypatch) -> None:
     assert "s3cret" not in db.safe_url()
     with pytest.raises(ValueError, match="unsupported database"):
         db.resolve_url("mysql://x@y/z")
+
+
+def test_ensure_schema_creates_an_empty_database_and_is_a_no_op_after(db_url: str) -> None:
+    assert db.ensure_schema(db_url) == db.head_revision()
+    assert db.ensure_schema(db_url) == db.head_revision()

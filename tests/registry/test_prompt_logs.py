@@ -35,7 +35,7 @@ def _line(obj) -> bytes:
 MAX_LINE = 2048
 # (content, expected bad reason fragment or None for valid); line numbers are 1-based positions.
 MALFORMED_LINES: list[tuple[bytes, str | None]] = [
-    (_line(_chat("valid chat one")), None),
+    (b"\xef\xbb\xbf" + _line(_chat("valid chat one")), None),  # UTF-8 BOM on line 1 is fine
     (b'{"messages": [{"role": "user", "content": "unterminated"}\n', "invalid JSON"),
     (b"\n", "empty line"),
     (_line({"prompt": "valid plain prompt", "route": "summarize", "created": 1767610000}), None),
@@ -50,6 +50,7 @@ MALFORMED_LINES: list[tuple[bytes, str | None]] = [
     (_line({"prompt": "   "}), "'prompt' is empty"),
     (_line(_chat("bad time", ts="yesterday-ish")), "not ISO 8601"),
     (_line({"prompt": "nul \u0000 inside"}), "NUL character"),
+    (b'{"prompt": "lone surrogate \\ud800 here"}\n', "not encodable as UTF-8"),
     (b"   \t  \n", "empty line"),
     (
         _line(
@@ -89,9 +90,9 @@ def test_malformed_file_imports_every_valid_line_and_reports_every_bad_one(
         assert expected_bad[bad.line] in bad.reason, (bad.line, bad.reason)
         assert bad.source == str(malformed_file)
         assert str(bad).startswith(f"{malformed_file}:{bad.line}: ")
-    assert report.imported == n_valid - 1  # line 18 repeats line 1
+    assert report.imported == n_valid - 1  # line 19 repeats line 1
     assert report.duplicates == 1
-    assert report.missing_timestamps == 3  # lines 17, 19, 20
+    assert report.missing_timestamps == 3  # lines 18, 20, 21
     assert report.exit_code == 2  # partial success
     assert store.count_prompts(migrated_db_url) == n_valid - 1
 
@@ -99,8 +100,8 @@ def test_malformed_file_imports_every_valid_line_and_reports_every_bad_one(
         rows = {r.source_line: r for r in session.scalars(sa.select(PromptLog))}
     assert rows[4].prompt_text == "valid plain prompt" and rows[4].route == "summarize"
     assert rows[4].received_at == dt.datetime.fromtimestamp(1767610000, tz=UTC)
-    assert rows[17].messages[1] == {"role": "user", "content": "valid parts"}
-    assert rows[17].route == "code-help"
+    assert rows[18].messages[1] == {"role": "user", "content": "valid parts"}
+    assert rows[18].route == "code-help"
     assert rows[1].received_at == dt.datetime(2026, 1, 5, 10, tzinfo=UTC)
 
 
