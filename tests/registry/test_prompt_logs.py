@@ -241,3 +241,21 @@ def test_calibration_set_roundtrip_is_idempotent(migrated_db_url, tmp_path) -> N
         store.save_calibration_set(
             digest="short", filters={}, seed=0, summary={}, members=[], url=migrated_db_url
         )
+
+
+def test_concurrent_imports_of_overlapping_files(migrated_db_url, tmp_path) -> None:
+    """Two importers at once (CLI + flow): no lock errors, no duplicates, nothing lost."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = []
+    for name, start in (("x", 0), ("y", 150)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(b"".join(_line(_chat(f"overlap {i}")) for i in range(start, start + 300)))
+        paths.append(path)
+    with ThreadPoolExecutor(2) as pool:
+        reports = list(
+            pool.map(lambda p: store.import_files([p], migrated_db_url, batch_size=25), paths)
+        )
+    assert sum(r.imported for r in reports) == 450
+    assert sum(r.duplicates for r in reports) == 150
+    assert store.count_prompts(migrated_db_url) == 450
