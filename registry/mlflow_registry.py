@@ -216,7 +216,7 @@ class AliasMove(BaseModel):
     moved_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
 
 
-def _client(tracking_uri: str | None):  # noqa: ANN202 - mlflow.MlflowClient
+def client_for(tracking_uri: str | None):  # noqa: ANN202 - mlflow.MlflowClient
     from mlflow import MlflowClient
 
     uri = tracking_uri or default_tracking_uri()
@@ -327,7 +327,7 @@ def _version_tags(request: RegistrationRequest, key: str) -> dict[str, str]:
     return {k: _clip(redact(v), _MAX_TAG_LENGTH) for k, v in tags.items()}
 
 
-def _ensure_registered_model(client, name: str) -> None:  # noqa: ANN001
+def ensure_registered_model(client, name: str) -> None:  # noqa: ANN001
     from mlflow.exceptions import MlflowException
 
     try:
@@ -344,7 +344,7 @@ def _ensure_registered_model(client, name: str) -> None:  # noqa: ANN001
                 raise
 
 
-def _ensure_experiment(client, name: str, tracking_uri: str) -> str:  # noqa: ANN001
+def ensure_experiment(client, name: str, tracking_uri: str) -> str:  # noqa: ANN001
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
@@ -477,12 +477,12 @@ def register(
     aliases untouched); a finished run with the key but no version (crash before the version was
     created) is reused instead of logging a second run.
     """
-    client, uri = _client(tracking_uri)
+    client, uri = client_for(tracking_uri)
     key = idempotency_key(request)
     name = request.model_name
-    _ensure_registered_model(client, name)
+    ensure_registered_model(client, name)
     existing = find_version_by_key(client, name, key)
-    experiment_id = _ensure_experiment(client, experiment_name(name), uri)
+    experiment_id = ensure_experiment(client, experiment_name(name), uri)
     if existing is not None:
         logger.info("registration of %s reuses version %s (key %s)", name, existing.version, key)
         return RegisteredVersion(
@@ -540,7 +540,7 @@ def register(
 
 def aliases(model_name: str, *, tracking_uri: str | None = None) -> dict[str, str]:
     """Current alias → version map of a registered model."""
-    client, _ = _client(tracking_uri)
+    client, _ = client_for(tracking_uri)
     return _aliases(client, model_name)
 
 
@@ -567,7 +567,7 @@ def _require_version(client, model_name: str, version: str) -> None:  # noqa: AN
         raise
 
 
-def _move(
+def move_alias(
     client,  # noqa: ANN001
     model_name: str,
     alias: Alias,
@@ -618,7 +618,7 @@ def promote(
     """Make ``version`` the champion; the old champion becomes ``previous-champion``; the
     ``challenger`` alias is removed if it pointed at ``version``. Idempotent: promoting the current
     champion moves nothing and returns ``()``."""
-    client, _ = _client(tracking_uri)
+    client, _ = client_for(tracking_uri)
     version = str(version)
     _require_version(client, model_name, version)
     current = _aliases(client, model_name)
@@ -633,8 +633,10 @@ def promote(
             {PREVIOUS_CHAMPION_BEFORE_TAG: current.get(Alias.PREVIOUS_CHAMPION.value) or ""},
         )
         if old_champion is not None:
-            _move(client, model_name, Alias.PREVIOUS_CHAMPION, current, old_champion, reason, moves)
-        _move(client, model_name, Alias.CHAMPION, current, version, reason, moves)
+            move_alias(
+                client, model_name, Alias.PREVIOUS_CHAMPION, current, old_champion, reason, moves
+            )
+        move_alias(client, model_name, Alias.CHAMPION, current, version, reason, moves)
         _tag(
             client,
             model_name,
@@ -653,7 +655,7 @@ def promote(
                 {OUTCOME_TAG: VersionOutcome.SUPERSEDED.value, "fp4roll.superseded_by": version},
             )
     if current.get(Alias.CHALLENGER.value) == version:
-        _move(client, model_name, Alias.CHALLENGER, current, None, reason, moves)
+        move_alias(client, model_name, Alias.CHALLENGER, current, None, reason, moves)
     return tuple(moves)
 
 
@@ -675,7 +677,7 @@ def rollback(
     """
     if not reason or not reason.strip():
         raise ValueError("rollback needs a reason")
-    client, _ = _client(tracking_uri)
+    client, _ = client_for(tracking_uri)
     current = _aliases(client, model_name)
     champion = current.get(Alias.CHAMPION.value)
     moves: list[AliasMove] = []
@@ -705,7 +707,7 @@ def rollback(
         "fp4roll.rollback_reason": reason,
     }
     _tag(client, model_name, target, target_tags)
-    _move(client, model_name, Alias.CHAMPION, current, target, reason, moves)
+    move_alias(client, model_name, Alias.CHAMPION, current, target, reason, moves)
     _finish_rollback(client, model_name, target, target_tags, current, moves)
     return tuple(moves)
 
@@ -721,7 +723,7 @@ def _finish_rollback(
     """Second half of a rollback to ``champion``: restore previous-champion, tag the loser."""
     reason = champion_tags.get("fp4roll.rollback_reason", "rollback")
     previous = champion_tags.get(RESTORE_PREVIOUS_TAG) or None
-    _move(client, model_name, Alias.PREVIOUS_CHAMPION, current, previous, reason, moves)
+    move_alias(client, model_name, Alias.PREVIOUS_CHAMPION, current, previous, reason, moves)
     rolled_back = champion_tags.get(RESTORED_FROM_TAG) or None
     if rolled_back is not None:
         tags = client.get_model_version(model_name, rolled_back).tags
@@ -747,7 +749,7 @@ def reject_challenger(
 ) -> tuple[AliasMove, ...]:
     """A canary failed before promotion: remove ``challenger`` from ``version`` (the champion keeps
     serving) and tag it ``rejected``. Idempotent."""
-    client, _ = _client(tracking_uri)
+    client, _ = client_for(tracking_uri)
     version = str(version)
     _require_version(client, model_name, version)
     current = _aliases(client, model_name)
@@ -755,7 +757,7 @@ def reject_challenger(
         raise RegistryError(f"{model_name} version {version} is the champion; use rollback")
     moves: list[AliasMove] = []
     if current.get(Alias.CHALLENGER.value) == version:
-        _move(client, model_name, Alias.CHALLENGER, current, None, reason, moves)
+        move_alias(client, model_name, Alias.CHALLENGER, current, None, reason, moves)
     _tag(
         client,
         model_name,
@@ -768,5 +770,5 @@ def reject_challenger(
 def version_tags(
     model_name: str, version: str, *, tracking_uri: str | None = None
 ) -> dict[str, str]:
-    client, _ = _client(tracking_uri)
+    client, _ = client_for(tracking_uri)
     return dict(client.get_model_version(model_name, str(version)).tags)
