@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from enum import Enum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -63,7 +64,10 @@ class RecalibrateParams(_Params):
         128, ge=4, le=100_000, description="Prompts held out for the canary (disjoint)."
     )
     sensitivity_prompts: int = Field(
-        16, ge=2, le=10_000, description="Calibration prompts also used to score each group's KL."
+        16,
+        ge=2,
+        le=10_000,
+        description="Calibration-set prompts held out of the activation statistics to score each group's KL.",
     )
     max_seq_len: int = Field(
         128, ge=8, le=8192, description="Tokens per prompt (longer prompts are truncated)."
@@ -88,10 +92,11 @@ class RecalibrateParams(_Params):
     def _check(self) -> RecalibrateParams:
         if self.since and self.until and self.since >= self.until:
             raise ValueError(f"since ({self.since}) must be before until ({self.until})")
-        if self.sensitivity_prompts > self.calibration_size:
+        if self.sensitivity_prompts >= self.calibration_size:
             raise ValueError(
-                f"sensitivity_prompts ({self.sensitivity_prompts}) cannot exceed calibration_size "
-                f"({self.calibration_size})"
+                f"sensitivity_prompts ({self.sensitivity_prompts}) must be smaller than "
+                f"calibration_size ({self.calibration_size}): they are held out of the activation "
+                "statistics to score each group's KL"
             )
         return self
 
@@ -110,7 +115,11 @@ class CanaryParams(_Params):
         [1.0, 10.0, 50.0, 100.0], description="Traffic percentages, ascending, ending at 100."
     )
     min_samples: int = Field(
-        20, ge=2, description="Fewer requests than this in a stage is inconclusive."
+        50, ge=2, description="Fewer requests than this in a stage is inconclusive, never a pass."
+    )
+    gate_policy: dict[str, Any] | None = Field(
+        None,
+        description="Overrides of registry.policy.GatePolicy fields (JSON), e.g. confidence or metrics.",
     )
     max_seq_len: int = Field(128, ge=8, le=8192)
     require_approval: bool = Field(False, description="Pause for a human before the last stage.")

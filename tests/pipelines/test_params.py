@@ -38,7 +38,7 @@ def test_canary_params_reject_bad_input(kwargs, message):
 def test_recalibrate_params_cross_field_checks():
     with pytest.raises(ValidationError, match="must be before"):
         RecalibrateParams(since="2026-02-01T00:00:00Z", until="2026-01-01T00:00:00Z")
-    with pytest.raises(ValidationError, match="cannot exceed calibration_size"):
+    with pytest.raises(ValidationError, match="must be smaller than"):
         RecalibrateParams(calibration_size=8, sensitivity_prompts=16)
     with pytest.raises(ValidationError, match="reason"):
         RollbackParams()
