@@ -35,13 +35,10 @@ def _root(
 
 
 def _register() -> None:
-    from pipelines import cli_pack
+    from pipelines import cli_flows, cli_logs, cli_pack
 
+    cli_flows.register(app)
     cli_pack.register(app)
-    try:
-        from pipelines import cli_logs
-    except ImportError:  # the logs group is being built; keep the CLI usable meanwhile
-        return
     cli_logs.register(app)
 
 

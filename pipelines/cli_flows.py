@@ -1,0 +1,388 @@
+"""`fp4roll demo | recalibrate | canary | promote | rollback | status | drift-check | serve | ui`.
+
+Every pipeline command runs its Prefect flow in this process (against ``$PREFECT_API_URL`` when set,
+otherwise a temporary local API), with the same parameter models the Prefect UI shows as forms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from pipelines.params import (
+    DEFAULT_MODEL_NAME,
+    PACKAGED_SMOLLM2,
+    CanaryParams,
+    DriftCheckParams,
+    PromoteParams,
+    RecalibrateParams,
+    RollbackParams,
+    Scheme,
+)
+
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Registered model name.")]
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db", help="Store URL (default: $FP4ROLL_DB_URL or SQLite under $FP4ROLL_HOME)."
+    ),
+]
+TrackingOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or SQLite under $FP4ROLL_HOME).",
+    ),
+]
+
+
+def _params(model: type, **values: Any):  # noqa: ANN202 - a pydantic params model
+    """Build a flow parameter model, turning validation errors into a clean CLI error."""
+    try:
+        return model(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        err_console.print(f"[red]invalid parameters:[/red]\n{exc}")
+        raise typer.Exit(2) from None
+
+
+def _print_json(payload: Any) -> None:
+    console.print_json(json.dumps(payload, default=str))
+
+
+# ---------------------------------------------------------------------------------------- commands
+
+
+def recalibrate(
+    model: ModelOption = DEFAULT_MODEL_NAME,
+    source: Annotated[
+        str, typer.Option(help="Model folder (safetensors) or 'smollm2' (packaged).")
+    ] = PACKAGED_SMOLLM2,
+    scheme: Annotated[
+        Scheme, typer.Option(help="nvfp4 = W4A4, nvfp4a16 = weights only.")
+    ] = Scheme.NVFP4,
+    since: Annotated[str | None, typer.Option(help="Log window start (ISO 8601, UTC).")] = None,
+    until: Annotated[str | None, typer.Option(help="Log window end (ISO 8601, UTC).")] = None,
+    calibration_size: Annotated[int, typer.Option(help="Calibration prompts.")] = 64,
+    holdout_size: Annotated[int, typer.Option(help="Canary hold-out prompts (disjoint).")] = 128,
+    sensitivity_prompts: Annotated[
+        int, typer.Option(help="Prompts that score each group's KL.")
+    ] = 16,
+    max_seq_len: Annotated[int, typer.Option(help="Tokens per prompt.")] = 128,
+    kl_threshold: Annotated[
+        float, typer.Option(help="Groups above this mean KL stay BF16.")
+    ] = 0.05,
+    max_fallback_fraction: Annotated[
+        float | None, typer.Option(help="Cap on BF16 parameter share.")
+    ] = None,
+    dask_address: Annotated[
+        str | None, typer.Option(help="Dask scheduler for the KL sweep.")
+    ] = None,
+    sweep_tasks: Annotated[int, typer.Option(help="KL-sweep tasks.")] = 2,
+    seed: int = 0,
+    db: DbOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Sample logs → activation stats → per-group KL → fallback plan → NVFP4 checkpoint → MLflow challenger."""
+    from pipelines.flows import recalibrate_flow
+
+    params = _params(
+        RecalibrateParams,
+        model_name=model,
+        source_model=source,
+        scheme=scheme,
+        since=since,
+        until=until,
+        calibration_size=calibration_size,
+        holdout_size=holdout_size,
+        sensitivity_prompts=sensitivity_prompts,
+        max_seq_len=max_seq_len,
+        kl_threshold=kl_threshold,
+        max_fallback_fraction=max_fallback_fraction,
+        dask_address=dask_address,
+        sweep_tasks=sweep_tasks,
+        seed=seed,
+        db_url=db,
+        tracking_uri=tracking_uri,
+    )
+    _print_json(recalibrate_flow(params))
+
+
+def canary(
+    model: ModelOption = DEFAULT_MODEL_NAME,
+    candidate: Annotated[str | None, typer.Option(help="Version (default: challenger).")] = None,
+    baseline: Annotated[str | None, typer.Option(help="Version (default: champion).")] = None,
+    stages: Annotated[
+        str, typer.Option(help="Traffic percentages, comma-separated.")
+    ] = "1,10,50,100",
+    min_samples: Annotated[int, typer.Option(help="Minimum requests per stage.")] = 50,
+    require_approval: Annotated[
+        bool, typer.Option(help="Pause for a human before the last stage.")
+    ] = False,
+    auto_promote: Annotated[bool, typer.Option(help="Promote when every stage passes.")] = True,
+    policy: Annotated[Path | None, typer.Option(help="JSON file of gate-policy overrides.")] = None,
+    db: DbOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Staged canary of the challenger against the champion; promote, or roll back automatically."""
+    from pipelines.flows import canary_flow
+
+    try:
+        stage_list = [float(s) for s in stages.split(",") if s.strip()]
+    except ValueError:
+        err_console.print(
+            f"[red]--stages must be numbers separated by commas, got {stages!r}[/red]"
+        )
+        raise typer.Exit(2) from None
+    params = _params(
+        CanaryParams,
+        model_name=model,
+        candidate_version=candidate,
+        baseline_version=baseline,
+        stages=stage_list,
+        min_samples=min_samples,
+        require_approval=require_approval,
+        auto_promote=auto_promote,
+        gate_policy=json.loads(policy.read_text()) if policy else None,
+        db_url=db,
+        tracking_uri=tracking_uri,
+    )
+    result = canary_flow(params)
+    _print_stages(result)
+    if result["outcome"] == "rolled_back":
+        raise typer.Exit(3)
+
+
+def promote(
+    model: ModelOption = DEFAULT_MODEL_NAME,
+    version: Annotated[str | None, typer.Option(help="Version (default: challenger).")] = None,
+    reason: Annotated[
+        str, typer.Option(help="Kept in the ledger and on the version.")
+    ] = "manual promotion",
+    db: DbOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Make a version the champion (old champion → previous-champion)."""
+    from pipelines.flows import promote_flow
+
+    _print_json(
+        promote_flow(
+            _params(
+                PromoteParams,
+                model_name=model,
+                version=version,
+                reason=reason,
+                db_url=db,
+                tracking_uri=tracking_uri,
+            )
+        )
+    )
+
+
+def rollback(
+    reason: Annotated[str, typer.Option(help="Why (kept in the ledger and on the version).")],
+    model: ModelOption = DEFAULT_MODEL_NAME,
+    to_version: Annotated[
+        str | None, typer.Option(help="Version (default: previous-champion).")
+    ] = None,
+    db: DbOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Put the previous champion (or a named version) back as champion."""
+    from pipelines.flows import rollback_flow
+
+    _print_json(
+        rollback_flow(
+            _params(
+                RollbackParams,
+                model_name=model,
+                to_version=to_version,
+                reason=reason,
+                db_url=db,
+                tracking_uri=tracking_uri,
+            )
+        )
+    )
+
+
+def drift_check(
+    model: ModelOption = DEFAULT_MODEL_NAME,
+    calibration_set: Annotated[
+        str | None, typer.Option(help="Digest (default: the champion's).")
+    ] = None,
+    window_days: Annotated[
+        float, typer.Option(help="Recent window, in days before the newest log.")
+    ] = 7.0,
+    recalibrate_on_drift: Annotated[
+        bool, typer.Option(help="Run recalibrate when drift is confirmed.")
+    ] = False,
+    db: DbOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Compare recent logs with the calibration set; optionally recalibrate on drift."""
+    from pipelines.flows import drift_check_flow
+
+    params = _params(
+        DriftCheckParams,
+        model_name=model,
+        calibration_digest=calibration_set,
+        window_days=window_days,
+        recalibrate_on_drift=recalibrate_on_drift,
+        db_url=db,
+        tracking_uri=tracking_uri,
+    )
+    verdict = drift_check_flow(params)
+    _print_json(verdict)
+    raise typer.Exit(3 if verdict["drifted"] else 0)
+
+
+def status(
+    model: ModelOption = DEFAULT_MODEL_NAME,
+    db: DbOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Aliases, versions (scheme, KL, corpus digest) and recent rollouts of a model."""
+    from pipelines.status import model_status
+
+    _print_status(model_status(model, db_url=db, tracking_uri=tracking_uri))
+
+
+def serve(
+    model: ModelOption = DEFAULT_MODEL_NAME,
+    source: Annotated[str, typer.Option(help="Model folder or 'smollm2'.")] = PACKAGED_SMOLLM2,
+    recalibrate_cron: Annotated[
+        str, typer.Option(help="Cron (UTC) of the recalibration.")
+    ] = "0 3 * * 1",
+    drift_cron: Annotated[str, typer.Option(help="Cron (UTC) of the drift check.")] = "0 2 * * *",
+) -> None:
+    """Serve every flow as a deployment with schedules (weekly recalibration, daily drift check)
+    against the Prefect API in $PREFECT_API_URL. Runs until interrupted."""
+    from pipelines.deployments import serve_all
+
+    serve_all(
+        model_name=model,
+        source_model=source,
+        recalibrate_cron=recalibrate_cron,
+        drift_cron=drift_cron,
+    )
+
+
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Open the MLflow UI over the embedded store (runs, metrics, artifacts, versions, aliases)."""
+    from registry.mlflow_registry import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        console.print(f"MLflow server: {uri}")
+        return
+    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl+C to stop)")
+    os.execvp(cmd[0], cmd)
+
+
+def demo(model: ModelOption = DEFAULT_MODEL_NAME) -> None:
+    """The whole pipeline on embedded defaults: import the shipped logs into SQLite, prepare SmolLM2,
+    recalibrate, canary, promote, then print the summary and how to open the MLflow and Prefect UIs."""
+    from pipelines.demo import run_demo
+
+    run_demo(model_name=model, console=console)
+
+
+# ---------------------------------------------------------------------------------------- printing
+
+
+def _print_stages(result: dict[str, Any]) -> None:
+    table = Table(
+        title=f"canary of v{result['candidate_version']} vs v{result['baseline_version']}: {result['outcome']}"
+    )
+    for column in (
+        "stage",
+        "traffic",
+        "requests",
+        "outcome",
+        "decision",
+        "score",
+        "failed metrics",
+    ):
+        table.add_column(column)
+    for s in result["stages"]:
+        table.add_row(
+            str(s["stage_index"]),
+            f"{s['traffic_percent']:g} %",
+            str(s["requests"]),
+            s["outcome"],
+            s["decision"],
+            f"{s['score']:.1f}",
+            ", ".join(s["failed_metrics"]) or "-",
+        )
+    console.print(table)
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    aliases = status["aliases"]
+    table = Table(title=f"{status['model_name']}: versions")
+    for column in (
+        "version",
+        "aliases",
+        "scheme",
+        "combined KL",
+        "top-1",
+        "fallback groups",
+        "corpus",
+        "outcome",
+    ):
+        table.add_column(column)
+    for v in status["versions"]:
+        names = ", ".join(a for a, ver in aliases.items() if ver == v["version"])
+        table.add_row(
+            v["version"],
+            names,
+            v["scheme"],
+            "" if v["combined_kl"] is None else f"{v['combined_kl']:.4f}",
+            "" if v["top1_agreement"] is None else f"{v['top1_agreement']:.3f}",
+            "" if v["fallback_count"] is None else str(v["fallback_count"]),
+            (v["corpus_digest"] or "")[:12],
+            v["outcome"] or "",
+        )
+    console.print(table)
+    rollouts = Table(title="recent rollouts")
+    for column in ("id", "candidate", "baseline", "status", "stage", "reason", "updated"):
+        rollouts.add_column(column)
+    for r in status["rollouts"]:
+        rollouts.add_row(
+            str(r["id"]),
+            r["candidate_version"],
+            r["baseline_version"] or "",
+            r["status"],
+            f"{r['current_stage'] + 1}/{len(r['stages'])}",
+            (r["reason"] or "")[:80],
+            r["updated_at"][:19],
+        )
+    console.print(rollouts)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
+    app.command("recalibrate")(recalibrate)
+    app.command("canary")(canary)
+    app.command("promote")(promote)
+    app.command("rollback")(rollback)
+    app.command("status")(status)
+    app.command("drift-check")(drift_check)
+    app.command("serve")(serve)
+    app.command("ui")(ui)

@@ -1,0 +1,370 @@
+"""Prefect flows: recalibrate, canary, promote, rollback, drift-check.
+
+Flows are thin: every task calls one plain function of ``pipelines.steps`` / ``pipelines.rollout`` and
+passes paths, digests and small records, never tensors. Expensive tasks cache on their inputs and their
+source with persisted (JSON) results, so rerunning a flow after a crash resumes instead of recomputing;
+I/O tasks retry. Each flow takes one pydantic parameter model, which the Prefect UI renders as a form.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.futures import as_completed
+from prefect.input import RunInput
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from pipelines import rollout as rollout_steps
+from pipelines import steps
+from pipelines.params import (
+    CanaryParams,
+    DriftCheckParams,
+    PromoteParams,
+    RecalibrateParams,
+    RollbackParams,
+)
+from pipelines.rollout import CanaryPlan, RolloutState, StageReport
+
+logger = logging.getLogger(__name__)
+
+#: Expensive, deterministic steps: cached on inputs + task source, results persisted as JSON.
+_CACHED = {
+    "cache_policy": INPUTS + TASK_SOURCE,
+    "persist_result": True,
+    "result_serializer": "json",
+    "cache_expiration": dt.timedelta(days=30),
+}
+#: Steps that talk to a database, MLflow or a file store: retried, never cached.
+_IO = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": [2, 10]}
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by ``CanaryParams.fail_after_stage`` to prove crash safety (testing aid)."""
+
+
+# ------------------------------------------------------------------------------- recalibrate tasks
+
+
+@task(name="resolve-source-model", **_IO)
+def resolve_source_model_task(source_model: str) -> str:
+    return steps.resolve_source_model(source_model)
+
+
+@task(name="sample-calibration-set", **_IO)
+def sample_calibration_set_task(params: RecalibrateParams) -> steps.CalibrationSetRef:
+    return steps.sample_calibration_set(params)
+
+
+@task(name="register-baseline", **_IO)
+def register_baseline_task(
+    model_name: str, source_dir: str, tracking_uri: str | None, db_url: str | None
+) -> str:
+    return steps.register_baseline(model_name, source_dir, tracking_uri=tracking_uri, db_url=db_url)
+
+
+@task(name="activation-stats", **_CACHED)
+def activation_stats_task(
+    source_dir: str, corpus_digest: str, db_url: str | None, job: steps.CalibrationJob
+) -> str:
+    return steps.activation_stats(source_dir, corpus_digest, db_url, job)
+
+
+@task(name="target-groups", **_CACHED)
+def target_groups_task(source_dir: str, job: steps.CalibrationJob) -> list[str]:
+    return steps.target_groups(source_dir, job)
+
+
+@task(name="kl-sweep-part", **_CACHED)
+def kl_sweep_part_task(
+    source_dir: str,
+    corpus_digest: str,
+    db_url: str | None,
+    stats_path: str,
+    groups: list[str],
+    part: int,
+    job: steps.CalibrationJob,
+) -> str:
+    return steps.kl_sweep_part(source_dir, corpus_digest, db_url, stats_path, groups, part, job)
+
+
+@task(name="plan-and-export", **_CACHED)
+def plan_and_export_task(
+    source_dir: str,
+    corpus_digest: str,
+    db_url: str | None,
+    stats_path: str,
+    part_paths: list[str],
+    job: steps.CalibrationJob,
+) -> steps.CalibratedCheckpoint:
+    return steps.plan_and_export(source_dir, corpus_digest, db_url, stats_path, part_paths, job)
+
+
+@task(name="register-challenger", **_IO)
+def register_challenger_task(
+    params: RecalibrateParams,
+    calibration_set: steps.CalibrationSetRef,
+    checkpoint: steps.CalibratedCheckpoint,
+) -> steps.Registration:
+    return steps.register_challenger(params, calibration_set, checkpoint)
+
+
+@flow(name="kl-sweep", log_prints=False)
+def kl_sweep_flow(
+    source_dir: str,
+    corpus_digest: str,
+    db_url: str | None,
+    stats_path: str,
+    partitions: list[list[str]],
+    job: steps.CalibrationJob,
+) -> list[str]:
+    """Score every partition of groups in its own task (thread pool here, Dask when configured)."""
+    futures = [
+        kl_sweep_part_task.submit(source_dir, corpus_digest, db_url, stats_path, groups, i, job)
+        for i, groups in enumerate(partitions)
+    ]
+    progress_id = create_progress_artifact(
+        progress=0.0,
+        description=f"KL sweep: {sum(map(len, partitions))} groups in {len(partitions)} tasks",
+    )
+    for done, _ in enumerate(as_completed(futures), start=1):
+        update_progress_artifact(progress_id, progress=100.0 * done / len(futures))
+    return [future.result() for future in futures]
+
+
+def _sweep_runner(params: RecalibrateParams):  # noqa: ANN202 - a Prefect task runner
+    if params.dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=params.dask_address)
+    return ThreadPoolTaskRunner(max_workers=max(1, min(params.sweep_tasks, 4)))
+
+
+@flow(name="recalibrate", log_prints=False)
+def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> dict[str, Any]:  # noqa: B008
+    """Sample logs → activation stats → per-group KL sweep → fallback plan → pack → register challenger."""
+    source_dir = resolve_source_model_task(params.source_model)
+    calibration_set = sample_calibration_set_task(params)
+    register_baseline_task(params.model_name, source_dir, params.tracking_uri, params.db_url)
+    job = steps.calibration_job(params, calibration_set.digest)
+    stats_path = activation_stats_task(source_dir, calibration_set.digest, params.db_url, job)
+    groups = target_groups_task(source_dir, job)
+    partitions = steps.sweep_partitions(groups, params.sweep_tasks)
+    part_paths = kl_sweep_flow.with_options(task_runner=_sweep_runner(params))(
+        source_dir, calibration_set.digest, params.db_url, stats_path, partitions, job
+    )
+    checkpoint = plan_and_export_task(
+        source_dir, calibration_set.digest, params.db_url, stats_path, part_paths, job
+    )
+    registration = register_challenger_task(params, calibration_set, checkpoint)
+
+    record = json.loads(Path(checkpoint.calibration_json).read_text())
+    create_table_artifact(
+        key="per-group-kl",
+        table=[
+            {
+                "group": g["name"],
+                "mean_kl": g["mean_kl"],
+                "p99_kl": g["p99_kl"],
+                "top1": g["top1_agreement"],
+                "fallback": g["fallback"],
+            }
+            for g in record["groups"]
+        ],
+        description=f"Per-group KL of {params.model_name}, corpus {calibration_set.digest[:12]}",
+    )
+    summary = steps.recalibration_summary(params, calibration_set, checkpoint, registration)
+    create_markdown_artifact(
+        key="recalibration-summary", markdown=summary, description="fp4roll recalibration"
+    )
+    return {
+        "model_name": params.model_name,
+        "version": registration.version,
+        "run_id": registration.run_id,
+        "run_url": registration.run_url,
+        "corpus_digest": calibration_set.digest,
+        "checkpoint_dir": checkpoint.checkpoint_dir,
+        "fallback_groups": list(checkpoint.fallback_groups),
+        "plan_mean_kl": checkpoint.plan_mean_kl,
+        "all_quantized_mean_kl": checkpoint.all_quantized_mean_kl,
+    }
+
+
+# ------------------------------------------------------------------------------------ canary tasks
+
+
+class Approval(RunInput):
+    """What a reviewer answers before the last canary stage."""
+
+    approve: bool = False
+    note: str = ""
+
+
+@task(name="plan-canary", **_IO)
+def plan_canary_task(params: CanaryParams) -> CanaryPlan:
+    return rollout_steps.plan_canary(params)
+
+
+@task(name="open-rollout", **_IO)
+def open_rollout_task(plan: CanaryPlan) -> RolloutState:
+    return rollout_steps.open_rollout(plan)
+
+
+@task(name="canary-stage", cache_policy=NO_CACHE, persist_result=True, result_serializer="json")
+def canary_stage_task(plan: CanaryPlan, rollout_id: int, stage_index: int) -> StageReport:
+    return rollout_steps.run_stage(plan, rollout_id, stage_index)
+
+
+@task(name="promote-candidate", **_IO)
+def promote_candidate_task(plan: CanaryPlan, rollout_id: int) -> str:
+    return rollout_steps.promote_candidate(plan, rollout_id)
+
+
+@task(name="reject-candidate", **_IO)
+def reject_candidate_task(plan: CanaryPlan, rollout_id: int, reason: str) -> str:
+    return rollout_steps.reject_candidate(plan, rollout_id, reason)
+
+
+@task(name="hold-rollout", **_IO)
+def hold_rollout_task(plan: CanaryPlan, rollout_id: int, reason: str) -> None:
+    rollout_steps.hold_rollout(plan, rollout_id, reason)
+
+
+@flow(name="canary", log_prints=False)
+def canary_flow(params: CanaryParams = CanaryParams()) -> dict[str, Any]:  # noqa: B008
+    """Staged replay canary (1 % → 10 % → 50 % → 100 % by default) of the challenger against the
+    champion. Pass every stage → promote; a Fail → automatic rollback (champion untouched, challenger
+    rejected); not enough evidence → hold. A crash marks the rollout aborted; champion never moves."""
+    plan = plan_canary_task(params)
+    state = open_rollout_task(plan)
+    reports: list[StageReport] = []
+    outcome = "held"
+    try:
+        stage_index = state.stage_index
+        while True:
+            if params.require_approval and stage_index == len(plan.stages) - 1:
+                from prefect.flow_runs import pause_flow_run
+
+                answer = pause_flow_run(wait_for_input=Approval, timeout=24 * 3600)
+                if not answer.approve:
+                    rollout_steps.abort_rollout(
+                        plan.db_url, state.rollout_id, f"not approved: {answer.note}"
+                    )
+                    outcome = "aborted"
+                    break
+            report = canary_stage_task(plan, state.rollout_id, stage_index)
+            reports.append(report)
+            if report.decision == "advance":
+                if params.fail_after_stage is not None and params.fail_after_stage == stage_index:
+                    raise SimulatedCrash(f"simulated crash after stage {stage_index}")
+                stage_index += 1
+                continue
+            if report.decision == "promote":
+                if params.auto_promote:
+                    promote_candidate_task(plan, state.rollout_id)
+                    outcome = "promoted"
+                else:
+                    hold_rollout_task(
+                        plan, state.rollout_id, "every stage passed; awaiting manual promotion"
+                    )
+                    outcome = "awaiting-promotion"
+            elif report.decision == "rollback":
+                reject_candidate_task(
+                    plan, state.rollout_id, f"stage {stage_index} failed: {report.reason}"
+                )
+                outcome = "rolled_back"
+            else:
+                hold_rollout_task(
+                    plan, state.rollout_id, f"stage {stage_index} inconclusive: {report.reason}"
+                )
+                outcome = "held"
+            break
+    except BaseException as exc:
+        rollout_steps.abort_rollout(
+            plan.db_url, state.rollout_id, f"canary flow stopped: {type(exc).__name__}: {exc}"
+        )
+        raise
+    create_table_artifact(
+        key="canary-stages",
+        table=[
+            {
+                "stage": r.stage_index,
+                "traffic_%": r.traffic_percent,
+                "requests": r.requests,
+                "outcome": r.outcome,
+                "decision": r.decision,
+                "score": round(r.score, 1),
+                "failed": ", ".join(r.failed_metrics),
+            }
+            for r in reports
+        ],
+        description=f"Canary of {plan.model_name} v{plan.candidate_version} vs v{plan.baseline_version}",
+    )
+    create_markdown_artifact(
+        key="canary-summary", markdown=rollout_steps.canary_summary(plan, state, reports, outcome)
+    )
+    return {
+        "model_name": plan.model_name,
+        "rollout_id": state.rollout_id,
+        "candidate_version": plan.candidate_version,
+        "baseline_version": plan.baseline_version,
+        "outcome": outcome,
+        "stages": [r.model_dump(mode="json") for r in reports],
+    }
+
+
+# ------------------------------------------------------------------------ promote / rollback / drift
+
+
+@task(name="promote-version", **_IO)
+def promote_version_task(params: PromoteParams) -> list[dict[str, Any]]:
+    return rollout_steps.promote_version(params)
+
+
+@task(name="rollback-version", **_IO)
+def rollback_version_task(params: RollbackParams) -> list[dict[str, Any]]:
+    return rollout_steps.rollback_version(params)
+
+
+@flow(name="promote", log_prints=False)
+def promote_flow(params: PromoteParams = PromoteParams()) -> list[dict[str, Any]]:  # noqa: B008
+    """Make a version (default: the challenger) the champion; the old champion → previous-champion."""
+    return promote_version_task(params)
+
+
+@flow(name="rollback", log_prints=False)
+def rollback_flow(params: RollbackParams) -> list[dict[str, Any]]:
+    """Put a version (default: previous-champion) back as champion, with a reason for the ledger."""
+    return rollback_version_task(params)
+
+
+@task(name="check-drift", **_IO)
+def check_drift_task(params: DriftCheckParams) -> dict[str, Any]:
+    return steps.check_drift(params)
+
+
+@flow(name="drift-check", log_prints=False)
+def drift_check_flow(params: DriftCheckParams = DriftCheckParams()) -> dict[str, Any]:  # noqa: B008
+    """Compare recent logs with the champion's calibration set; recalibrate when drift is confirmed."""
+    verdict = check_drift_task(params)
+    create_markdown_artifact(key="drift-check", markdown=steps.drift_summary(verdict))
+    if verdict["drifted"] and params.recalibrate_on_drift:
+        recal = params.recalibrate.model_copy(
+            update={
+                "db_url": params.recalibrate.db_url or params.db_url,
+                "tracking_uri": params.recalibrate.tracking_uri or params.tracking_uri,
+            }
+        )
+        verdict["recalibration"] = recalibrate_flow(recal)
+    return verdict

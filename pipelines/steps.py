@@ -1,0 +1,457 @@
+"""The plain functions behind every Prefect task (one task → one function here).
+
+Each step takes and returns paths, URIs, digests and small pydantic records — never tensors or models —
+so a task's result persists as JSON and a rerun after a crash picks up where the last run stopped.
+Where a step writes files, it writes them under a folder keyed by its inputs (work folder of the
+calibration set, the version, the rollout) and is idempotent: a finished output is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from pipelines.params import PACKAGED_SMOLLM2, DriftCheckParams, RecalibrateParams
+
+logger = logging.getLogger(__name__)
+
+
+def fp4roll_home() -> Path:
+    return Path(os.environ.get("FP4ROLL_HOME") or Path.home() / ".fp4roll").expanduser()
+
+
+def work_dir(*parts: str) -> Path:
+    path = fp4roll_home().joinpath("work", *parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_json_atomic(path: Path, payload: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ source
+
+
+def resolve_source_model(source_model: str) -> str:
+    """``'smollm2'`` → the packaged SmolLM2 converted once to safetensors; else a checked local folder."""
+    from calibration.models import check_model_dir, prepare_smollm2
+
+    if source_model == PACKAGED_SMOLLM2:
+        return str(prepare_smollm2())
+    path = Path(source_model).expanduser().resolve()
+    check_model_dir(path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------- calibration set
+
+
+class CalibrationSetRef(BaseModel):
+    """A stored calibration set (by digest) and its exported audit folder (redacted text only)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    digest: str
+    calibration_set_id: int
+    size: int
+    holdout_size: int
+    export_dir: str  # calibration_set.json + members.jsonl, logged to MLflow with the run
+
+
+def sample_calibration_set(params: RecalibrateParams) -> CalibrationSetRef:
+    """Sample (stratified, deduplicated, redacted) a calibration set + disjoint canary hold-out from
+    the log window, record it in the store (idempotent: same content, same digest) and export it."""
+    from pipelines.logs import SampleParameters, export_calibration_set, sample_and_store
+    from registry import db
+
+    db.upgrade(params.db_url)
+    outcome = sample_and_store(
+        SampleParameters(
+            size=params.calibration_size,
+            holdout=params.holdout_size,
+            since=params.since,
+            until=params.until,
+            seed=params.seed,
+            routes=tuple(params.routes) if params.routes else None,
+        ),
+        params.db_url,
+    )
+    logger.info(
+        "calibration set %s (%s): %d calibration + %d hold-out prompts",
+        outcome.digest[:12],
+        "new" if outcome.created else "already stored",
+        outcome.size,
+        outcome.holdout_size,
+    )
+    export_dir = fp4roll_home() / "work" / "calibration-sets" / outcome.digest
+    if not export_dir.exists():
+        export_calibration_set(outcome.digest, export_dir, params.db_url)
+    return CalibrationSetRef(
+        digest=outcome.digest,
+        calibration_set_id=outcome.calibration_set_id,
+        size=outcome.size,
+        holdout_size=outcome.holdout_size,
+        export_dir=str(export_dir),
+    )
+
+
+def sweep_partitions(group_names: Sequence[str], parts: int) -> list[list[str]]:
+    """Split groups into ``parts`` contiguous, near-equal slices (model order kept; none empty)."""
+    parts = max(1, min(parts, len(group_names)))
+    size, extra = divmod(len(group_names), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        out.append(list(group_names[start:end]))
+        start = end
+    return out
+
+
+def dump_model(model: BaseModel, path: Path) -> str:
+    return str(_write_json_atomic(path, model.model_dump(mode="json")))
+
+
+def as_dict(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json")
+
+
+# ----------------------------------------------------------------------------------- calibration
+
+
+class CalibrationJob(BaseModel):
+    """The settings of one calibration run; its hash names the work folder (so reruns resume)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_name: str
+    corpus_digest: str
+    scheme: str
+    max_seq_len: int
+    sensitivity_prompts: int
+    kl_threshold: float
+    max_fallback_fraction: float | None
+    work_dir: str
+
+    def config(self):  # noqa: ANN201 - calibration.recalibrate.RecalibrationConfig
+        from calibration.recalibrate import RecalibrationConfig
+
+        return RecalibrationConfig(
+            scheme=self.scheme,
+            kl_threshold=self.kl_threshold,
+            max_fallback_fraction=self.max_fallback_fraction,
+            max_seq_len=self.max_seq_len,
+            progress=False,
+        )
+
+
+def calibration_job(params: RecalibrateParams, corpus_digest: str) -> CalibrationJob:
+    settings = {
+        "scheme": params.scheme.value,
+        "max_seq_len": params.max_seq_len,
+        "sensitivity_prompts": params.sensitivity_prompts,
+        "kl_threshold": params.kl_threshold,
+        "max_fallback_fraction": params.max_fallback_fraction,
+        "source_model": params.source_model,
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    folder = work_dir(params.model_name, f"{corpus_digest[:16]}-{key}")
+    return CalibrationJob(
+        model_name=params.model_name,
+        corpus_digest=corpus_digest,
+        scheme=params.scheme.value,
+        max_seq_len=params.max_seq_len,
+        sensitivity_prompts=params.sensitivity_prompts,
+        kl_threshold=params.kl_threshold,
+        max_fallback_fraction=params.max_fallback_fraction,
+        work_dir=str(folder),
+    )
+
+
+def _split_texts(
+    corpus_digest: str, db_url: str | None, job: CalibrationJob
+) -> tuple[list[str], list[str]]:
+    """The calibration role split in two: activation-statistics prompts, and the last
+    ``sensitivity_prompts`` held out of the statistics to score each group's KL. (The canary hold-out is
+    never touched here.)"""
+    from pipelines.logs import calibration_texts
+
+    texts = calibration_texts(corpus_digest, db_url, role="calibration")
+    if len(texts) <= job.sensitivity_prompts:
+        raise ValueError(
+            f"calibration set {corpus_digest[:12]} has {len(texts)} calibration prompts; need more than "
+            f"sensitivity_prompts={job.sensitivity_prompts}"
+        )
+    return texts[: -job.sensitivity_prompts], texts[-job.sensitivity_prompts :]
+
+
+def activation_stats(
+    source_dir: str, corpus_digest: str, db_url: str | None, job: CalibrationJob
+) -> str:
+    """Static input amax of every targeted Linear over the calibration prompts → JSON path."""
+    from calibration.recalibrate import collect_stats_file
+
+    calibration, _ = _split_texts(corpus_digest, db_url, job)
+    out = Path(job.work_dir) / "activation_stats.json"
+    return str(collect_stats_file(source_dir, calibration, out, job.config()))
+
+
+def target_groups(source_dir: str, job: CalibrationJob) -> list[str]:
+    """Names of the fused groups the sweep scores, in model order."""
+    from calibration.recalibrate import target_group_names
+
+    return list(target_group_names(source_dir, job.config()))
+
+
+def kl_sweep_part(
+    source_dir: str,
+    corpus_digest: str,
+    db_url: str | None,
+    stats_path: str,
+    groups: Sequence[str],
+    part: int,
+    job: CalibrationJob,
+) -> str:
+    """Score ``groups`` (each quantized alone) against the baseline → JSON path of the records."""
+    from calibration.recalibrate import sweep_file
+
+    _, evaluation = _split_texts(corpus_digest, db_url, job)
+    out = Path(job.work_dir) / f"sweep-part-{part:03d}.json"
+    return str(sweep_file(source_dir, evaluation, stats_path, groups, out, job.config()))
+
+
+class CalibratedCheckpoint(BaseModel):
+    """The exported candidate and its headline numbers."""
+
+    model_config = ConfigDict(frozen=True)
+
+    checkpoint_dir: str
+    calibration_json: str
+    kl_chart: str
+    scheme: str
+    fallback_groups: tuple[str, ...]
+    ignore: tuple[str, ...]
+    num_groups: int
+    all_quantized_mean_kl: float
+    plan_mean_kl: float
+    plan_p99_kl: float
+    plan_top1: float
+    plan_delta_perplexity: float
+    bytes_before: int
+    bytes_after: int
+
+
+def _weights_bytes(folder: str | os.PathLike) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def plan_and_export(
+    source_dir: str,
+    corpus_digest: str,
+    db_url: str | None,
+    stats_path: str,
+    part_paths: Sequence[str],
+    job: CalibrationJob,
+) -> CalibratedCheckpoint:
+    """Merge the sweep, build the fallback plan, score it, export the NVFP4 checkpoint (idempotent)."""
+    from calibration.recalibrate import finalize
+
+    _, evaluation = _split_texts(corpus_digest, db_url, job)
+    out_dir = Path(job.work_dir) / "checkpoint"
+    result = finalize(
+        source_dir, evaluation, stats_path, part_paths, corpus_digest, out_dir, job.config()
+    )
+    return CalibratedCheckpoint(
+        checkpoint_dir=str(result.checkpoint_dir),
+        calibration_json=str(result.calibration_json),
+        kl_chart=str(result.kl_chart),
+        scheme=job.scheme,
+        fallback_groups=tuple(result.fallback_groups),
+        ignore=tuple(result.ignore),
+        num_groups=result.num_groups,
+        all_quantized_mean_kl=result.all_quantized_mean_kl,
+        plan_mean_kl=result.plan_mean_kl,
+        plan_p99_kl=result.plan_p99_kl,
+        plan_top1=result.plan_top1,
+        plan_delta_perplexity=result.plan_delta_perplexity,
+        bytes_before=_weights_bytes(source_dir),
+        bytes_after=_weights_bytes(result.checkpoint_dir),
+    )
+
+
+# ------------------------------------------------------------------------------------ registration
+
+
+class Registration(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    model_name: str
+    version: str
+    run_id: str
+    experiment_id: str
+    reused: bool
+    run_url: str
+
+
+def run_url(tracking_uri: str | None, experiment_id: str, run_id: str) -> str:
+    """Where to see a run: the server's page, or the page `fp4roll ui` serves for a local store."""
+    from registry.mlflow_registry import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def register_baseline(
+    model_name: str, source_dir: str, *, tracking_uri: str | None = None, db_url: str | None = None
+) -> str:
+    """Register the unquantized source model once; make it champion if there is none (ledger noted)."""
+    from registry import db, ledger
+    from registry.versions import register_baseline as register
+
+    info, moves = register(model_name, source_dir, tracking_uri=tracking_uri)
+    if moves:
+        db.upgrade(db_url)
+        ledger.record_alias_moves(moves, db_url=db_url)
+    return info.version
+
+
+def register_challenger(
+    params: RecalibrateParams, calibration_set: CalibrationSetRef, checkpoint: CalibratedCheckpoint
+) -> Registration:
+    """Log the run (params, metrics, artifacts, lineage) and create/reuse the version as challenger."""
+    from registry.db import safe_url
+    from registry.mlflow_registry import RegistrationMetrics, RegistrationRequest, register
+
+    record = json.loads(Path(checkpoint.calibration_json).read_text())
+    request = RegistrationRequest(
+        model_name=params.model_name,
+        source_model=params.source_model,
+        scheme=checkpoint.scheme,
+        block_size=16,
+        corpus_digest=calibration_set.digest,
+        corpus_source=safe_url(params.db_url),
+        calibration_size=calibration_set.size,
+        holdout_size=calibration_set.holdout_size,
+        sensitivity_prompts=params.sensitivity_prompts,
+        kl_threshold=params.kl_threshold,
+        max_fallback_fraction=params.max_fallback_fraction,
+        fallback_layers=checkpoint.ignore,
+        metrics=RegistrationMetrics(
+            combined_kl=checkpoint.plan_mean_kl,
+            p99_kl=checkpoint.plan_p99_kl,
+            top1_agreement=checkpoint.plan_top1,
+            delta_perplexity=checkpoint.plan_delta_perplexity,
+            bytes_before=checkpoint.bytes_before,
+            bytes_after=checkpoint.bytes_after,
+            group_kl={
+                g["name"]: g["mean_kl"] for g in record["groups"] if g["mean_kl"] is not None
+            },
+        ),
+        checkpoint_dir=Path(checkpoint.checkpoint_dir),
+        calibration_json=Path(checkpoint.calibration_json),
+        kl_plot=Path(checkpoint.kl_chart),
+        calibration_summary=Path(calibration_set.export_dir) / "calibration_set.json",
+        extra_params={
+            "all_quantized_mean_kl": f"{checkpoint.all_quantized_mean_kl:.6g}",
+            "max_seq_len": str(params.max_seq_len),
+            "seed": str(params.seed),
+        },
+    )
+    registered = register(request, tracking_uri=params.tracking_uri)
+    return Registration(
+        model_name=registered.model_name,
+        version=registered.version,
+        run_id=registered.run_id,
+        experiment_id=registered.experiment_id,
+        reused=registered.reused,
+        run_url=run_url(params.tracking_uri, registered.experiment_id, registered.run_id),
+    )
+
+
+def recalibration_summary(
+    params: RecalibrateParams,
+    calibration_set: CalibrationSetRef,
+    checkpoint: CalibratedCheckpoint,
+    registration: Registration,
+) -> str:
+    """Markdown for the Prefect UI: what was decided, and where to review it."""
+    fallbacks = ", ".join(f"`{g}`" for g in checkpoint.fallback_groups) or "none"
+    return "\n".join(
+        [
+            f"# {params.model_name} v{registration.version} ({checkpoint.scheme})",
+            "",
+            f"* MLflow run: [{registration.run_id}]({registration.run_url})"
+            + (" (reused: same inputs as before)" if registration.reused else ""),
+            f"* Calibration set `{calibration_set.digest[:16]}`: {calibration_set.size} prompts, "
+            f"{calibration_set.holdout_size} held out for the canary",
+            f"* Groups: {checkpoint.num_groups}; kept high precision (KL > {params.kl_threshold}): {fallbacks}",
+            f"* Combined mean KL: everything quantized {checkpoint.all_quantized_mean_kl:.4f}, "
+            f"with the plan {checkpoint.plan_mean_kl:.4f}; top-1 agreement {checkpoint.plan_top1:.3f}; "
+            f"Δ perplexity {checkpoint.plan_delta_perplexity:+.3%}",
+            f"* Weights: {checkpoint.bytes_before / 1e6:.1f} MB → {checkpoint.bytes_after / 1e6:.1f} MB",
+            f"* Checkpoint: `{checkpoint.checkpoint_dir}`",
+        ]
+    )
+
+
+# ------------------------------------------------------------------------------------------ drift
+
+
+def check_drift(params: DriftCheckParams) -> dict[str, Any]:
+    """Compare the last ``window_days`` of logs with the champion's calibration set (or the one given)."""
+    from pipelines.logs import DriftParameters
+    from pipelines.logs import check_drift as compare
+    from registry.mlflow_registry import Alias
+    from registry.prompt_logs import list_calibration_sets
+    from registry.versions import find_alias
+
+    digest = params.calibration_digest
+    if digest is None:
+        for alias in (Alias.CHAMPION, Alias.CHALLENGER):
+            info = find_alias(params.model_name, alias, tracking_uri=params.tracking_uri)
+            if info is not None and info.corpus_digest:
+                digest = info.corpus_digest
+                break
+    if digest is None:
+        stored = list_calibration_sets(params.db_url)
+        if not stored:
+            raise ValueError("no calibration set stored yet: run the recalibrate flow first")
+        digest = max(stored, key=lambda s: s.created_at).digest
+    verdict = compare(
+        DriftParameters(
+            calibration_set=digest,
+            window_days=params.window_days,
+            js_threshold=params.js_threshold,
+            psi_threshold=params.psi_threshold,
+        ),
+        params.db_url,
+    )
+    return {"calibration_digest": digest, **verdict.as_dict()}
+
+
+def drift_summary(verdict: dict[str, Any]) -> str:
+    lines = [
+        f"# Drift check against calibration set `{verdict['calibration_digest'][:16]}`",
+        "",
+        f"**{'DRIFT' if verdict.get('drifted') else 'no drift'}**"
+        + (" (inconclusive: too few prompts)" if verdict.get("inconclusive") else ""),
+        "",
+    ]
+    lines += [
+        f"* {k}: {v:.4f}" if isinstance(v, float) else f"* {k}: {v}"
+        for k, v in verdict.get("metrics", {}).items()
+    ]
+    lines += [f"* {reason}" for reason in verdict.get("reasons", [])]
+    return "\n".join(lines)
