@@ -328,10 +328,13 @@ def _copy_tokenizer(out_dir: Path, tokenizer: Any, source_dir: Path | None) -> l
 
 def _check_extra_files(extra_files: Mapping[str, Any]) -> None:
     for name in extra_files:
-        if Path(name).name != name or name in _RESERVED_FILES or not name.endswith(".json"):
+        payload = extra_files[name]
+        is_json = name.endswith(".json") and not isinstance(payload, bytes)
+        is_blob = name.endswith(".png") and isinstance(payload, bytes)
+        if Path(name).name != name or name in _RESERVED_FILES or not (is_json or is_blob):
             raise CheckpointError(
-                f"extra file {name!r}: expected a plain '*.json' file name that the export does "
-                "not write itself"
+                f"extra file {name!r}: expected a plain '*.json' name (JSON-able payload) or "
+                "'*.png' name (bytes) that the export does not write itself"
             )
 
 
@@ -386,7 +389,7 @@ def export_nvfp4_checkpoint(
     ``input_amax`` (module or group name -> calibrated input abs-max) for every quantized group; fused
     members get one ``input_global_scale = 448*6/max(amax)``. Tokenizer and generation config files are
     copied from ``source_dir`` and/or saved from ``tokenizer``; ``extra_files`` (name -> JSON-able) are
-    written beside (e.g. ``calibration.json``). ``lm_head`` is never quantized. An existing
+    written beside (e.g. ``calibration.json``; ``*.png`` names take bytes). ``lm_head`` is never quantized. An existing
     ``out_dir`` is refused unless ``overwrite`` (then replaced atomically).
     """
     started = time.perf_counter()
@@ -426,9 +429,12 @@ def export_nvfp4_checkpoint(
             generation_config.save_pretrained(str(tmp))
         _copy_tokenizer(tmp, tokenizer, Path(source_dir) if source_dir else None)
         for name, payload in extra_files.items():
-            (tmp / name).write_text(
-                json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
-            )
+            if isinstance(payload, bytes):
+                (tmp / name).write_bytes(payload)
+            else:
+                (tmp / name).write_text(
+                    json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+                )
 
     summary = ExportSummary(
         out_dir=out_dir,

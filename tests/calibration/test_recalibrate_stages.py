@@ -1,0 +1,100 @@
+"""The file-backed stages the flow runs give what recalibrate() gives, however the sweep is split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from calibration.recalibrate import (
+    RecalibrationConfig,
+    collect_stats_file,
+    finalize,
+    load_sweep_file,
+    recalibrate,
+    sweep_file,
+    target_group_names,
+)
+from tests.calibration.test_recalibrate import TEXTS
+
+CONFIG = RecalibrationConfig(
+    kl_threshold=None, max_fallback_fraction=0.3, max_seq_len=32, batch_size=3, progress=False
+)
+
+
+def _run_stages(model_dir, tmp_path, partitions):
+    stats = collect_stats_file(model_dir, TEXTS[:4], tmp_path / "stats.json", CONFIG)
+    groups = target_group_names(model_dir, CONFIG)
+    parts = [
+        sweep_file(
+            model_dir,
+            TEXTS[3:],
+            stats,
+            [groups[i] for i in part],
+            tmp_path / f"part-{n}.json",
+            CONFIG,
+        )
+        for n, part in enumerate(partitions)
+    ]
+    return (
+        groups,
+        parts,
+        finalize(model_dir, TEXTS[3:], stats, parts, "sha256:test", tmp_path / "ckpt", CONFIG),
+    )
+
+
+def test_stages_match_recalibrate_and_any_split(tiny_llama_dir, tmp_path):
+    whole = recalibrate(
+        tiny_llama_dir, TEXTS[:4], TEXTS[3:], "sha256:test", tmp_path / "whole", CONFIG
+    )
+    groups, _, one = _run_stages(tiny_llama_dir, tmp_path / "one", [range(8)])
+    _, parts, split = _run_stages(
+        tiny_llama_dir, tmp_path / "split", [[0, 5, 2], [7, 1], [3, 4, 6]]
+    )
+
+    assert len(groups) == 8 and len(parts) == 3
+    for result in (one, split):
+        assert result.fallback_groups == whole.fallback_groups
+        assert result.ignore == whole.ignore
+        assert result.plan_mean_kl == pytest.approx(whole.plan_mean_kl, rel=1e-5, abs=1e-9)
+    by_group = {r.group: r.mean_kl for p in parts for r in load_sweep_file(p)}
+    record = json.loads(whole.calibration_json.read_text())
+    for group in record["groups"]:
+        assert by_group[group["name"]] == pytest.approx(group["mean_kl"], rel=1e-5, abs=1e-9)
+    # W4A4 input scales of the staged export equal the one-call export's
+    assert (
+        json.loads((tmp_path / "split" / "ckpt" / "config.json").read_text())["quantization_config"]
+        == json.loads((tmp_path / "whole" / "config.json").read_text())["quantization_config"]
+    )
+
+
+def test_stages_resume_instead_of_recomputing(tiny_llama_dir, tmp_path):
+    groups, parts, first = _run_stages(tiny_llama_dir, tmp_path, [range(8)])
+    stamps = {
+        p: (tmp_path / p).stat().st_mtime_ns
+        for p in ("stats.json", "part-0.json", "ckpt/calibration.json")
+    }
+    _, _, again = _run_stages(tiny_llama_dir, tmp_path, [range(8)])
+    assert (
+        again.fallback_groups == first.fallback_groups and again.plan_mean_kl == first.plan_mean_kl
+    )
+    assert stamps == {p: (tmp_path / p).stat().st_mtime_ns for p in stamps}
+
+
+def test_stage_errors_are_specific(tiny_llama_dir, tmp_path):
+    stats = collect_stats_file(tiny_llama_dir, TEXTS[:4], tmp_path / "stats.json", CONFIG)
+    with pytest.raises(ValueError, match="unknown groups"):
+        sweep_file(
+            tiny_llama_dir,
+            TEXTS,
+            stats,
+            ["model.layers.9.mlp.gate_up"],
+            tmp_path / "p.json",
+            CONFIG,
+        )
+    groups = target_group_names(tiny_llama_dir, CONFIG)
+    part = sweep_file(tiny_llama_dir, TEXTS[3:], stats, groups[:2], tmp_path / "p.json", CONFIG)
+    with pytest.raises(ValueError, match="do not cover 6 groups"):
+        finalize(tiny_llama_dir, TEXTS[3:], stats, [part], "sha256:test", tmp_path / "ckpt", CONFIG)
+    with pytest.raises(ValueError, match="not a KL-sweep file"):
+        load_sweep_file(stats)
