@@ -70,6 +70,7 @@ class MetricResult:
     verdict: Outcome
     critical: bool
     reason: str
+    enforced: bool = True  # False: recorded only, the stage outcome ignores it
 
     def as_record(self) -> dict[str, Any]:
         """Plain JSON-ready dict (enums as their values)."""
@@ -301,15 +302,19 @@ def judge_stage(
         judge_metric(gate, baseline.get(gate.name), candidate.get(gate.name), policy)
         for gate in policy.metrics
     )
+    # Reported-only metrics (``enforced=False``) are judged and recorded but never decide the stage.
+    enforced = {g.name for g in policy.metrics if g.enforced}
+    results = tuple(r if r.metric in enforced else replace(r, enforced=False) for r in results)
+    counted = [r for r in results if r.enforced]
     weights = {g.name: g.weight for g in policy.metrics}
-    total = sum(weights.values())
-    passed = sum(weights[r.metric] for r in results if r.verdict is Outcome.PASS)
-    undecided = sum(weights[r.metric] for r in results if r.verdict is Outcome.INCONCLUSIVE)
+    total = sum(weights[r.metric] for r in counted)
+    passed = sum(weights[r.metric] for r in counted if r.verdict is Outcome.PASS)
+    undecided = sum(weights[r.metric] for r in counted if r.verdict is Outcome.INCONCLUSIVE)
     score = 100.0 * passed / total
     best_case = 100.0 * (passed + undecided) / total
-    critical = [r.metric for r in results if r.critical]
-    failed = [r.metric for r in results if r.verdict is Outcome.FAIL]
-    inconclusive = [r.metric for r in results if r.verdict is Outcome.INCONCLUSIVE]
+    critical = [r.metric for r in counted if r.critical]
+    failed = [r.metric for r in counted if r.verdict is Outcome.FAIL]
+    inconclusive = [r.metric for r in counted if r.verdict is Outcome.INCONCLUSIVE]
 
     if critical:
         outcome, reason = Outcome.FAIL, f"critical failure: {', '.join(critical)}"

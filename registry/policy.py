@@ -77,6 +77,8 @@ class MetricGate:
     ``require_significance``: effect limits only count when Mann–Whitney U says the candidate is
     worse at ``GatePolicy.confidence`` (Kayenta style, for noisy metrics such as latency). Absolute
     ceilings never need significance.
+    ``enforced=False``: judged and recorded, but the stage outcome ignores it (a metric the current
+    evaluator cannot measure meaningfully, e.g. latency of an emulated candidate).
     """
 
     __pydantic_config__ = {"extra": "forbid"}  # edge validation: unknown keys are errors
@@ -94,6 +96,7 @@ class MetricGate:
     require_significance: bool = True
     min_samples: int | None = None
     weight: float = 1.0
+    enforced: bool = True
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.strip():
@@ -271,6 +274,8 @@ class GatePolicy:
         object.__setattr__(self, "metrics", metrics)
         if not metrics:
             raise ValueError("GatePolicy.metrics must not be empty")
+        if not any(m.enforced for m in metrics):
+            raise ValueError("GatePolicy needs at least one enforced metric")
         names = [m.name for m in metrics]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

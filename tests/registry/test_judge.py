@@ -244,3 +244,35 @@ def test_stage_sample_size_never_below_minimum():
     assert stage_sample_size(policy, 0, 1000) == 50  # 1 % of 1000 = 10 < 50
     assert stage_sample_size(policy, 2, 1000) == 500
     assert stage_sample_size(policy, 3, 1000) == 1000
+
+
+def test_reported_only_metric_never_decides_the_stage():
+    """A metric with ``enforced=False`` is judged and recorded, but a failure does not fail the stage."""
+    import dataclasses
+
+    import numpy as np
+
+    from registry.judge import Outcome, judge_stage
+    from registry.policy import GatePolicy, default_metric_gates
+
+    rng = np.random.default_rng(0)
+    gates = tuple(
+        dataclasses.replace(g, enforced=False) if g.name == "latency_ms" else g
+        for g in default_metric_gates()
+    )
+    policy = GatePolicy(metrics=gates)
+    n = 200
+    baseline = {"latency_ms": rng.gamma(4, 25, n), "nll": rng.normal(2.0, 0.3, n)}
+    candidate = {
+        "latency_ms": rng.gamma(4, 25, n) * 3.0,  # 3x slower: a critical failure if enforced
+        "nll": baseline["nll"],
+        "top1_agreement": np.ones(n),
+        "kl_mean": np.full(n, 0.001),
+        "kl_p99": np.full(n, 0.01),
+        "outlier_fallback_rate": np.zeros(n),
+    }
+    verdict = judge_stage(baseline, candidate, policy)
+    assert verdict.outcome is Outcome.PASS and verdict.score == 100.0
+    latency = verdict.metric("latency_ms")
+    assert latency.verdict is Outcome.FAIL and not latency.enforced
+    assert judge_stage(baseline, candidate, GatePolicy()).outcome is Outcome.FAIL
