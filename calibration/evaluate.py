@@ -225,6 +225,15 @@ def ranges_from_input_global_scales(scales: Mapping[str, float]) -> dict[str, fl
     return ranges
 
 
+def load_source(source: ModelSource) -> nn.Module | tuple:
+    """Load a folder or call a loader; a module or tuple is returned as is (for reuse across calls)."""
+    if isinstance(source, (str, os.PathLike)):
+        return load_model_dir(source)
+    if callable(source) and not isinstance(source, nn.Module):
+        return source()
+    return source
+
+
 def _resolve(source: ModelSource, role: str) -> _Loaded:
     if isinstance(source, nn.Module):
         config = getattr(source, "config", None)
@@ -637,6 +646,13 @@ class InProcessEvaluator:
     max_len: int = 256
     batch_size: int = 1
     seed: int = 0
+
+    def preload(self) -> InProcessEvaluator:
+        """A copy whose sources are loaded once (folders/callables → ``(model, tokenizer, info)``),
+        so several stages reuse the same models."""
+        return replace(
+            self, baseline=load_source(self.baseline), candidate=load_source(self.candidate)
+        )
 
     def __call__(
         self, prompts: Sequence[Prompt], *, request_indices: Sequence[int] | None = None

@@ -38,6 +38,16 @@ from tests.calibration.replay_helpers import (
 PROMPTS = SAMPLE_PROMPTS[:6]
 
 
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """One torch thread: on this shared 2-core box two OpenMP threads collapse (SmolLM2, 8 tokens:
+    0.08 s per forward with one thread, 3.5 s with two while another process is busy)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return char_tokenizer()
@@ -270,3 +280,29 @@ def test_stage_sampling_depends_on_seed():
     assert len(a) == len(b) == 100 and a != b
     with pytest.raises(ReplayError):
         stage_request_indices(1000, 0.0, min_samples=50, seed=1)
+
+
+def test_replay_from_checkpoint_folders(model, tokenizer, tmp_path):
+    """Folders in, loaders chosen by config.json; W4A4 layers come from the checkpoint's scales."""
+    from calibration.checkpoint import export_nvfp4_checkpoint
+
+    base_dir = tmp_path / "base"
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    layers = sorted(
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n
+    )
+    export_nvfp4_checkpoint(
+        model,
+        tmp_path / "w4a4",
+        scheme="nvfp4",
+        input_amax=dict.fromkeys(layers, 0.5),  # far too narrow: most tokens fall outside
+        tokenizer=tokenizer,
+    )
+    same = replay(base_dir, base_dir, PROMPTS[:2], max_len=24)
+    assert all(r.kl_mean == 0.0 and r.top1_agreement == 1.0 for r in same.records)
+    result = replay(base_dir, tmp_path / "w4a4", PROMPTS[:2], max_len=24)
+    assert sorted(result.outlier_layers_candidate) == layers
+    assert result.candidate_name == str(tmp_path / "w4a4")
+    assert all(r.kl_mean > 0 and r.outlier_fallback_rate_candidate > 0.5 for r in result.records)
+    assert all(r.outlier_fallback_rate_baseline == 0.0 for r in result.records)

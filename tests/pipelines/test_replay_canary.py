@@ -1,0 +1,171 @@
+"""Replay canary = evaluator + judge: A/A passes on the shipped logs' hold-out, damage fails at once."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+
+import pytest
+import torch
+
+from calibration.evaluate import InProcessEvaluator, load_replay
+from pipelines.canary_stage import (
+    judge_replay,
+    run_replay_canary,
+    run_replay_stage,
+    stage_requests,
+)
+from registry.judge import Decision, Outcome, stage_sample_size
+from registry.policy import GatePolicy
+from tests.calibration.replay_helpers import char_tokenizer, fake_quantized_copy, tiny_llama
+
+HOLDOUT_SIZE = 100
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """One torch thread: on this shared 2-core box two OpenMP threads collapse (SmolLM2, 8 tokens:
+    0.08 s per forward with one thread, 3.5 s with two while another process is busy)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sample_log_holdout(size: int = HOLDOUT_SIZE, *, lines: int = 600, seed: int = 0) -> list[str]:
+    """Redacted hold-out prompts sampled from the shipped sample logs (first ``lines`` lines)."""
+    from calibration.data import SAMPLE_PROMPT_LOGS
+    from calibration.sampling import PromptRecord, SamplingConfig, sample_calibration_set
+    from registry.prompt_logs import flatten_prompt, parse_prompt
+
+    with gzip.open(SAMPLE_PROMPT_LOGS, "rt", encoding="utf-8") as handle:
+        parsed = [parse_prompt(json.loads(line)) for line in itertools.islice(handle, lines)]
+    records = [
+        PromptRecord(
+            id=i,
+            received_at=p.received_at,
+            route=p.route,
+            model=p.model,
+            text=flatten_prompt(p.messages, p.prompt_text),
+            token_count=p.token_count,
+            source="sample-logs",
+            messages=p.messages,
+        )
+        for i, p in enumerate(parsed)
+    ]
+    sample = sample_calibration_set(records, SamplingConfig(size=16, holdout_size=size, seed=seed))
+    return [member.text for member in sample.holdout]
+
+
+@pytest.fixture(scope="module")
+def holdout() -> list[str]:
+    return sample_log_holdout()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_llama(len(tokenizer))
+
+
+@pytest.mark.parametrize("window", [10, 200, 5000])
+def test_stage_requests_agree_with_the_judge(window):
+    policy = GatePolicy()
+    for stage in range(len(policy.plan.steps)):
+        indices = stage_requests(policy, stage, window, seed=3)
+        assert len(indices) == min(window, stage_sample_size(policy, stage, window))
+
+
+def test_aa_canary_passes_every_stage_on_sample_logs(model, tokenizer, holdout, tmp_path):
+    """Same model as baseline and candidate, default thresholds: promote after all four stages."""
+    assert len(holdout) == HOLDOUT_SIZE
+    evaluator = InProcessEvaluator(model, model, tokenizer=tokenizer, max_len=48)
+    decision, progress, stages = run_replay_canary(evaluator, holdout, replay_dir=tmp_path)
+    reasons = [(s.stage_index, s.verdict.reason) for s in stages]
+    assert decision is Decision.PROMOTE, reasons
+    assert [s.verdict.outcome for s in stages] == [Outcome.PASS] * 4
+    assert [len(s.request_indices) for s in stages] == [50, 50, 50, 100]
+    assert progress.stage_index == 3 and progress.failed_analyses == 0
+    first = stages[0].verdict
+    assert first.metric("kl_mean").candidate_statistic == 0.0
+    assert first.metric("top1_agreement").candidate_statistic == 1.0
+    assert first.metric("latency_ms").n_candidate == 50
+    saved = load_replay(tmp_path / "replay-stage-0.json")
+    assert saved.records == stages[0].replay.records
+    assert judge_replay(saved).outcome is Outcome.PASS  # a saved replay judges the same
+
+
+def test_damaged_candidate_fails_first_stage(model, tokenizer, holdout, tmp_path):
+    damaged = fake_quantized_copy(model, global_scale_factor=64.0)
+    evaluator = InProcessEvaluator(model, damaged, tokenizer=tokenizer, max_len=64)
+    decision, progress, stages = run_replay_canary(evaluator, holdout, replay_dir=tmp_path)
+    assert decision is Decision.ROLLBACK
+    assert len(stages) == 1 and stages[0].verdict.outcome is Outcome.FAIL
+    assert stages[0].verdict.critical_failure
+    assert {"kl_mean", "top1_agreement"} <= set(stages[0].verdict.failed_metrics)
+    assert progress.failed_analyses == 1
+
+
+def test_short_window_is_inconclusive(model, tokenizer, holdout):
+    evaluator = InProcessEvaluator(model, model, tokenizer=tokenizer, max_len=32)
+    stage = run_replay_stage(evaluator, holdout[:20], stage_index=0)
+    assert len(stage.request_indices) == 20
+    assert stage.verdict.outcome is Outcome.INCONCLUSIVE
+
+
+def small_model_policy() -> GatePolicy:
+    """Default gates with quality limits a 135M model at 4 bits can meet.
+
+    Measured on SmolLM2-135M, plain W4A16 ``pack`` (no fallback), 50 held-out prompts: KL mean
+    0.27, KL p99 1.5, top-1 0.74, perplexity ratio 1.12 — far outside the defaults (0.05 / 0.5 /
+    0.99 / 1.01), which are set for production-size models. Latency and outlier gates stay default.
+    """
+    from dataclasses import replace
+
+    limits = {
+        "kl_mean": {"ceiling": 0.6},
+        "kl_p99": {"ceiling": 3.0},
+        "top1_agreement": {"ceiling": 0.6},
+        "nll": {"max_effect": 1.3},
+    }
+    return GatePolicy(
+        metrics=tuple(replace(g, **limits.get(g.name, {})) for g in GatePolicy().metrics)
+    )
+
+
+@pytest.mark.slow
+def test_smollm2_replay_canary_first_stage(smollm2_dir, holdout, tmp_path):
+    """Packed W4A16 SmolLM2 passes stage 1; every layer at global scale × 64 fails it, critically."""
+    from calibration.checkpoint import export_nvfp4_checkpoint, load_nvfp4_checkpoint
+    from calibration.models import load_causal_lm
+
+    baseline = load_causal_lm(smollm2_dir, dtype="float32")
+    export_nvfp4_checkpoint(
+        baseline.model, tmp_path / "w4a16", scheme="nvfp4a16", source_dir=smollm2_dir
+    )
+    packed = load_nvfp4_checkpoint(tmp_path / "w4a16", dtype="float32")
+    damaged = fake_quantized_copy(baseline.model, global_scale_factor=64.0)
+    policy = small_model_policy()
+
+    good = run_replay_stage(
+        InProcessEvaluator(baseline, packed, max_len=32), holdout, stage_index=0, policy=policy
+    )
+    summary = good.replay.summary()
+    assert good.verdict.outcome is Outcome.PASS, (good.verdict.reason, summary)
+    assert len(good.request_indices) == 50 and good.replay.num_errors == 0
+    assert 0 < summary["kl_mean"] < 0.6 and summary["outlier_fallback_rate"] == 0.0
+
+    bad = run_replay_stage(
+        InProcessEvaluator(baseline, damaged, tokenizer=baseline.tokenizer, max_len=32),
+        holdout,
+        stage_index=0,
+        policy=policy,
+    )
+    assert bad.verdict.outcome is Outcome.FAIL and bad.verdict.critical_failure
+    assert {"kl_mean", "top1_agreement", "nll"} <= set(bad.verdict.failed_metrics)
+    assert judge_replay(bad.replay).outcome is Outcome.FAIL  # and at the default gates too
