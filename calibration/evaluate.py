@@ -10,8 +10,10 @@ and the candidate model on CPU (teacher-forced over the prompt tokens, one forwa
 * ``top1_agreement``: share of positions whose argmax agrees.
 * ``nll_baseline`` / ``nll_candidate``: mean NLL (nats/token) of the prompt tokens 1..T-1 under each model
   (``exp`` of their difference is the perplexity ratio).
-* ``outlier_fallback_rate_*``: share of tokens whose input to ANY W4A4 layer has an element beyond the
-  layer's calibrated range, ``|x| > 448 * 6 / input_global_scale`` (the stored static input amax).
+* ``outlier_fallback_rate_*``: share of (token, W4A4 layer) pairs whose input row has an element beyond
+  the layer's calibrated range, ``|x| > 448 * 6 / input_global_scale`` (the stored static input amax):
+  how often a quantized matmul would need its outlier fallback. (Counting a token once if ANY of the
+  ~200 layers of a model exceeds its range would grow with depth and says little per layer.)
 
 Records are saved/loaded as strict JSON (:func:`save_replay` / :func:`load_replay`, NaN stored as
 ``null``) because Prefect tasks pass paths, never tensors. :func:`judge_samples` turns a result into
@@ -88,7 +90,7 @@ class ReplayRecord:
     top1_agreement: float  # share of positions with equal argmax
     nll_baseline: float  # nats/token over tokens 1..num_tokens-1 (NaN when num_tokens < 2)
     nll_candidate: float
-    outlier_fallback_rate_baseline: float  # share of tokens beyond a W4A4 layer's range
+    outlier_fallback_rate_baseline: float  # share of (token, W4A4 layer) pairs beyond the range
     outlier_fallback_rate_candidate: float
     error: str | None = None
 
@@ -287,12 +289,14 @@ def calibrated_input_ranges(model: nn.Module) -> dict[str, float]:
 
 
 class _OutlierWatch:
-    """Forward pre-hooks (run before any fake-quant hook) marking tokens whose input to a watched layer
-    exceeds its calibrated range. ``token_mask``: bool ``[batch, seq]`` OR-ed over layers."""
+    """Forward pre-hooks (run before any fake-quant hook) counting, per token, the watched layers whose
+    input exceeds their calibrated range. ``token_share``: float ``[batch, seq]`` = that count divided
+    by the number of watched layers (0 = no layer clipped this token, 1 = every layer did)."""
 
     def __init__(self, model: nn.Module, ranges: Mapping[str, float]) -> None:
         modules = dict(model.named_modules())
-        self.token_mask: torch.Tensor | None = None
+        self.num_layers = len(ranges)
+        self.counts: torch.Tensor | None = None  # int32 [batch, seq]: layers beyond range
         self._handles = [
             modules[name].register_forward_pre_hook(self._hook(limit), prepend=True)
             for name, limit in ranges.items()
@@ -303,16 +307,22 @@ class _OutlierWatch:
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor) or x.dim() < 2:
                 return
-            beyond = (x.detach().abs() > limit).any(dim=-1)  # [batch, seq] (or [tokens])
-            if self.token_mask is None or self.token_mask.shape != beyond.shape:
-                self.token_mask = beyond
+            beyond = (x.detach().abs() > limit).any(dim=-1).to(torch.int32)  # [batch, seq]
+            if self.counts is None or self.counts.shape != beyond.shape:
+                self.counts = beyond
             else:
-                self.token_mask = self.token_mask | beyond
+                self.counts = self.counts + beyond
 
         return hook
 
+    @property
+    def token_share(self) -> torch.Tensor | None:
+        if self.counts is None or not self.num_layers:
+            return None
+        return self.counts.float() / self.num_layers
+
     def reset(self) -> None:
-        self.token_mask = None
+        self.counts = None
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -399,7 +409,7 @@ class _Side:
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, float, torch.Tensor | None]:
-        """``(logits [B, T, V] on CPU, wall seconds, outlier token mask [B, T] or None)``."""
+        """``(logits [B, T, V] on CPU, wall seconds, per-token share of layers beyond range [B, T] or None)``."""
         if self.watch is not None:
             self.watch.reset()
         ids = input_ids.to(self.device)
@@ -409,8 +419,8 @@ class _Side:
         elapsed = time.perf_counter() - start
         logits = out.logits if hasattr(out, "logits") else out[0]
         outliers = None
-        if self.watch is not None and self.watch.token_mask is not None:
-            outliers = self.watch.token_mask.reshape(input_ids.shape).cpu()
+        if self.watch is not None and self.watch.token_share is not None:
+            outliers = self.watch.token_share.reshape(input_ids.shape).cpu()
         return logits.detach().cpu(), elapsed, outliers
 
     def close(self) -> None:
