@@ -34,6 +34,7 @@ from torch import nn
 
 from calibration.groups import DEFAULT_IGNORE, LinearGroup, TargetSelection, select_targets
 from calibration.models import (
+    MODEL_BUILD_LOCK,
     TOKENIZER_FILES,
     ModelLoadError,
     hub_offline,
@@ -566,7 +567,7 @@ def load_nvfp4_checkpoint(
     for name, tensor in tensors.items():
         state[name] = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor
 
-    with torch.device(target):
+    with MODEL_BUILD_LOCK, torch.device(target):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = _tied_parameter_names(model)

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
@@ -94,19 +95,27 @@ def fp4roll_home() -> Path:
     return Path(os.environ.get("FP4ROLL_HOME", Path.home() / ".fp4roll")).expanduser()
 
 
+#: transformers builds models under process-global state (meta-device and default-dtype context
+#: managers) and :func:`hub_offline` edits ``os.environ``: two loads in threads (the KL-sweep thread
+#: pool) corrupt each other ("Cannot copy out of meta tensor"). Every model construction here holds it.
+MODEL_BUILD_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def hub_offline() -> Iterator[None]:
-    """Set ``HF_HUB_OFFLINE=1``/``TRANSFORMERS_OFFLINE=1`` for the duration (restored after)."""
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update({k: "1" for k in saved})
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    """Set ``HF_HUB_OFFLINE=1``/``TRANSFORMERS_OFFLINE=1`` for the duration (restored after), holding
+    :data:`MODEL_BUILD_LOCK`."""
+    with MODEL_BUILD_LOCK:
+        saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        os.environ.update({k: "1" for k in saved})
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 class WeightFiles(NamedTuple):
@@ -294,7 +303,8 @@ def prepare_smollm2(cache_dir: str | Path | None = None) -> Path:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.bfloat16
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with MODEL_BUILD_LOCK:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
     missing = [k for k in missing if k not in _tied_keys(model)]
     if missing or unexpected:
