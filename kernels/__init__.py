@@ -1,4 +1,4 @@
-"""NVFP4 numerics: E2M1 codes, FP8 block scales, torch reference codec, Triton kernels.
+"""NVFP4 numerics: E2M1 codes, FP8 block scales, torch reference codec, Triton and numba kernels.
 
 Public contract (other packages import only these names)::
 
@@ -12,6 +12,7 @@ from kernels.dispatch import (
     fake_quantize_nvfp4_activation,
     fake_quantize_nvfp4_weight,
     global_scale_from_amax,
+    numba_available,
     nvfp4_w4a16_matmul,
     quantize_nvfp4,
     resolve_backend,
@@ -43,6 +44,7 @@ __all__ = [
     "fake_quantize_nvfp4_activation",
     "fake_quantize_nvfp4_weight",
     "global_scale_from_amax",
+    "numba_available",
     "nvfp4_w4a16_matmul",
     "quantize_nvfp4",
     "resolve_backend",

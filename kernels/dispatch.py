@@ -1,15 +1,17 @@
-"""Public NVFP4 ops: one function per op, dispatched to the Triton kernels, the fast CPU path or
-the pure-torch reference.
+"""Public NVFP4 ops: one function per op, dispatched to the Triton kernels, the fused numba CPU
+kernels, the vectorized-torch CPU path or the pure-torch reference.
 
-``FP4ROLL_KERNEL_BACKEND`` (read at every call) forces a path: ``reference`` | ``torch`` (the fast
-CPU path, also valid on CUDA) | ``triton`` (on CPU only through Triton's interpreter,
-``TRITON_INTERPRET=1`` set before ``kernels`` is imported) | ``auto`` (default: CUDA tensors ->
-Triton when it is importable, everything else -> the fast CPU path). All paths give identical
-bytes; see ``kernels.reference`` for the numerics and the decided edge cases.
+``FP4ROLL_KERNEL_BACKEND`` (read at every call) forces a path: ``reference`` | ``torch``
+(vectorized torch, also valid on CUDA) | ``numba`` (fused CPU kernels; CPU tensors only) |
+``triton`` (on CPU only through Triton's interpreter, ``TRITON_INTERPRET=1`` set before
+``kernels`` is imported) | ``auto`` (default: CUDA tensors -> Triton when it is importable; CPU
+tensors -> numba when it is importable, else torch). All paths give identical bytes; see
+``kernels.reference`` for the numerics and the decided edge cases.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from enum import Enum
@@ -28,6 +30,7 @@ class KernelBackend(str, Enum):
     AUTO = "auto"
     REFERENCE = "reference"
     TORCH = "torch"
+    NUMBA = "numba"
     TRITON = "triton"
 
 
@@ -50,14 +53,35 @@ def triton_available() -> bool:
     return True
 
 
+@functools.cache
+def numba_available() -> bool:
+    """True when the numba kernels can be imported (imported lazily, once: ~0.5 s for numba)."""
+    try:
+        from kernels import numba_kernels  # noqa: F401
+    except ImportError as exc:
+        logger.info("numba kernels unavailable (%s); CPU ops use vectorized torch", exc)
+        return False
+    return True
+
+
 def resolve_backend(tensor: torch.Tensor) -> KernelBackend:
     """The concrete backend that will run an op on ``tensor``."""
     backend = requested_backend()
     if backend is KernelBackend.AUTO:
-        if tensor.is_cuda and triton_available():
-            return KernelBackend.TRITON
+        if tensor.is_cuda:
+            return KernelBackend.TRITON if triton_available() else KernelBackend.TORCH
+        if tensor.device.type == "cpu" and numba_available():
+            return KernelBackend.NUMBA
         return KernelBackend.TORCH
     return backend
+
+
+def _numba():
+    try:
+        from kernels import numba_kernels
+    except ImportError as exc:
+        raise NVFP4Error(f"{BACKEND_ENV_VAR}=numba but numba is not importable: {exc}") from exc
+    return numba_kernels
 
 
 def _triton():
@@ -87,6 +111,8 @@ def quantize_nvfp4(
     backend = resolve_backend(weight)
     if backend is KernelBackend.TRITON:
         return _triton().quantize_nvfp4_triton(weight, global_scale, name=name)
+    if backend is KernelBackend.NUMBA:
+        return _numba().quantize_nvfp4_numba(weight, global_scale, name=name)
     if backend is KernelBackend.TORCH:
         return cpu.quantize_nvfp4_cpu(weight, global_scale, name=name)
     return reference.quantize_nvfp4_reference(weight, global_scale, name=name)
@@ -102,6 +128,10 @@ def dequantize_nvfp4(
     backend = resolve_backend(weight_packed)
     if backend is KernelBackend.TRITON:
         return _triton().dequantize_nvfp4_triton(
+            weight_packed, weight_scale, weight_global_scale, dtype
+        )
+    if backend is KernelBackend.NUMBA:
+        return _numba().dequantize_nvfp4_numba(
             weight_packed, weight_scale, weight_global_scale, dtype
         )
     if backend is KernelBackend.TORCH:
@@ -122,6 +152,8 @@ def fake_quantize_nvfp4_weight(
     if backend is KernelBackend.TRITON:
         packed = _triton().quantize_nvfp4_triton(weight, global_scale, name=name)
         return _triton().dequantize_nvfp4_triton(*packed, weight.dtype)
+    if backend is KernelBackend.NUMBA:
+        return _numba().fake_quantize_nvfp4_weight_numba(weight, global_scale, name=name)
     if backend is KernelBackend.TORCH:
         return cpu.fake_quantize_nvfp4_weight_cpu(weight, global_scale, name=name)
     return reference.fake_quantize_nvfp4_weight_reference(weight, global_scale, name=name)
@@ -135,6 +167,8 @@ def fake_quantize_nvfp4_activation(
     backend = resolve_backend(x)
     if backend is KernelBackend.TRITON:
         return _triton().fake_quantize_nvfp4_activation_triton(x, input_global_scale)
+    if backend is KernelBackend.NUMBA:
+        return _numba().fake_quantize_nvfp4_activation_numba(x, input_global_scale)
     if backend is KernelBackend.TORCH:
         return cpu.fake_quantize_nvfp4_activation_cpu(x, input_global_scale)
     return reference.fake_quantize_nvfp4_activation_reference(x, input_global_scale)
@@ -150,6 +184,10 @@ def nvfp4_w4a16_matmul(
     backend = resolve_backend(x)
     if backend is KernelBackend.TRITON:
         return _triton().nvfp4_w4a16_matmul_triton(
+            x, weight_packed, weight_scale, weight_global_scale
+        )
+    if backend is KernelBackend.NUMBA:
+        return _numba().nvfp4_w4a16_matmul_numba(
             x, weight_packed, weight_scale, weight_global_scale
         )
     if backend is KernelBackend.TORCH:

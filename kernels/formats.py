@@ -65,6 +65,14 @@ class NVFP4Weight(NamedTuple):
 def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
     """Raise a specific :class:`NVFP4Error` unless ``weight`` is a finite 2-D float tensor with
     K (last dim) a multiple of 16."""
+    check_weight_layout(weight, name)
+    if not bool(torch.isfinite(weight).all()):
+        raise non_finite_error(weight, name)
+
+
+def check_weight_layout(weight: torch.Tensor, name: str = "weight") -> None:
+    """:func:`check_weight` without the finiteness check (for kernels that count non-finite
+    values in their own pass and then raise :func:`non_finite_error`)."""
     if not isinstance(weight, torch.Tensor):
         raise NVFP4Error(f"{name}: expected a torch.Tensor, got {type(weight).__name__}")
     if not weight.is_floating_point():
@@ -74,12 +82,15 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
             f"{name}: expected a 2-D weight [out, in], got shape {tuple(weight.shape)}"
         )
     check_block_dim(weight.shape[-1], name)
-    if not bool(torch.isfinite(weight).all()):
-        n_bad = int((~torch.isfinite(weight)).sum())
-        raise NonFiniteWeightError(
-            f"{name}: {n_bad} non-finite value(s) (NaN/Inf) in a tensor of shape "
-            f"{tuple(weight.shape)}; it cannot be NVFP4-quantized"
-        )
+
+
+def non_finite_error(weight: torch.Tensor, name: str) -> NonFiniteWeightError:
+    """The error for a weight holding NaN/Inf, naming the tensor and counting the bad values."""
+    n_bad = int((~torch.isfinite(weight)).sum())
+    return NonFiniteWeightError(
+        f"{name}: {n_bad} non-finite value(s) (NaN/Inf) in a tensor of shape "
+        f"{tuple(weight.shape)}; it cannot be NVFP4-quantized"
+    )
 
 
 def check_block_dim(k: int, name: str) -> None:
