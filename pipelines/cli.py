@@ -32,6 +32,9 @@ def _root(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # every Prefect API call is an INFO line from httpx
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def _register() -> None:
