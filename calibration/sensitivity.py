@@ -27,13 +27,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import Enum
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from calibration.checkpoint import NVFP4Scheme
 from calibration.groups import LinearGroup, TargetSelection
 from calibration.observers import ActivationStats, TokenBatch, _model_device, tokenize_batches
 from kernels import (
@@ -45,11 +45,8 @@ from kernels import (
 logger = logging.getLogger(__name__)
 
 
-class QuantScheme(str, Enum):
-    """Names follow the checkpoint export: ``nvfp4`` = W4A4, ``nvfp4a16`` = W4A16."""
-
-    W4A4 = "nvfp4"
-    W4A16 = "nvfp4a16"
+#: ``nvfp4`` = W4A4, ``nvfp4a16`` = W4A16: the checkpoint export's enum, so a sweep and its export agree.
+QuantScheme = NVFP4Scheme
 
 
 @dataclass(frozen=True)
@@ -374,7 +371,7 @@ def score_quantized(
     return acc.score(baseline)
 
 
-def _sensitivity(group: LinearGroup, score: QualityScore) -> GroupSensitivity:
+def group_sensitivity(group: LinearGroup, score: QualityScore) -> GroupSensitivity:
     return GroupSensitivity(
         group=group.name,
         kind=group.kind.value,
@@ -425,7 +422,7 @@ def sweep_groups(
             replicas.put(replica)
         bar.update(1)
         logger.debug("group %s: mean KL %.5f", group.name, score.mean_kl)
-        return _sensitivity(group, score)
+        return group_sensitivity(group, score)
 
     try:
         if num_workers == 1:

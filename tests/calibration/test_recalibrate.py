@@ -58,12 +58,15 @@ def test_recalibrate_requires_digest(tiny_llama_dir, tmp_path):
 
 @pytest.mark.slow
 def test_recalibrate_smollm2_plan_beats_everything_quantized(smollm2_dir, tmp_path):
-    # Kept tiny (3 + 3 prompts of <= 16 tokens): 120 groups x one forward each on a shared 2-core CPU.
+    # Kept tiny (6 + 3 prompts of <= 16 tokens): 120 groups x one forward each on a shared 2-core CPU.
+    # W4A4 per-group KLs compound and vary with tiny weight changes (DESIGN.md), so the plan keeps a
+    # clear 30 % budget back and only the ordering plan < everything-quantized is asserted.
     config = RecalibrationConfig(
-        max_fallback_fraction=0.1, kl_threshold=None, max_seq_len=16, batch_size=4, progress=False
+        max_fallback_fraction=0.3, kl_threshold=None, max_seq_len=16, batch_size=6, progress=False
     )
+    calibration = [*TEXTS[:3], *(t.upper() for t in TEXTS[:3])]  # disjoint from the eval prompts
     result = recalibrate(
-        smollm2_dir, TEXTS[:3], TEXTS[3:], "sha256:smollm2-test", tmp_path / "c", config
+        smollm2_dir, calibration, TEXTS[3:], "sha256:smollm2-test", tmp_path / "c", config
     )
     assert result.num_groups == 30 * 4
     assert result.fallback_groups
