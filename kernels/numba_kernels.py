@@ -94,6 +94,9 @@ _T0, _T1, _T2, _T3, _T4, _T5, _T6 = (
 )
 
 
+_CACHE_WARNED: list[bool] = []
+
+
 def _jit(parallel: bool = False, inline: bool = False):
     """``njit`` with the project's options; ``cache=True`` unless no cache dir is writable.
 
@@ -112,7 +115,13 @@ def _jit(parallel: bool = False, inline: bool = False):
         try:
             return numba.njit(cache=True, **options)(fn)
         except RuntimeError as exc:  # "cannot cache function ...: no locator available"
-            logger.warning("numba cache unavailable (%s); compiling %s in memory", exc, fn.__name__)
+            if not _CACHE_WARNED:
+                _CACHE_WARNED.append(True)
+                logger.warning(
+                    "numba cache unavailable (%s); kernels are compiled in memory at first use "
+                    "(set NUMBA_CACHE_DIR to a writable directory to keep them)",
+                    exc,
+                )
             return numba.njit(cache=False, **options)(fn)
 
     return decorate
