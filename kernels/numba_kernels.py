@@ -10,7 +10,8 @@ buffers (numpy views); fp32 -> bf16/fp16 stores round to nearest even with integ
 Non-finite values are counted in the same pass, so ``quantize`` needs no separate
 ``isfinite`` pass (a second read-only pass computes the tensor amax when no global scale is given).
 
-Threads: rows are split over ``prange`` chunks (``parallel=True``) for inputs of at least
+Threads: rows are split over ``prange`` chunks (``parallel=True``, numba's ``workqueue`` layer
+unless ``NUMBA_THREADING_LAYER`` is set, see below) for inputs of at least
 ``PARALLEL_MIN_ELEMENTS``, using ``min(torch.get_num_threads(), numba's thread count)`` threads.
 The serial kernel (``nogil``) is used instead when another thread is already inside a parallel
 kernel (numba's ``workqueue`` layer aborts on concurrent launches; thread pools such as the KL
@@ -62,8 +63,9 @@ __all__ = [
     "quantize_nvfp4_numba",
 ]
 
-#: Inputs with fewer elements run the serial kernel (a parallel launch costs more than it saves).
-PARALLEL_MIN_ELEMENTS = 1 << 16
+#: Inputs with fewer elements run the serial kernel (a parallel launch costs more than it saves;
+#: the serial kernels do ~1 ns per element).
+PARALLEL_MIN_ELEMENTS = 1 << 20
 #: prange chunks per thread (load balance on a shared machine).
 CHUNKS_PER_THREAD = 4
 
@@ -482,6 +484,14 @@ _F16_TABLE = (
     torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16).float().numpy()
 )
 
+# numba's threading layer: ``workqueue`` unless NUMBA_THREADING_LAYER says otherwise. Its idle
+# threads sleep; the ``omp`` layer's spinning GNU OpenMP threads fight torch's own OpenMP pool on
+# a busy machine (measured on 2 shared cores with the default OMP_WAIT_POLICY: quantizing the 210
+# SmolLM2 weights took 10 s through omp prange kernels vs 0.25 s through workqueue or serially).
+# workqueue is not thread safe: ``_Launch`` lets one thread at a time run a prange kernel.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
 _IMPORT_PID = os.getpid()
 _PARALLEL_LOCK = threading.Lock()
 
@@ -680,8 +690,8 @@ def warm_up() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for dtype in _NATIVE_MODES:
-            for rows in (1, 64):  # serial and parallel kernels
-                weight = torch.ones(rows, 16 * 64, dtype=dtype)
+            for rows in (1, max(2, PARALLEL_MIN_ELEMENTS // 1024)):  # serial and parallel
+                weight = torch.ones(rows, 1024, dtype=dtype)
                 packed = quantize_nvfp4_numba(weight)
                 dequantize_nvfp4_numba(*packed, dtype=dtype)
                 fake_quantize_nvfp4_weight_numba(weight)

@@ -235,8 +235,10 @@ def test_float16_and_bfloat16_stores_equal_torch_casts():
     assert torch.equal(outbf[0].view(torch.int16), values.to(torch.bfloat16).view(torch.int16))
 
 
-def test_concurrent_calls_from_a_thread_pool_agree():
-    """Only one thread at a time runs the prange kernels; the others run serially (nogil)."""
+def test_concurrent_calls_from_a_thread_pool_agree(monkeypatch):
+    """Only one thread at a time runs the prange kernels (numba's workqueue layer aborts on
+    concurrent launches); the others run serially (nogil)."""
+    monkeypatch.setattr(nk, "PARALLEL_MIN_ELEMENTS", 0)
     weights = [(torch.randn(64, 1024) * (i + 1)).to(torch.bfloat16) for i in range(6)]
     expected = [quantize_nvfp4_reference(w) for w in weights]
     results: list = [None] * len(weights)
@@ -262,9 +264,10 @@ def _quantize_in_child(queue) -> None:
     queue.put(int(nk.quantize_nvfp4_numba(weight).weight_packed.sum()))
 
 
-def test_forked_child_takes_the_serial_kernels():
+def test_forked_child_takes_the_serial_kernels(monkeypatch):
     """GNU OpenMP is not fork safe (numba's omp layer kills a forked child that launches a
     parallel region): a child forked after the parent ran prange kernels runs serially."""
+    monkeypatch.setattr(nk, "PARALLEL_MIN_ELEMENTS", 0)
     nk.quantize_nvfp4_numba(torch.ones(64, 1024))  # parent: parallel kernels launched
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
