@@ -1,4 +1,7 @@
-"""Fast CPU path (vectorized torch). Must equal ``kernels.reference`` bit for bit.
+"""Vectorized-torch CPU path (backend ``torch``). Must equal ``kernels.reference`` bit for bit.
+
+The default CPU backend is ``kernels.numba_kernels`` (fused, ~30x faster); this path is the
+fallback when numba is not importable, and also runs on CUDA tensors.
 
 Quantization works on row chunks of ~1M elements (cache-friendly), and maps each scaled value to
 its E2M1 code with one signed ``torch.bucketize`` over 15 boundaries plus a 16-entry table
