@@ -7,8 +7,9 @@ FP8 E4M3 encode with integer ops (RNE, subnormals), ``scale_eff = fp32(fp8) / gs
 ``x / scale_eff`` and E2M1 rounding by comparisons. Outputs are written straight into torch-owned
 buffers (numpy views); fp32 -> bf16/fp16 stores round to nearest even with integer ops, as torch.
 
-Non-finite values are counted in the same pass, so ``quantize`` needs no separate
+Blocks holding NaN/Inf are flagged in the same pass, so ``quantize`` needs no separate
 ``isfinite`` pass (a second read-only pass computes the tensor amax when no global scale is given).
+Activation blocks holding NaN decode to NaN as in the reference; NaN payload bits are not matched.
 
 Threads: rows are split over ``prange`` chunks (``parallel=True``, numba's ``workqueue`` layer
 unless ``NUMBA_THREADING_LAYER`` is set, see below) for inputs of at least
@@ -43,6 +44,7 @@ from numba.extending import intrinsic
 from kernels.formats import (
     E2M1_SIGNED_VALUES,
     FP4_BLOCK_SIZE,
+    NVFP4Error,
     NVFP4Weight,
     as_global_scale,
     check_block_dim,
@@ -545,9 +547,7 @@ def _native_2d(t: torch.Tensor, k: int) -> torch.Tensor:
     return t.reshape(-1, k).contiguous()
 
 
-def _not_cpu(t: torch.Tensor):
-    from kernels.formats import NVFP4Error
-
+def _not_cpu(t: torch.Tensor) -> NVFP4Error:
     return NVFP4Error(f"the numba backend runs on CPU tensors only, got device {t.device}")
 
 
