@@ -8,6 +8,11 @@ command is a pipeline run.
 from __future__ import annotations
 
 import logging
+import os
+
+# Before torch is imported: OpenMP threads that spin while waiting make torch several times slower
+# whenever another process (a Prefect or MLflow server, a second flow) shares the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer
 

@@ -29,7 +29,8 @@ from pipelines.params import (
     Scheme,
 )
 
-console = Console()
+# Wide enough for the status tables when output is piped (rich falls back to 80 columns there).
+console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Registered model name.")]

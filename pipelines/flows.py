@@ -144,11 +144,16 @@ def kl_sweep_flow(
 
 
 def _sweep_runner(params: RecalibrateParams):  # noqa: ANN202 - a Prefect task runner
+    """Dask when a scheduler is given; else a thread pool with one task per GPU (on a CPU-only host
+    torch already spreads one task over every core, so concurrent tasks would only contend)."""
     if params.dask_address:
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(address=params.dask_address)
-    return ThreadPoolTaskRunner(max_workers=max(1, min(params.sweep_tasks, 4)))
+    import torch
+
+    devices = torch.cuda.device_count() or 1
+    return ThreadPoolTaskRunner(max_workers=max(1, min(params.sweep_tasks, devices)))
 
 
 @flow(name="recalibrate", log_prints=False)

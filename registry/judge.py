@@ -95,11 +95,14 @@ class StageVerdict:
 
     @property
     def failed_metrics(self) -> tuple[str, ...]:
-        return tuple(m.metric for m in self.metrics if m.verdict is Outcome.FAIL)
+        """Enforced metrics that failed (reported-only ones never count)."""
+        return tuple(m.metric for m in self.metrics if m.verdict is Outcome.FAIL and m.enforced)
 
     @property
     def inconclusive_metrics(self) -> tuple[str, ...]:
-        return tuple(m.metric for m in self.metrics if m.verdict is Outcome.INCONCLUSIVE)
+        return tuple(
+            m.metric for m in self.metrics if m.verdict is Outcome.INCONCLUSIVE and m.enforced
+        )
 
     def metric(self, name: str) -> MetricResult:
         for result in self.metrics:

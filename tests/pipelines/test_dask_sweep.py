@@ -1,0 +1,62 @@
+"""The KL sweep fanned out over a local two-worker Dask cluster gives the thread pool's plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_kl_sweep_on_dask_matches_thread_pool(
+    prefect_harness, tiny_llama_dir, tmp_path, monkeypatch
+):
+    from distributed import LocalCluster
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from pipelines import steps
+    from pipelines.demo import shipped_logs
+    from pipelines.flows import kl_sweep_flow
+    from pipelines.logs import import_logs
+    from pipelines.params import RecalibrateParams
+
+    monkeypatch.setenv("FP4ROLL_HOME", str(tmp_path / "home"))  # inherited by the Dask workers
+    import_logs([shipped_logs()])
+    params = RecalibrateParams(
+        source_model=tiny_llama_dir,
+        calibration_size=24,
+        holdout_size=8,
+        sensitivity_prompts=6,
+        max_seq_len=32,
+    )
+    digest = steps.sample_calibration_set(params).digest
+    job = steps.calibration_job(params, digest)
+    stats = steps.activation_stats(tiny_llama_dir, digest, None, job)
+    partitions = steps.sweep_partitions(steps.target_groups(tiny_llama_dir, job), 2)
+
+    def sweep(runner, name: str):
+        # its own work folder, so neither run reuses the other's files or cached task results
+        run_job = job.model_copy(update={"work_dir": str(tmp_path / name)})
+        parts = kl_sweep_flow.with_options(task_runner=runner)(
+            tiny_llama_dir, digest, None, stats, partitions, run_job
+        )
+        return parts, steps.plan_and_export(tiny_llama_dir, digest, None, stats, parts, run_job)
+
+    threads, threads_plan = sweep(ThreadPoolTaskRunner(max_workers=2), "threads")
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        dask, dask_plan = sweep(DaskTaskRunner(address=cluster.scheduler_address), "dask")
+
+    assert dask_plan.fallback_groups == threads_plan.fallback_groups
+    assert dask_plan.ignore == threads_plan.ignore
+    assert dask_plan.plan_mean_kl == pytest.approx(threads_plan.plan_mean_kl, rel=1e-6, abs=1e-12)
+    for a, b in zip(threads, dask, strict=True):
+        left = json.loads(Path(a).read_text())["records"]
+        right = json.loads(Path(b).read_text())["records"]
+        assert [r["group"] for r in left] == [r["group"] for r in right]
+        for x, y in zip(left, right, strict=True):
+            assert x["mean_kl"] == pytest.approx(y["mean_kl"], rel=1e-6, abs=1e-12)
