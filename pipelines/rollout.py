@@ -74,22 +74,28 @@ IN_PROCESS_REPORTED_ONLY = ("latency_ms",)
 
 def gate_policy(plan: CanaryPlan):  # noqa: ANN201 - registry.policy.GatePolicy
     """The judge's policy: DESIGN.md gate defaults (latency reported only, see
-    :data:`IN_PROCESS_REPORTED_ONLY`), the plan's stages and minimum samples, then the overrides
-    (an override that names ``metrics`` replaces the metric list entirely)."""
+    :data:`IN_PROCESS_REPORTED_ONLY`), the plan's stages and minimum samples, then the overrides:
+    ``{"metric_overrides": {"top1_agreement": {"ceiling": 0.9}}, "confidence": 0.99, ...}`` changes
+    fields of named default gates; ``{"metrics": [...]}`` replaces the metric list entirely."""
     import dataclasses
 
     from registry.policy import default_metric_gates, load_gate_policy
 
     overrides = dict(plan.gate_policy or {})
-    overrides.setdefault(
-        "metrics",
-        [
-            dataclasses.asdict(
-                dataclasses.replace(g, enforced=g.name not in IN_PROCESS_REPORTED_ONLY)
-            )
-            for g in default_metric_gates()
-        ],
-    )
+    per_metric = dict(overrides.pop("metric_overrides", None) or {})
+    defaults = default_metric_gates()
+    unknown = sorted(set(per_metric) - {g.name for g in defaults})
+    if unknown:
+        raise ValueError(f"metric_overrides names unknown metrics: {unknown}")
+    if "metrics" not in overrides:
+        overrides["metrics"] = [
+            {
+                **dataclasses.asdict(g),
+                "enforced": g.name not in IN_PROCESS_REPORTED_ONLY,
+                **per_metric.get(g.name, {}),
+            }
+            for g in defaults
+        ]
     overrides.setdefault("min_samples", plan.min_samples)
     plan_overrides = dict(overrides.pop("plan", {}) or {})
     plan_overrides["steps"] = list(plan.stages)

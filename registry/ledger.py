@@ -407,6 +407,7 @@ def record_stage_result(
                     "reason": metric.reason,
                     "effect": metric.effect,
                     "critical": metric.critical,
+                    "enforced": metric.enforced,
                     "direction": metric.direction.value,
                     "comparison": metric.comparison.value,
                     "statistic": metric.statistic.value,

@@ -63,11 +63,25 @@ def _aliases():
     return aliases(MODEL)
 
 
+#: A random tiny model calibrated on 32 short prompts: about 1 % of its (token, layer) activation rows
+#: exceed the calibrated range on held-out prompts, above the 0.5 % production ceiling. Every other
+#: gate keeps its DESIGN.md default.
+TINY_MODEL_GATES = {"metric_overrides": {"outlier_fallback_rate": {"ceiling": 0.03}}}
+
+
 def _canary(**overrides):
     from pipelines.flows import canary_flow
     from pipelines.params import CanaryParams
 
-    return canary_flow(CanaryParams(model_name=MODEL, min_samples=20, max_seq_len=48, **overrides))
+    return canary_flow(
+        CanaryParams(
+            model_name=MODEL,
+            min_samples=20,
+            max_seq_len=48,
+            gate_policy=TINY_MODEL_GATES,
+            **overrides,
+        )
+    )
 
 
 def _register_variant(recalibrated, tmp_path, name, damage: bool):
@@ -77,11 +91,11 @@ def _register_variant(recalibrated, tmp_path, name, damage: bool):
     src = Path(recalibrated["checkpoint_dir"])
     dst = tmp_path / name
     shutil.copytree(src, dst)
-    if damage:  # every layer dequantizes 64x too small: blocks of garbage
+    if damage:  # a wrong global scale: every layer dequantizes 64x too large
         for shard in dst.glob("*.safetensors"):
             tensors = load_file(shard)
             for key in [k for k in tensors if k.endswith("weight_global_scale")]:
-                tensors[key] = tensors[key] * 64
+                tensors[key] = tensors[key] / 64
             save_file(tensors, shard, metadata={"format": "pt"})
     (dst / "variant.json").write_text(json.dumps({"variant": name}))
     registered = register(
@@ -141,7 +155,13 @@ def test_canary_passes_and_champion_moves(recalibrated, stack):
     from registry import ledger
 
     result = _canary()
-    assert result["outcome"] == "promoted", [(s["reason"], {k: (v["baseline"], v["candidate"], v["verdict"]) for k, v in s["metrics"].items()}) for s in result["stages"]]
+    assert result["outcome"] == "promoted", [
+        (
+            s["reason"],
+            {k: (v["baseline"], v["candidate"], v["verdict"]) for k, v in s["metrics"].items()},
+        )
+        for s in result["stages"]
+    ]
     assert [s["decision"] for s in result["stages"]] == ["advance", "advance", "advance", "promote"]
     assert _aliases() == {"champion": "2", "previous-champion": "1"}
     rollout = ledger.get_rollout(result["rollout_id"])
@@ -164,7 +184,7 @@ def test_damaged_candidate_rolls_back_automatically(recalibrated, stack, tmp_pat
     rollout = ledger.get_rollout(result["rollout_id"])
     assert rollout.status.value == "rolled_back"
     assert "stage 0 failed" in rollout.reason and "critical failure" in rollout.reason
-    assert "kl_mean" in rollout.reason
+    assert "top1_agreement" in rollout.reason
     assert resolve_version(MODEL, version).tags["fp4roll.outcome"] == "rejected"
 
 
