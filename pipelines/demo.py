@@ -21,6 +21,22 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_LOGS = "sample_prompt_logs.jsonl.gz"
 
+#: Gates for this toy model. SmolLM2-135M's weights come from a Q4_1 GGUF and a 135M model has little
+#: redundancy: measured on the shipped logs, its W4A4 NVFP4 candidate keeps top-1 agreement ~0.66, mean
+#: KL ~0.45 nats and perplexity +35-40 %. The production gates (DESIGN.md: quality within 1 %) rightly
+#: roll that back; the demo runs the canary with these limits instead, says so, and prints what the
+#: production gates decided on the same replay. Latency stays reported-only (emulated NVFP4 on a CPU).
+SMOLLM2_DEMO_GATES = {
+    "metric_overrides": {
+        "top1_agreement": {"ceiling": 0.55},
+        "kl_mean": {"ceiling": 0.7},
+        "kl_p99": {"ceiling": 4.0},
+        "nll": {"max_effect": 1.6},
+    }
+}
+#: Demo-sized calibration: 8 prompts x 64 tokens score each of SmolLM2's 120 groups (minutes on 2 cores).
+DEMO_RECALIBRATION = {"sensitivity_prompts": 8, "max_seq_len": 64}
+
 
 def shipped_logs() -> Path:
     return Path(str(resources.files("calibration.data") / SAMPLE_LOGS))
@@ -56,15 +72,26 @@ def run_demo(*, model_name: str, console: Console | None = None) -> dict:
     )
 
     console.rule("3/6 recalibrate (flow)")
-    recal = recalibrate_flow(RecalibrateParams(model_name=model_name))
+    recal = recalibrate_flow(RecalibrateParams(model_name=model_name, **DEMO_RECALIBRATION))
     console.print_json(data=recal)
 
     console.rule("4/6 staged canary (flow)")
     current = aliases(model_name)
     canary = None
     if current.get("challenger") == recal["version"]:
-        canary = canary_flow(CanaryParams(model_name=model_name))
+        console.print(
+            "[yellow]gates: the SmolLM2 demo limits (pipelines/demo.py SMOLLM2_DEMO_GATES), not the "
+            "production defaults; see below what those decide[/yellow]"
+        )
+        canary = canary_flow(
+            CanaryParams(
+                model_name=model_name,
+                max_seq_len=DEMO_RECALIBRATION["max_seq_len"],
+                gate_policy=SMOLLM2_DEMO_GATES,
+            )
+        )
         _print_stages(canary)
+        console.print(production_gates_verdict(canary))
     else:
         console.print(
             f"v{recal['version']} is not the challenger (aliases: {current}); "
@@ -91,3 +118,19 @@ def run_demo(*, model_name: str, console: Console | None = None) -> dict:
         f"  Status from the shell:  fp4roll status -m {model_name}"
     )
     return {"recalibrate": recal, "canary": canary, "drift": drift, "seconds": elapsed}
+
+
+def production_gates_verdict(canary: dict) -> str:
+    """What the production (DESIGN.md) gates decide on the canary's first-stage replay."""
+    from calibration.evaluate import load_replay
+    from pipelines.canary_stage import judge_replay
+    from pipelines.params import CanaryParams
+    from pipelines.rollout import build_gate_policy
+
+    defaults = CanaryParams()
+    policy = build_gate_policy(defaults.stages, defaults.min_samples)
+    verdict = judge_replay(load_replay(canary["stages"][0]["replay_path"]), policy, stage_index=0)
+    return (
+        f"production gates on the same stage-0 replay: [bold]{verdict.outcome.value}[/bold] "
+        f"({verdict.reason})"
+    )

@@ -8,6 +8,7 @@ anywhere can be rerun: :func:`open_rollout` resumes (or aborts) what the crash l
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -72,16 +73,18 @@ class StageReport(BaseModel):
 IN_PROCESS_REPORTED_ONLY = ("latency_ms",)
 
 
-def gate_policy(plan: CanaryPlan):  # noqa: ANN201 - registry.policy.GatePolicy
+def build_gate_policy(
+    stages: Sequence[float], min_samples: int, overrides: dict[str, Any] | None = None
+):  # noqa: ANN201 - registry.policy.GatePolicy
     """The judge's policy: DESIGN.md gate defaults (latency reported only, see
-    :data:`IN_PROCESS_REPORTED_ONLY`), the plan's stages and minimum samples, then the overrides:
+    :data:`IN_PROCESS_REPORTED_ONLY`), ``stages`` and ``min_samples``, then the ``overrides``:
     ``{"metric_overrides": {"top1_agreement": {"ceiling": 0.9}}, "confidence": 0.99, ...}`` changes
     fields of named default gates; ``{"metrics": [...]}`` replaces the metric list entirely."""
     import dataclasses
 
     from registry.policy import default_metric_gates, load_gate_policy
 
-    overrides = dict(plan.gate_policy or {})
+    overrides = dict(overrides or {})
     per_metric = dict(overrides.pop("metric_overrides", None) or {})
     defaults = default_metric_gates()
     unknown = sorted(set(per_metric) - {g.name for g in defaults})
@@ -96,11 +99,16 @@ def gate_policy(plan: CanaryPlan):  # noqa: ANN201 - registry.policy.GatePolicy
             }
             for g in defaults
         ]
-    overrides.setdefault("min_samples", plan.min_samples)
+    overrides.setdefault("min_samples", min_samples)
     plan_overrides = dict(overrides.pop("plan", {}) or {})
-    plan_overrides["steps"] = list(plan.stages)
+    plan_overrides["steps"] = list(stages)
     overrides["plan"] = plan_overrides
     return load_gate_policy(overrides)
+
+
+def gate_policy(plan: CanaryPlan):  # noqa: ANN201 - registry.policy.GatePolicy
+    """:func:`build_gate_policy` for a canary plan."""
+    return build_gate_policy(plan.stages, plan.min_samples, plan.gate_policy)
 
 
 def plan_canary(params: CanaryParams) -> CanaryPlan:
