@@ -32,6 +32,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/pack.py
+	$(PY) benchmarks/kl_sweep.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
