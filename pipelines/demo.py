@@ -47,8 +47,8 @@ def run_demo(*, model_name: str, console: Console | None = None) -> dict:
     from pipelines.flows import canary_flow, drift_check_flow, recalibrate_flow
     from pipelines.logs import import_logs
     from pipelines.status import model_status
-    from pipelines.steps import fp4roll_home, resolve_source_model
-    from registry.db import safe_url
+    from pipelines.steps import resolve_source_model
+    from registry.db import fp4roll_home, safe_url
     from registry.mlflow_registry import aliases, default_tracking_uri
 
     console = console or Console()

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from pipelines.params import CanaryParams, PromoteParams, RollbackParams
-from pipelines.steps import fp4roll_home
+from registry.db import fp4roll_home
 
 logger = logging.getLogger(__name__)
 

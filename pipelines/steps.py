@@ -19,12 +19,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from pipelines.params import PACKAGED_SMOLLM2, DriftCheckParams, RecalibrateParams
+from registry.db import fp4roll_home
 
 logger = logging.getLogger(__name__)
-
-
-def fp4roll_home() -> Path:
-    return Path(os.environ.get("FP4ROLL_HOME") or Path.home() / ".fp4roll").expanduser()
 
 
 def work_dir(*parts: str) -> Path:

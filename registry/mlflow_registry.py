@@ -37,6 +37,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from registry.db import fp4roll_home
+
 logger = logging.getLogger(__name__)
 
 TAG_PREFIX = "fp4roll."
@@ -92,10 +94,6 @@ def sanitize_metric_name(name: str) -> str:
     if not cleaned:
         raise ValueError(f"metric name {name!r} is empty after sanitizing")
     return cleaned[:250]
-
-
-def fp4roll_home() -> Path:
-    return Path(os.environ.get("FP4ROLL_HOME") or Path.home() / ".fp4roll").expanduser()
 
 
 def default_tracking_uri() -> str:
