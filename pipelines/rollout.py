@@ -249,6 +249,7 @@ def run_stage(plan: CanaryPlan, rollout_id: int, stage_index: int) -> StageRepor
                 "p_value": m.p_value,
                 "verdict": m.verdict.value,
                 "critical": m.critical,
+                "enforced": m.enforced,
                 "reason": m.reason,
             }
             for m in verdict.metrics
@@ -351,6 +352,15 @@ def canary_summary(
             f"| {r.score:.1f} | {', '.join(r.failed_metrics) or '-'} |"
         )
     if reports:
+        reported_only = [
+            name for name, m in reports[-1].metrics.items() if m.get("enforced") is False
+        ]
+        if reported_only:
+            lines += [
+                "",
+                f"Reported, not enforced: {', '.join(reported_only)} (the in-process replay runs an "
+                "emulated NVFP4 candidate on the CPU; latency is enforced with real serving endpoints).",
+            ]
         lines += ["", "Last stage, per metric (baseline → candidate):", ""]
         for name, m in reports[-1].metrics.items():
             base, cand = m["baseline"], m["candidate"]
