@@ -295,7 +295,9 @@ def _write_safetensors(
     return written, len(split.filename_to_tensors)
 
 
-def _write_config(model: nn.Module, out_dir: Path, quant_config) -> None:
+def _write_config(
+    model: nn.Module, out_dir: Path, quant_config, dtype: torch.dtype | None = None
+) -> None:
     """config.json of the model (minus any old quantization_config) + compressed-tensors' section,
     written by compressed-tensors itself, then round-trip validated."""
     from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
@@ -304,6 +306,8 @@ def _write_config(model: nn.Module, out_dir: Path, quant_config) -> None:
     config = model.config.__class__.from_dict(model.config.to_dict())
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    if dtype is not None:
+        config.dtype = dtype
     config.save_pretrained(str(out_dir))
     ModelCompressor(quantization_config=quant_config).update_config(str(out_dir))
 
@@ -381,6 +385,7 @@ def export_nvfp4_checkpoint(
     extra_files: Mapping[str, Any] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> ExportSummary:
     """Write ``model`` as a compressed-tensors NVFP4 checkpoint at ``out_dir``, atomically.
 
@@ -391,7 +396,9 @@ def export_nvfp4_checkpoint(
     members get one ``input_global_scale = 448*6/max(amax)``. Tokenizer and generation config files are
     copied from ``source_dir`` and/or saved from ``tokenizer``; ``extra_files`` (name -> JSON-able) are
     written beside (e.g. ``calibration.json``; ``*.png`` names take bytes). ``lm_head`` is never quantized. An existing
-    ``out_dir`` is refused unless ``overwrite`` (then replaced atomically).
+    ``out_dir`` is refused unless ``overwrite`` (then replaced atomically). ``dtype``: of the
+    unquantized tensors and ``config.json`` (default: the model's own), e.g. the source checkpoint's
+    bf16 when calibration ran in fp32.
     """
     started = time.perf_counter()
     scheme = NVFP4Scheme(scheme)
@@ -422,9 +429,15 @@ def export_nvfp4_checkpoint(
     bytes_before = _tensor_bytes(_unique_state_dict(model).values())
 
     tensors = quantize_model_tensors(model, selection, input_global_scales=input_scales)
+    if dtype is not None:  # e.g. calibrated in fp32, served in the source checkpoint's bf16
+        nvfp4 = (WEIGHT_PACKED, WEIGHT_SCALE, WEIGHT_GLOBAL_SCALE, INPUT_GLOBAL_SCALE)
+        tensors = {
+            name: t.to(dtype) if t.is_floating_point() and not name.endswith(nvfp4) else t
+            for name, t in tensors.items()
+        }
     with _atomic_dir(out_dir, overwrite=overwrite) as tmp:
         bytes_after, shard_count = _write_safetensors(tensors, tmp, max_shard_size)
-        _write_config(model, tmp, quant_config)
+        _write_config(model, tmp, quant_config, dtype)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(str(tmp))

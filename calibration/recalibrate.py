@@ -131,6 +131,14 @@ def _baseline(model, evaluation, groups, config: RecalibrationConfig) -> Baselin
     )
 
 
+def _source_dtype(source_dir: Path) -> torch.dtype | None:
+    """The dtype the source checkpoint was saved in (the checkpoint keeps it for unquantized tensors)."""
+    config = json.loads((Path(source_dir) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype")
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
+
+
 def _check_out_dir(out_dir: Path, config: RecalibrationConfig) -> None:
     if out_dir.exists() and not config.overwrite:
         raise FileExistsError(f"{out_dir} already exists; set overwrite=True to replace it")
@@ -193,6 +201,7 @@ def _plan_score_export(
         tokenizer=tokenizer,
         extra_files={CALIBRATION_JSON: record, KL_CHART_PNG: chart},
         overwrite=config.overwrite,
+        dtype=_source_dtype(source_dir),
     )
     return RecalibrationResult(
         checkpoint_dir=out_dir,

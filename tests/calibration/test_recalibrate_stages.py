@@ -98,3 +98,23 @@ def test_stage_errors_are_specific(tiny_llama_dir, tmp_path):
         finalize(tiny_llama_dir, TEXTS[3:], stats, [part], "sha256:test", tmp_path / "ckpt", CONFIG)
     with pytest.raises(ValueError, match="not a KL-sweep file"):
         load_sweep_file(stats)
+
+
+def test_export_keeps_the_source_dtype_for_unquantized_tensors(tiny_llama_dir, tmp_path):
+    """Calibration runs in fp32, but the checkpoint keeps the source's bf16 (embeddings, norms)."""
+    from safetensors import safe_open
+
+    _, _, result = _run_stages(tiny_llama_dir, tmp_path, [range(8)])
+    config = json.loads((result.checkpoint_dir / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    with safe_open(str(next(result.checkpoint_dir.glob("*.safetensors"))), "pt") as f:
+        dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    assert dtypes["model.embed_tokens.weight"] == "BF16"
+    packed = [n[: -len(".weight_packed")] for n in dtypes if n.endswith(".weight_packed")]
+    assert packed
+    for layer in packed:
+        assert dtypes[f"{layer}.weight_packed"] == "U8"
+        assert dtypes[f"{layer}.weight_scale"] == "F8_E4M3"
+        assert dtypes[f"{layer}.weight_global_scale"] == "F32"
+        assert dtypes[f"{layer}.input_global_scale"] == "F32"
+    assert {d for n, d in dtypes.items() if n.endswith(".weight")} == {"BF16"}
