@@ -343,7 +343,7 @@ def _print_status(status: dict[str, Any]) -> None:
         "scheme",
         "combined KL",
         "top-1",
-        "fallback groups",
+        "BF16 layers",
         "corpus",
         "outcome",
     ):
