@@ -199,7 +199,7 @@ def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> dict[st
         "run_id": registration.run_id,
         "run_url": registration.run_url,
         "corpus_digest": calibration_set.digest,
-        "checkpoint_dir": checkpoint.checkpoint_dir,
+        "checkpoint_dir": str(checkpoint.checkpoint_dir),
         "fallback_groups": list(checkpoint.fallback_groups),
         "plan_mean_kl": checkpoint.plan_mean_kl,
         "all_quantized_mean_kl": checkpoint.all_quantized_mean_kl,

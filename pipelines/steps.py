@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from calibration.recalibrate import RecalibrationResult
 from pipelines.params import PACKAGED_SMOLLM2, DriftCheckParams, RecalibrateParams
 from registry.db import fp4roll_home
 
@@ -228,23 +229,9 @@ def kl_sweep_part(
     return str(sweep_file(source_dir, evaluation, stats_path, groups, out, job.config()))
 
 
-class CalibratedCheckpoint(BaseModel):
-    """The exported candidate and its headline numbers."""
+class CalibratedCheckpoint(RecalibrationResult):
+    """The exported candidate, its headline numbers and its weight bytes (source vs NVFP4)."""
 
-    model_config = ConfigDict(frozen=True)
-
-    checkpoint_dir: str
-    calibration_json: str
-    kl_chart: str
-    scheme: str
-    fallback_groups: tuple[str, ...]
-    ignore: tuple[str, ...]
-    num_groups: int
-    all_quantized_mean_kl: float
-    plan_mean_kl: float
-    plan_p99_kl: float
-    plan_top1: float
-    plan_delta_perplexity: float
     bytes_before: int
     bytes_after: int
 
@@ -270,18 +257,7 @@ def plan_and_export(
         source_dir, evaluation, stats_path, part_paths, corpus_digest, out_dir, job.config()
     )
     return CalibratedCheckpoint(
-        checkpoint_dir=str(result.checkpoint_dir),
-        calibration_json=str(result.calibration_json),
-        kl_chart=str(result.kl_chart),
-        scheme=job.scheme,
-        fallback_groups=tuple(result.fallback_groups),
-        ignore=tuple(result.ignore),
-        num_groups=result.num_groups,
-        all_quantized_mean_kl=result.all_quantized_mean_kl,
-        plan_mean_kl=result.plan_mean_kl,
-        plan_p99_kl=result.plan_p99_kl,
-        plan_top1=result.plan_top1,
-        plan_delta_perplexity=result.plan_delta_perplexity,
+        **dict(result),
         bytes_before=_weights_bytes(source_dir),
         bytes_after=_weights_bytes(result.checkpoint_dir),
     )
@@ -335,7 +311,7 @@ def register_challenger(
     request = RegistrationRequest(
         model_name=params.model_name,
         source_model=params.source_model,
-        scheme=checkpoint.scheme,
+        scheme=checkpoint.scheme.value,
         block_size=16,
         corpus_digest=calibration_set.digest,
         corpus_source=safe_url(params.db_url),
@@ -356,9 +332,9 @@ def register_challenger(
                 g["name"]: g["mean_kl"] for g in record["groups"] if g["mean_kl"] is not None
             },
         ),
-        checkpoint_dir=Path(checkpoint.checkpoint_dir),
-        calibration_json=Path(checkpoint.calibration_json),
-        kl_plot=Path(checkpoint.kl_chart),
+        checkpoint_dir=checkpoint.checkpoint_dir,
+        calibration_json=checkpoint.calibration_json,
+        kl_plot=checkpoint.kl_chart,
         calibration_summary=Path(calibration_set.export_dir) / "calibration_set.json",
         extra_params={
             "all_quantized_mean_kl": f"{checkpoint.all_quantized_mean_kl:.6g}",
@@ -387,7 +363,7 @@ def recalibration_summary(
     fallbacks = ", ".join(f"`{g}`" for g in checkpoint.fallback_groups) or "none"
     return "\n".join(
         [
-            f"# {params.model_name} v{registration.version} ({checkpoint.scheme})",
+            f"# {params.model_name} v{registration.version} ({checkpoint.scheme.value})",
             "",
             f"* MLflow run: [{registration.run_id}]({registration.run_url})"
             + (" (reused: same inputs as before)" if registration.reused else ""),
