@@ -60,7 +60,9 @@ class TargetSelection:
     """Every Linear of a model, sorted into quantizable groups and skipped layers (with reasons)."""
 
     groups: tuple[LinearGroup, ...]
-    skipped: dict[str, str] = field(default_factory=dict)  # module name -> why it stays high precision
+    skipped: dict[str, str] = field(
+        default_factory=dict
+    )  # module name -> why it stays high precision
 
     def group_of(self, module_name: str) -> LinearGroup:
         for group in self.groups:

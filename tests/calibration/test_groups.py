@@ -62,7 +62,10 @@ def test_fused_groups_and_kinds():
     assert qkv.kind is GroupKind.ATTENTION_QKV and qkv.block_index == 0
     assert qkv.num_params == 32 * 32 + 2 * 32 * 16
     assert sel.groups[2].kind is GroupKind.MLP_GATE_UP
-    assert sel.skipped == {"model.layers.1.moe.gate": "ignored by pattern", "lm_head": "ignored by pattern"}
+    assert sel.skipped == {
+        "model.layers.1.moe.gate": "ignored by pattern",
+        "lm_head": "ignored by pattern",
+    }
     assert sel.group_of("model.layers.1.mlp.up_proj").name == "model.layers.1.mlp.gate_up"
     with pytest.raises(KeyError):
         sel.group_of("lm_head")

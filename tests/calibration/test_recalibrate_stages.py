@@ -108,7 +108,7 @@ def test_export_keeps_the_source_dtype_for_unquantized_tensors(tiny_llama_dir, t
     config = json.loads((result.checkpoint_dir / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     with safe_open(str(next(result.checkpoint_dir.glob("*.safetensors"))), "pt") as f:
-        dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+        dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118
     assert dtypes["model.embed_tokens.weight"] == "BF16"
     packed = [n[: -len(".weight_packed")] for n in dtypes if n.endswith(".weight_packed")]
     assert packed
