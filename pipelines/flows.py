@@ -21,7 +21,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
 from prefect.futures import as_completed
 from prefect.input import RunInput
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -39,9 +39,11 @@ from pipelines.rollout import CanaryPlan, RolloutState, StageReport
 
 logger = logging.getLogger(__name__)
 
-#: Expensive, deterministic steps: cached on inputs + task source, results persisted as JSON.
+#: Part of every cache key: the identity of $FP4ROLL_HOME (a wiped home must not reuse old results).
+_HOME = CacheKeyFnPolicy(cache_key_fn=lambda _context, _inputs: steps.home_instance_id())
+#: Expensive, deterministic steps: cached on inputs + task source + home, results persisted as JSON.
 _CACHED = {
-    "cache_policy": INPUTS + TASK_SOURCE,
+    "cache_policy": INPUTS + TASK_SOURCE + _HOME,
     "persist_result": True,
     "result_serializer": "json",
     "cache_expiration": dt.timedelta(days=30),

@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import os
+import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,27 @@ from pipelines.params import PACKAGED_SMOLLM2, DriftCheckParams, RecalibratePara
 from registry.db import fp4roll_home
 
 logger = logging.getLogger(__name__)
+
+
+def home_instance_id() -> str:
+    """A random id created with ``$FP4ROLL_HOME`` and part of every task cache key: a home that was
+    wiped and created again never reuses cached task results that point into the old one."""
+    path = fp4roll_home() / ".instance-id"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:  # another process created it first
+            pass
+        else:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(uuid.uuid4().hex)
+    for _ in range(50):  # the creator may not have written it yet
+        value = path.read_text().strip()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise RuntimeError(f"{path} is empty; delete it and retry")
 
 
 def work_dir(*parts: str) -> Path:
