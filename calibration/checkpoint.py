@@ -426,7 +426,15 @@ def export_nvfp4_checkpoint(
     ignored = sorted(n for n in linears if n not in set(selection.quantized_layers))
     skipped = {n: selection.skipped.get(n, "not selected") for n in ignored}
     quant_config = build_quantization_config(scheme, ignored)
-    bytes_before = _tensor_bytes(_unique_state_dict(model).values())
+    state = _unique_state_dict(model).values()
+    bytes_before = (
+        _tensor_bytes(state)
+        if dtype is None  # else: what the model weighs in the dtype it is exported in
+        else sum(
+            t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+            for t in state
+        )
+    )
 
     tensors = quantize_model_tensors(model, selection, input_global_scales=input_scales)
     if dtype is not None:  # e.g. calibrated in fp32, served in the source checkpoint's bf16
