@@ -263,7 +263,7 @@ def canary_flow(params: CanaryParams = CanaryParams()) -> dict[str, Any]:  # noq
             if params.require_approval and stage_index == len(plan.stages) - 1:
                 from prefect.flow_runs import pause_flow_run
 
-                answer = pause_flow_run(wait_for_input=Approval, timeout=24 * 3600)
+                answer = pause_flow_run(wait_for_input=Approval, timeout=24 * 3600, poll_interval=2)
                 if not answer.approve:
                     rollout_steps.abort_rollout(
                         plan.db_url, state.rollout_id, f"not approved: {answer.note}"

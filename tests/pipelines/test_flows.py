@@ -206,6 +206,47 @@ def test_crash_between_stages_aborts_then_rerun_completes(recalibrated, stack, t
     assert _aliases()["champion"] == version and _aliases()["previous-champion"] == "2"
 
 
+def test_approval_gate_pauses_before_the_last_stage(recalibrated, stack, tmp_path):
+    """require_approval: the flow pauses before the 100 % stage until a reviewer answers."""
+    import contextvars
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_runs import resume_flow_run
+
+    version = _register_variant(recalibrated, tmp_path, "approved", damage=False)
+    outcome: dict = {}
+    context = contextvars.copy_context()  # the test harness' Prefect settings live in context vars
+    runner = threading.Thread(
+        target=lambda: outcome.update(result=context.run(_canary, require_approval=True)),
+        daemon=True,
+    )
+    runner.start()
+    paused = []
+    deadline = time.monotonic() + 120
+    with get_client(sync_client=True) as client:
+        while not paused and time.monotonic() < deadline and runner.is_alive():
+            paused = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+                )
+            )
+            time.sleep(0.5)
+    assert paused, "the canary never paused for approval"
+    assert _aliases()["challenger"] == version  # nothing promoted while waiting
+    resume_flow_run(paused[0].id, run_input={"approve": True, "note": "looks good"})
+    runner.join(timeout=180)
+    assert outcome["result"]["outcome"] == "promoted"
+    assert _aliases()["champion"] == version
+
+
 def test_rollback_flow_restores_previous_champion(stack):
     from pipelines.flows import rollback_flow
     from pipelines.params import RollbackParams
