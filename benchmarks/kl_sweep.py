@@ -22,8 +22,8 @@ from calibration.groups import select_targets
 from calibration.models import load_causal_lm, prepare_smollm2
 from calibration.observers import collect_activation_stats, tokenize_batches
 from calibration.plan import FallbackPolicy, build_fallback_plan
+from calibration.precision import NVFP4_SCHEMES, Tier
 from calibration.sensitivity import (
-    QuantScheme,
     blocks_to_cache,
     compute_baseline,
     group_sensitivity,
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
-        "--scheme", default=QuantScheme.W4A4.value, choices=[s.value for s in QuantScheme]
+        "--scheme", default=Tier.NVFP4.value, choices=[s.value for s in NVFP4_SCHEMES]
     )
     parser.add_argument("--threshold", type=float, default=0.05)
     parser.add_argument(
@@ -80,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     console = Console()
-    scheme = QuantScheme(args.scheme)
+    scheme = Tier(args.scheme)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
 

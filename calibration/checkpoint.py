@@ -1,89 +1,70 @@
-"""NVFP4 checkpoints in compressed-tensors' ``nvfp4-pack-quantized`` format: export, load, emulate.
+"""Quantized checkpoints in compressed-tensors' format: export and load.
 
-* :func:`export_nvfp4_checkpoint` writes what vLLM loads: per quantized Linear ``<layer>.weight_packed``
-  (uint8 ``[out, in/2]``), ``<layer>.weight_scale`` (float8_e4m3fn ``[out, in/16]``),
-  ``<layer>.weight_global_scale`` (fp32 ``[1]``) and, for W4A4, ``<layer>.input_global_scale``
-  (fp32 ``[1]``); every other tensor stays in the model dtype. ``config.json`` gets a
-  ``quantization_config`` built from compressed-tensors' own pydantic models and written by its
-  ``ModelCompressor.update_config``. Fused groups (q/k/v, gate/up) share one weight global scale and
-  one input global scale, since vLLM refuses fused parts that differ.
-* :func:`load_nvfp4_checkpoint` is our own loader (safetensors only): dequantized weights, and for W4A4
-  activation fake-quant on every quantized Linear input. transformers' compressed-tensors path with
-  ``dequantize=True`` silently drops activation quantization, so a W4A4 checkpoint would score like
-  W4A16 there (DESIGN.md).
-* :func:`apply_nvfp4_emulation` fake-quantizes an in-memory model in place, undoably.
+* :func:`export_checkpoint` writes what vLLM loads from the groups :mod:`calibration.emulate` quantized:
+  per NVFP4 Linear ``<layer>.weight_packed`` (uint8 ``[out, in/2]``), ``<layer>.weight_scale``
+  (float8_e4m3fn ``[out, in/16]``), ``<layer>.weight_global_scale`` (fp32 ``[1]``) and, for W4A4,
+  ``<layer>.input_global_scale`` (fp32 ``[1]``); per FP8 Linear ``<layer>.weight`` (float8_e4m3fn) and
+  ``<layer>.weight_scale`` (fp32 ``[out, 1]``); every other tensor in the storage dtype (bf16 by default,
+  whatever dtype calibration ran in). ``config.json`` gets a ``quantization_config`` built from
+  compressed-tensors' own pydantic models and written by its ``ModelCompressor.update_config``: one
+  ``config_groups`` entry per tier, format ``mixed-precision`` when there are several.
+* :func:`load_checkpoint` is our own loader (safetensors only): every quantized Linear decoded and its
+  activation fake-quant installed by :mod:`calibration.emulate`, so a reloaded checkpoint computes what
+  the calibration emulated. transformers' compressed-tensors path with ``dequantize=True`` silently
+  drops activation quantization, so a W4A4 checkpoint would score like W4A16 there (DESIGN.md).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from calibration.groups import DEFAULT_IGNORE, LinearGroup, TargetSelection, select_targets
+from calibration.atomic import atomic_dir
+from calibration.emulate import (
+    INPUT_GLOBAL_SCALE,
+    QUANTIZED_SUFFIXES,
+    WEIGHT,
+    WEIGHT_GLOBAL_SCALE,
+    WEIGHT_PACKED,
+    WEIGHT_SCALE,
+    GroupQuantization,
+    QuantizedLinear,
+    install_input_quantizers,
+    linear_modules,
+)
 from calibration.models import (
     MODEL_BUILD_LOCK,
     TOKENIZER_FILES,
-    ModelLoadError,
     hub_offline,
     load_tokenizer,
     read_model_config,
     resolve_device,
     resolve_dtype,
+    tied_parameter_names,
 )
-from kernels import (
-    dequantize_nvfp4,
-    fake_quantize_nvfp4_activation,
-    fake_quantize_nvfp4_weight,
-    global_scale_from_amax,
-    quantize_nvfp4,
-)
+from calibration.precision import Tier
 
 logger = logging.getLogger(__name__)
 
-NVFP4_FORMAT = "nvfp4-pack-quantized"
 QUANT_METHOD = "compressed-tensors"
+MIXED_PRECISION_FORMAT = "mixed-precision"
+DEFAULT_STORAGE_DTYPE = torch.bfloat16
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3  # bytes
 #: Files that the export itself writes; ``extra_files`` may not replace them.
 _RESERVED_FILES = frozenset(
     {"config.json", "model.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES}
 )
-
-#: Tensor-name suffixes of a quantized Linear, exactly as compressed-tensors writes them.
-WEIGHT_PACKED = "weight_packed"
-WEIGHT_SCALE = "weight_scale"
-WEIGHT_GLOBAL_SCALE = "weight_global_scale"
-INPUT_GLOBAL_SCALE = "input_global_scale"
-#: Attribute of a loaded W4A4 model holding its activation fake-quant hook handles.
+#: Attribute of a loaded model holding its activation fake-quant hook handles.
 ACTIVATION_HOOKS_ATTR = "_fp4roll_activation_hooks"
-
-
-class NVFP4Scheme(str, Enum):
-    """``nvfp4``: W4A4 (needs calibrated ``input_global_scale``); ``nvfp4a16``: weights only."""
-
-    W4A4 = "nvfp4"
-    W4A16 = "nvfp4a16"
-
-    @property
-    def preset(self) -> str:
-        """compressed-tensors' preset scheme name."""
-        return "NVFP4" if self is NVFP4Scheme.W4A4 else "NVFP4A16"
-
-    @property
-    def quantizes_activations(self) -> bool:
-        return self is NVFP4Scheme.W4A4
 
 
 class CheckpointError(ValueError):
@@ -92,17 +73,21 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class ExportSummary:
-    """What :func:`export_nvfp4_checkpoint` wrote."""
+    """What :func:`export_checkpoint` wrote."""
 
     out_dir: Path
-    scheme: NVFP4Scheme
-    quantized_layers: tuple[str, ...]
-    group_count: int
+    tiers: Mapping[str, Tier]  # quantized Linear -> tier (BF16 groups are listed in ``skipped``)
+    group_count: int  # fused groups written quantized
     skipped: Mapping[str, str]  # Linear name -> why it stays high precision
-    bytes_before: int  # the model's state dict in its own dtype (tied tensors once)
+    bytes_before: int  # the model's state dict in the storage dtype (tied tensors once)
     bytes_after: int  # safetensors files written
+    bytes_by_tier: Mapping[str, int]  # tier value (and "other" for non-Linear tensors) -> bytes
     shard_count: int
     seconds: float
+
+    @property
+    def quantized_layers(self) -> tuple[str, ...]:
+        return tuple(self.tiers)
 
     @property
     def compression_ratio(self) -> float:
@@ -111,94 +96,22 @@ class ExportSummary:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What :func:`load_nvfp4_checkpoint` found in a checkpoint."""
+    """What :func:`load_checkpoint` found in a checkpoint."""
 
     path: Path
-    scheme: NVFP4Scheme
-    quantized_layers: tuple[str, ...]
+    tiers: Mapping[str, Tier]  # quantized Linear -> tier
     ignored_layers: tuple[str, ...]
-    weight_global_scales: Mapping[str, float]
-    input_global_scales: Mapping[str, float]  # empty for W4A16
+    weight_global_scales: Mapping[str, float]  # NVFP4 layers
+    input_global_scales: Mapping[str, float]  # NVFP4 W4A4 layers
     quantization_config: Mapping[str, Any] = field(repr=False)
 
+    @property
+    def quantized_layers(self) -> tuple[str, ...]:
+        return tuple(self.tiers)
 
-# ----------------------------------------------------------------------------------------------
-# Selection helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def _linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    return {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
-
-
-def with_fallback(
-    selection: TargetSelection, fallback: Mapping[str, str] | Iterable[str] = ()
-) -> TargetSelection:
-    """``selection`` with the groups named in ``fallback`` moved to ``skipped``.
-
-    ``fallback`` holds group names or member names (a member drags its whole fused group), optionally
-    mapped to a reason. Unknown names are an error (a typo must not silently quantize a layer).
-    """
-    reasons = dict(fallback) if isinstance(fallback, Mapping) else dict.fromkeys(fallback, "")
-    if not reasons:
-        return selection
-    known = (
-        {g.name for g in selection.groups}
-        | set(selection.quantized_layers)
-        | set(selection.skipped)
-    )
-    unknown = sorted(set(reasons) - known)
-    if unknown:
-        raise CheckpointError(
-            f"fallback names not found among the model's Linear layers: {unknown}"
-        )
-    groups: list[LinearGroup] = []
-    skipped = dict(selection.skipped)
-    for group in selection.groups:
-        hits = [n for n in (group.name, *group.members) if n in reasons]
-        if not hits:
-            groups.append(group)
-            continue
-        reason = reasons[hits[0]] or "fallback plan: kept high precision"
-        for member in group.members:
-            skipped[member] = reason
-    return TargetSelection(groups=tuple(groups), skipped=skipped)
-
-
-def _group_amax(amax: Mapping[str, float | torch.Tensor], group: LinearGroup) -> float | None:
-    """Max of the amax values given for the group (by group name or any member), None if none."""
-    values = [
-        float(torch.as_tensor(amax[n]).max()) for n in (group.name, *group.members) if n in amax
-    ]
-    return max(values) if values else None
-
-
-def _input_global_scales(
-    selection: TargetSelection, input_amax: Mapping[str, float | torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Group name -> fp32 [1] ``448*6/amax`` (one per fused group)."""
-    scales: dict[str, torch.Tensor] = {}
-    missing: list[str] = []
-    for group in selection.groups:
-        amax = _group_amax(input_amax, group)
-        if amax is None:
-            missing.append(group.name)
-            continue
-        if not (amax > 0.0 and amax != float("inf")):
-            raise CheckpointError(f"input amax of {group.name} must be finite and > 0, got {amax}")
-        scales[group.name] = global_scale_from_amax(amax)
-    if missing:
-        raise CheckpointError(
-            f"W4A4 (nvfp4) needs the input amax of every quantized group; missing for "
-            f"{len(missing)} group(s), e.g. {missing[:3]}. Run calibration, or export nvfp4a16."
-        )
-    return scales
-
-
-def group_weight_global_scale(linears: Mapping[str, nn.Linear], group: LinearGroup) -> torch.Tensor:
-    """The shared fp32 [1] global scale of a fused group: ``448*6 / max over members of amax(W)``."""
-    amax = max(float(linears[m].weight.detach().abs().max()) for m in group.members)
-    return global_scale_from_amax(amax)
+    @property
+    def quantizes_activations(self) -> bool:
+        return any(t.quantizes_activations for t in self.tiers.values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,27 +119,40 @@ def group_weight_global_scale(linears: Mapping[str, nn.Linear], group: LinearGro
 # ----------------------------------------------------------------------------------------------
 
 
-def build_quantization_config(scheme: NVFP4Scheme, ignore: Sequence[str]):
-    """compressed-tensors' ``QuantizationConfig`` for an NVFP4 checkpoint: one group targeting
-    ``Linear`` with the preset scheme, ``format`` ``nvfp4-pack-quantized``, status compressed."""
+def build_quantization_config(groups: Sequence[GroupQuantization], ignore: Sequence[str]):
+    """compressed-tensors' ``QuantizationConfig`` for ``groups``: one config group per quantized tier.
+
+    A single tier targets ``Linear`` (everything not in ``ignore``), as llm-compressor writes it;
+    several tiers list their layers by name and the global format is ``mixed-precision``.
+    """
     from compressed_tensors.quantization import (
         QuantizationConfig,
         QuantizationStatus,
         preset_name_to_scheme,
     )
 
-    quant_scheme = preset_name_to_scheme(scheme.preset, ["Linear"])
-    quant_scheme.format = NVFP4_FORMAT
+    by_tier: dict[Tier, list[str]] = {}
+    for group in groups:
+        if group.tier.quantizes_weights:
+            by_tier.setdefault(group.tier, []).extend(m.name for m in group.members)
+    if not by_tier:
+        raise CheckpointError("nothing to quantize: every group is high precision")
+    mixed = len(by_tier) > 1
+    config_groups = {}
+    for index, (tier, layers) in enumerate(sorted(by_tier.items(), key=lambda kv: kv[0].value)):
+        scheme = preset_name_to_scheme(tier.preset, layers if mixed else ["Linear"])
+        scheme.format = tier.format
+        config_groups[f"group_{index}"] = scheme
     return QuantizationConfig(
-        config_groups={"group_0": quant_scheme},
+        config_groups=config_groups,
         quant_method=QUANT_METHOD,
-        format=NVFP4_FORMAT,
+        format=MIXED_PRECISION_FORMAT if mixed else next(iter(by_tier)).format,
         quantization_status=QuantizationStatus.COMPRESSED,
         ignore=list(ignore),
     )
 
 
-def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with tied tensors kept once (first name wins, as save_pretrained)."""
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     out: dict[str, torch.Tensor] = {}
@@ -239,40 +165,27 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+def _stored_itemsize(tensor: torch.Tensor, dtype: torch.dtype) -> int:
+    return dtype.itemsize if tensor.is_floating_point() else tensor.element_size()
 
 
-@torch.no_grad()
-def quantize_model_tensors(
-    model: nn.Module,
-    selection: TargetSelection,
-    *,
-    input_global_scales: Mapping[str, torch.Tensor] | None = None,
+def checkpoint_tensors(
+    model: nn.Module, groups: Sequence[GroupQuantization], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """The checkpoint's state dict (CPU, contiguous): NVFP4 triples for the selected Linears,
-    ``input_global_scale`` per member when given (keyed by group name), every other tensor as is."""
-    linears = _linear_modules(model)
-    state = _unique_state_dict(model)
+    """The checkpoint's state dict (CPU, contiguous): each quantized member's tensors, every other tensor
+    of the model (BF16-tier Linears included) cast to the storage ``dtype``."""
     tensors: dict[str, torch.Tensor] = {}
-    quantized_weights = {f"{m}.weight": m for m in selection.quantized_layers}
-    for group in selection.groups:
-        global_scale = group_weight_global_scale(linears, group)
-        for member in group.members:
-            packed = quantize_nvfp4(linears[member].weight.detach(), global_scale, name=member)
-            tensors[f"{member}.{WEIGHT_PACKED}"] = packed.weight_packed
-            tensors[f"{member}.{WEIGHT_SCALE}"] = packed.weight_scale
-            # one tensor per member: safetensors refuses tensors sharing memory
-            tensors[f"{member}.{WEIGHT_GLOBAL_SCALE}"] = (
-                packed.weight_global_scale.reshape(1).to(torch.float32).clone()
-            )
-            if input_global_scales is not None:
-                tensors[f"{member}.{INPUT_GLOBAL_SCALE}"] = (
-                    input_global_scales[group.name].reshape(1).to(torch.float32).clone()
-                )
-    for name, tensor in state.items():
-        if name not in quantized_weights:
-            tensors[name] = tensor
+    replaced: set[str] = set()
+    for group in groups:
+        if not group.tier.quantizes_weights:
+            continue
+        for layer in group.members:
+            replaced.add(f"{layer.name}.{WEIGHT}")
+            for suffix, tensor in layer.tensors.items():
+                tensors[f"{layer.name}.{suffix}"] = tensor
+    for name, tensor in unique_state_dict(model).items():
+        if name not in replaced:
+            tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
@@ -295,45 +208,39 @@ def _write_safetensors(
     return written, len(split.filename_to_tensors)
 
 
-def _write_config(
-    model: nn.Module, out_dir: Path, quant_config, dtype: torch.dtype | None = None
-) -> None:
-    """config.json of the model (minus any old quantization_config) + compressed-tensors' section,
-    written by compressed-tensors itself, then round-trip validated."""
+def _write_config(model: nn.Module, out_dir: Path, quant_config, dtype: torch.dtype) -> None:
+    """config.json of the model (minus any old quantization_config, ``dtype`` = the storage dtype) +
+    compressed-tensors' section, written by compressed-tensors itself, then round-trip validated."""
     from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
     config = model.config.__class__.from_dict(model.config.to_dict())
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    if dtype is not None:
-        config.dtype = dtype
+    config.dtype = dtype
     config.save_pretrained(str(out_dir))
     ModelCompressor(quantization_config=quant_config).update_config(str(out_dir))
 
     written = json.loads((out_dir / "config.json").read_text())["quantization_config"]
     parsed = QuantizationConfig.model_validate(written)
-    if parsed.format != NVFP4_FORMAT or sorted(parsed.ignore or []) != sorted(quant_config.ignore):
+    if parsed.format != quant_config.format or sorted(parsed.ignore or []) != sorted(
+        quant_config.ignore
+    ):
         raise CheckpointError("quantization_config did not round-trip through compressed-tensors")
 
 
-def _copy_tokenizer(out_dir: Path, tokenizer: Any, source_dir: Path | None) -> list[str]:
-    copied: list[str] = []
+def _copy_tokenizer(out_dir: Path, tokenizer: Any, source_dir: Path | None) -> None:
     if source_dir is not None:
         for name in TOKENIZER_FILES:
             src = Path(source_dir) / name
             if src.is_file():
                 shutil.copy2(src, out_dir / name)
-                copied.append(name)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
-        copied.append("tokenizer (saved)")
-    return copied
 
 
 def _check_extra_files(extra_files: Mapping[str, Any]) -> None:
-    for name in extra_files:
-        payload = extra_files[name]
+    for name, payload in extra_files.items():
         is_json = name.endswith(".json") and not isinstance(payload, bytes)
         is_blob = name.endswith(".png") and isinstance(payload, bytes)
         if Path(name).name != name or name in _RESERVED_FILES or not (is_json or is_blob):
@@ -343,107 +250,68 @@ def _check_extra_files(extra_files: Mapping[str, Any]) -> None:
             )
 
 
-@contextmanager
-def _atomic_dir(out_dir: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp dir beside ``out_dir``; on success it replaces ``out_dir`` (an existing one only
-    with ``overwrite``); on any error it is removed and ``out_dir`` is left untouched."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        yield tmp
-        if out_dir.exists():
-            if not overwrite:
-                raise FileExistsError(f"{out_dir} appeared while writing; not replacing it")
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "previous")
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(old / "previous", out_dir)
-                raise
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _is_lm_head(name: str) -> bool:
+    return name == "lm_head" or name.endswith(".lm_head")
 
 
 @torch.no_grad()
-def export_nvfp4_checkpoint(
+def export_checkpoint(
     model: nn.Module,
     out_dir: str | Path,
+    groups: Sequence[GroupQuantization],
     *,
-    scheme: NVFP4Scheme | str = NVFP4Scheme.W4A16,
-    ignore: Sequence[str] = DEFAULT_IGNORE,
-    selection: TargetSelection | None = None,
-    fallback: Mapping[str, str] | Iterable[str] = (),
-    input_amax: Mapping[str, float | torch.Tensor] | None = None,
+    skipped: Mapping[str, str] | None = None,
     source_dir: str | Path | None = None,
     tokenizer: Any = None,
     extra_files: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = DEFAULT_STORAGE_DTYPE,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
-    dtype: torch.dtype | None = None,
 ) -> ExportSummary:
-    """Write ``model`` as a compressed-tensors NVFP4 checkpoint at ``out_dir``, atomically.
+    """Write ``model`` with ``groups`` quantized (:func:`calibration.emulate.quantize_group`) as a
+    compressed-tensors checkpoint at ``out_dir``, atomically.
 
-    Preconditions: ``model`` is a transformers causal LM with finite weights. ``selection`` (default
-    ``select_targets(model, ignore)``) decides the quantized groups; ``fallback`` (group or layer
-    names, optionally -> reason) keeps more groups high precision. W4A4 (``scheme="nvfp4"``) needs
-    ``input_amax`` (module or group name -> calibrated input abs-max) for every quantized group; fused
-    members get one ``input_global_scale = 448*6/max(amax)``. Tokenizer and generation config files are
-    copied from ``source_dir`` and/or saved from ``tokenizer``; ``extra_files`` (name -> JSON-able) are
-    written beside (e.g. ``calibration.json``; ``*.png`` names take bytes). ``lm_head`` is never quantized. An existing
-    ``out_dir`` is refused unless ``overwrite`` (then replaced atomically). ``dtype``: of the
-    unquantized tensors and ``config.json`` (default: the model's own), e.g. the source checkpoint's
-    bf16 when calibration ran in fp32.
+    Preconditions: ``model`` is a transformers causal LM; ``groups`` were quantized from it. Linears in no
+    quantized group stay in ``dtype`` and go to the config's ``ignore`` list (``skipped`` says why, for the
+    summary; a BF16-tier group is listed with its tier). ``lm_head`` is never quantized. Tokenizer and
+    generation config files are copied from ``source_dir`` and/or saved from ``tokenizer``; ``extra_files``
+    (name -> JSON-able, or ``*.png`` -> bytes) are written beside. An existing ``out_dir`` is refused
+    unless ``overwrite`` (then replaced atomically).
     """
     started = time.perf_counter()
-    scheme = NVFP4Scheme(scheme)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite)")
     extra_files = dict(extra_files or {})
     _check_extra_files(extra_files)
-
-    selection = with_fallback(selection or select_targets(model, ignore=ignore), fallback)
-    heads = [m for m in selection.quantized_layers if m == "lm_head" or m.endswith(".lm_head")]
+    quantized = [g for g in groups if g.tier.quantizes_weights]
+    tiers = {m.name: g.tier for g in quantized for m in g.members}
+    heads = [name for name in tiers if _is_lm_head(name)]
     if heads:
         raise CheckpointError(f"lm_head is never quantized (logit precision); got {heads}")
-    if scheme.quantizes_activations:
-        if input_amax is None:
-            raise CheckpointError(
-                "W4A4 (nvfp4) needs calibrated activation amax (input_amax); use nvfp4a16 for a "
-                "weight-only checkpoint, or run `fp4roll recalibrate`"
-            )
-        input_scales: dict[str, torch.Tensor] | None = _input_global_scales(selection, input_amax)
-    else:
-        input_scales = None
 
-    linears = _linear_modules(model)
-    ignored = sorted(n for n in linears if n not in set(selection.quantized_layers))
-    skipped = {n: selection.skipped.get(n, "not selected") for n in ignored}
-    quant_config = build_quantization_config(scheme, ignored)
-    state = _unique_state_dict(model).values()
-    bytes_before = (
-        _tensor_bytes(state)
-        if dtype is None  # else: what the model weighs in the dtype it is exported in
-        else sum(
-            t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
-            for t in state
-        )
-    )
+    reasons = dict(skipped or {})
+    for group in groups:
+        if not group.tier.quantizes_weights:
+            reasons.update(dict.fromkeys(group.group.members, f"tier {group.tier.value}"))
+    ignored = sorted(n for n in linear_modules(model) if n not in tiers)
+    reasons = {n: reasons.get(n, "not selected") for n in ignored}
+    quant_config = build_quantization_config(quantized, ignored)
 
-    tensors = quantize_model_tensors(model, selection, input_global_scales=input_scales)
-    if dtype is not None:  # e.g. calibrated in fp32, served in the source checkpoint's bf16
-        nvfp4 = (WEIGHT_PACKED, WEIGHT_SCALE, WEIGHT_GLOBAL_SCALE, INPUT_GLOBAL_SCALE)
-        tensors = {
-            name: t.to(dtype) if t.is_floating_point() and not name.endswith(nvfp4) else t
-            for name, t in tensors.items()
-        }
-    with _atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    state = unique_state_dict(model).values()
+    bytes_before = sum(t.numel() * _stored_itemsize(t, dtype) for t in state)
+    tensors = checkpoint_tensors(model, quantized, dtype)
+    bytes_by_tier: dict[str, int] = {}
+    for name, tensor in tensors.items():
+        layer, _, suffix = name.rpartition(".")
+        tier = tiers.get(layer) if suffix in (*QUANTIZED_SUFFIXES, WEIGHT) else None
+        if tier is None and suffix == WEIGHT and layer in reasons:
+            key = Tier.BF16.value  # a Linear kept high precision
+        else:
+            key = tier.value if tier is not None else "other"
+        bytes_by_tier[key] = bytes_by_tier.get(key, 0) + tensor.numel() * tensor.element_size()
+
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         bytes_after, shard_count = _write_safetensors(tensors, tmp, max_shard_size)
         _write_config(model, tmp, quant_config, dtype)
         generation_config = getattr(model, "generation_config", None)
@@ -454,28 +322,28 @@ def export_nvfp4_checkpoint(
             if isinstance(payload, bytes):
                 (tmp / name).write_bytes(payload)
             else:
-                (tmp / name).write_text(
-                    json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
-                )
+                text = json.dumps(payload, indent=2, sort_keys=True, default=str)
+                (tmp / name).write_text(text + "\n")
 
     summary = ExportSummary(
         out_dir=out_dir,
-        scheme=scheme,
-        quantized_layers=selection.quantized_layers,
-        group_count=len(selection.groups),
-        skipped=skipped,
+        tiers=tiers,
+        group_count=len(quantized),
+        skipped=reasons,
         bytes_before=bytes_before,
         bytes_after=bytes_after,
+        bytes_by_tier=bytes_by_tier,
         shard_count=shard_count,
         seconds=time.perf_counter() - started,
     )
     logger.info(
-        "wrote %s (%s): %d layers in %d groups quantized, %d kept high precision, %.1f MB -> %.1f MB",
+        "wrote %s: %d Linear layers in %d groups quantized (%s), %d high precision, "
+        "%.1f MB -> %.1f MB",
         out_dir,
-        scheme.value,
-        len(summary.quantized_layers),
+        len(tiers),
         summary.group_count,
-        len(skipped),
+        ", ".join(sorted({t.value for t in tiers.values()})),
+        len(ignored),
         bytes_before / 1e6,
         bytes_after / 1e6,
     )
@@ -504,56 +372,89 @@ def _read_checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_nvfp4_quantization_config(path: str | Path):
-    """The checkpoint's ``quantization_config`` parsed by compressed-tensors, with its scheme."""
+def read_quantization_config(path: str | Path):
+    """The checkpoint's ``quantization_config`` parsed by compressed-tensors (formats checked)."""
     from compressed_tensors.quantization import QuantizationConfig
 
-    config = read_model_config(path)
-    raw = config.get("quantization_config")
+    raw = read_model_config(path).get("quantization_config")
     if not raw or raw.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{path}: config.json has no compressed-tensors quantization_config")
     parsed = QuantizationConfig.model_validate(raw)
-    schemes = list(parsed.config_groups.values())
-    formats = {parsed.format, *(s.format for s in schemes if s.format is not None)}
-    if formats != {NVFP4_FORMAT}:
-        raise CheckpointError(
-            f"{path}: format {sorted(map(str, formats))}, expected {NVFP4_FORMAT}"
-        )
-    w4a4 = any(s.input_activations is not None for s in schemes)
-    return parsed, NVFP4Scheme.W4A4 if w4a4 else NVFP4Scheme.W4A16
+    known = {t.format for t in Tier if t.format} | {MIXED_PRECISION_FORMAT}
+    formats = {parsed.format, *(s.format for s in parsed.config_groups.values() if s.format)}
+    unknown = sorted(str(f) for f in formats if f is not None and str(f) not in known)
+    if unknown:
+        raise CheckpointError(f"{path}: format(s) {unknown} not supported; expected one of {known}")
+    return parsed
 
 
-def _install_activation_quant(
-    module: nn.Module, input_global_scale: torch.Tensor
-) -> torch.utils.hooks.RemovableHandle:
-    """Fake-quantize the input of ``module`` (W4A4 emulation) with a static global scale."""
-    scale = input_global_scale.reshape(1).to(torch.float32)
+def _fp8_has_dynamic_inputs(quant_config) -> bool:
+    """Whether the checkpoint's FP8 layers quantize their inputs (W8A8) or not (W8A16)."""
+    fp8 = [
+        s
+        for s in quant_config.config_groups.values()
+        if s.weights is not None and s.weights.num_bits == 8 and s.weights.type == "float"
+    ]
+    dynamic = {s.input_activations is not None for s in fp8}
+    if len(dynamic) > 1:
+        raise CheckpointError("FP8 layers with and without input quantization in one checkpoint")
+    if dynamic == {False}:
+        raise CheckpointError("FP8 weight-only (W8A16) layers are not a tier fp4roll emulates")
+    return True
 
-    def hook(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        x = args[0]
-        return (fake_quantize_nvfp4_activation(x, scale.to(x.device)), *args[1:])
 
-    return module.register_forward_pre_hook(hook)
+def _quantized_layers(
+    path: Path, tensors: dict[str, torch.Tensor], quant_config
+) -> list[QuantizedLinear]:
+    """Pop every quantized Linear's tensors out of ``tensors`` and tell its tier from them."""
+    layers: list[QuantizedLinear] = []
+    packed = sorted(k[: -len(WEIGHT_PACKED) - 1] for k in tensors if k.endswith(WEIGHT_PACKED))
+    for name in packed:
+        own = {
+            s: tensors.pop(f"{name}.{s}") for s in QUANTIZED_SUFFIXES if f"{name}.{s}" in tensors
+        }
+        missing = [s for s in (WEIGHT_PACKED, WEIGHT_SCALE, WEIGHT_GLOBAL_SCALE) if s not in own]
+        if missing:
+            raise CheckpointError(f"{path}: {name} lacks {missing}")
+        tier = Tier.NVFP4 if INPUT_GLOBAL_SCALE in own else Tier.NVFP4A16
+        layers.append(QuantizedLinear(name, tier, own))
+    fp8 = sorted(
+        k[: -len(WEIGHT) - 1]
+        for k, v in tensors.items()
+        if k.endswith(f".{WEIGHT}") and v.dtype == torch.float8_e4m3fn
+    )
+    if fp8:
+        _fp8_has_dynamic_inputs(quant_config)
+    for name in fp8:
+        scale = tensors.pop(f"{name}.{WEIGHT_SCALE}", None)
+        if scale is None:
+            raise CheckpointError(f"{path}: FP8 layer {name} has no weight_scale")
+        own = {WEIGHT: tensors.pop(f"{name}.{WEIGHT}"), WEIGHT_SCALE: scale}
+        layers.append(QuantizedLinear(name, Tier.FP8, own))
+    if (any(layer.tier is Tier.NVFP4 for layer in layers)) and not any(
+        s.input_activations is not None for s in quant_config.config_groups.values()
+    ):
+        raise CheckpointError(f"{path}: input_global_scale tensors but no input quantization")
+    return layers
 
 
 @torch.no_grad()
-def load_nvfp4_checkpoint(
+def load_checkpoint(
     path: str | Path,
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = "cpu",
 ) -> tuple[nn.Module, Any, CheckpointInfo]:
-    """Load a compressed-tensors NVFP4 checkpoint as a plain transformers model (eval mode).
+    """Load a compressed-tensors checkpoint (NVFP4 / FP8 / mixed) as a plain transformers model (eval).
 
-    Weights are dequantized with ``kernels.dequantize_nvfp4``; for W4A4 checkpoints every quantized
-    Linear gets a forward pre-hook fake-quantizing its input under the stored ``input_global_scale``.
-    Safetensors only. ``dtype`` None -> the dtype recorded in config.json. Returns (model, tokenizer or
-    None, info).
+    Every quantized Linear's weight is decoded and its activation fake-quant installed exactly as
+    :func:`calibration.emulate.emulate` does. Safetensors only. ``dtype`` None -> the dtype recorded in
+    config.json. Returns (model, tokenizer or None, info).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    quant_config, scheme = read_nvfp4_quantization_config(path)
+    quant_config = read_quantization_config(path)
     with hub_offline():
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     if hasattr(config, "quantization_config"):
@@ -564,35 +465,15 @@ def load_nvfp4_checkpoint(
     target = resolve_device(device)
 
     tensors = _read_checkpoint_tensors(path)
-    quantized = sorted(k[: -len(WEIGHT_PACKED) - 1] for k in tensors if k.endswith(WEIGHT_PACKED))
-    state: dict[str, torch.Tensor] = {}
-    weight_scales: dict[str, float] = {}
-    input_scales: dict[str, torch.Tensor] = {}
-    for layer in quantized:
-        try:
-            packed = tensors.pop(f"{layer}.{WEIGHT_PACKED}")
-            scale = tensors.pop(f"{layer}.{WEIGHT_SCALE}")
-            global_scale = tensors.pop(f"{layer}.{WEIGHT_GLOBAL_SCALE}")
-        except KeyError as exc:
-            raise CheckpointError(f"{path}: {layer} lacks {exc.args[0]}") from None
-        # dequantize where the model will run (Triton on CUDA, vectorized torch on CPU)
-        state[f"{layer}.weight"] = dequantize_nvfp4(
-            packed.to(target), scale.to(target), global_scale.to(target), dtype=torch_dtype
-        )
-        weight_scales[layer] = float(global_scale.reshape(-1)[0])
-        input_scale = tensors.pop(f"{layer}.{INPUT_GLOBAL_SCALE}", None)
-        if input_scale is not None:
-            input_scales[layer] = input_scale
-        elif scheme.quantizes_activations:
-            raise CheckpointError(f"{path}: W4A4 checkpoint but {layer} has no input_global_scale")
+    layers = _quantized_layers(path, tensors, quant_config)
+    state = {f"{layer.name}.{WEIGHT}": layer.dequantized_weight(torch_dtype) for layer in layers}
     for name, tensor in tensors.items():
         state[name] = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor
 
     with MODEL_BUILD_LOCK, torch.device(target):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = _tied_parameter_names(model)
-    missing = [k for k in missing if k not in tied]
+    missing = [k for k in missing if k not in tied_parameter_names(model)]
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: tensors do not match the model built from config.json: missing "
@@ -601,26 +482,30 @@ def load_nvfp4_checkpoint(
     model.tie_weights()
     model.to(target)
     model.eval()
+    setattr(model, ACTIVATION_HOOKS_ATTR, install_input_quantizers(model, layers))
 
-    modules = dict(model.named_modules())
-    if scheme.quantizes_activations:
-        hooks = [_install_activation_quant(modules[layer], s) for layer, s in input_scales.items()]
-        setattr(model, ACTIVATION_HOOKS_ATTR, hooks)
-    linears = _linear_modules(model)
+    tiers = {layer.name: layer.tier for layer in layers}
     info = CheckpointInfo(
         path=path,
-        scheme=scheme,
-        quantized_layers=tuple(quantized),
-        ignored_layers=tuple(sorted(n for n in linears if n not in set(quantized))),
-        weight_global_scales=weight_scales,
-        input_global_scales={k: float(v.reshape(-1)[0]) for k, v in input_scales.items()},
+        tiers=tiers,
+        ignored_layers=tuple(sorted(n for n in linear_modules(model) if n not in tiers)),
+        weight_global_scales={
+            layer.name: float(layer.tensors[WEIGHT_GLOBAL_SCALE].reshape(-1)[0])
+            for layer in layers
+            if layer.tier.is_nvfp4
+        },
+        input_global_scales={
+            layer.name: float(layer.input_global_scale.reshape(-1)[0])
+            for layer in layers
+            if layer.input_global_scale is not None
+        },
         quantization_config=quant_config.model_dump(mode="json"),
     )
     logger.info(
-        "loaded %s (%s): %d quantized Linear layers, %d high precision, dtype %s",
+        "loaded %s: %d quantized Linear layers (%s), %d high precision, dtype %s",
         path,
-        scheme.value,
-        len(quantized),
+        len(tiers),
+        ", ".join(sorted({t.value for t in tiers.values()})),
         len(info.ignored_layers),
         torch_dtype,
     )
@@ -628,128 +513,11 @@ def load_nvfp4_checkpoint(
 
 
 def remove_activation_quantization(model: nn.Module) -> int:
-    """Remove the W4A4 input fake-quant hooks :func:`load_nvfp4_checkpoint` installed (the model then
-    behaves as W4A16); return how many were removed."""
+    """Remove the input fake-quant hooks :func:`load_checkpoint` installed (W4A4 then behaves as W4A16,
+    W8A8 as W8A16); return how many were removed."""
     hooks = getattr(model, ACTIVATION_HOOKS_ATTR, [])
     for hook in hooks:
         hook.remove()
     if hasattr(model, ACTIVATION_HOOKS_ATTR):
         delattr(model, ACTIVATION_HOOKS_ATTR)
     return len(hooks)
-
-
-def _tied_parameter_names(model: nn.Module) -> set[str]:
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return set()
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    return set(tied.keys() if isinstance(tied, dict) else tied)
-
-
-# ----------------------------------------------------------------------------------------------
-# In-memory emulation
-# ----------------------------------------------------------------------------------------------
-
-
-class NVFP4Emulation:
-    """Handle returned by :func:`apply_nvfp4_emulation`; ``remove()`` (or leaving the ``with``
-    block) restores the original weights and removes the activation hooks."""
-
-    def __init__(self) -> None:
-        self._originals: dict[str, tuple[nn.Linear, torch.Tensor]] = {}
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self.weight_global_scales: dict[str, torch.Tensor] = {}  # group name -> fp32 [1]
-
-    @property
-    def layers(self) -> tuple[str, ...]:
-        return tuple(self._originals)
-
-    @property
-    def active(self) -> bool:
-        return bool(self._originals or self._hooks)
-
-    @torch.no_grad()
-    def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        for module, original in self._originals.values():
-            module.weight.copy_(original)
-        self._originals.clear()
-
-    def __enter__(self) -> NVFP4Emulation:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-
-@torch.no_grad()
-def apply_nvfp4_emulation(
-    model: nn.Module,
-    selection: TargetSelection,
-    input_global_scales: Mapping[str, float | torch.Tensor] | None = None,
-    groups: Iterable[str] | None = None,
-) -> NVFP4Emulation:
-    """Fake-quantize (quantize + dequantize, NVFP4) the weights of ``selection``'s groups in place.
-
-    ``groups`` restricts to those group names (default: all). With ``input_global_scales`` (keyed by
-    group name or any member name; fp32 ``448*6/amax``), the inputs of those groups' Linears are
-    fake-quantized too (W4A4); groups without an entry stay W4A16. Fused groups share one weight
-    global scale. The original weights are kept (a copy per touched layer) so the handle can undo it.
-    """
-    wanted = None if groups is None else set(groups)
-    if wanted is not None:
-        unknown = wanted - {g.name for g in selection.groups}
-        if unknown:
-            raise CheckpointError(f"unknown group name(s): {sorted(unknown)}")
-    linears = _linear_modules(model)
-    handle = NVFP4Emulation()
-    try:
-        for group in selection.groups:
-            if wanted is not None and group.name not in wanted:
-                continue
-            global_scale = group_weight_global_scale(linears, group)
-            handle.weight_global_scales[group.name] = global_scale
-            input_scale = None
-            if input_global_scales is not None:
-                keys = [n for n in (group.name, *group.members) if n in input_global_scales]
-                if keys:
-                    input_scale = torch.as_tensor(input_global_scales[keys[0]], dtype=torch.float32)
-            for member in group.members:
-                module = linears[member]
-                weight = module.weight
-                fake = fake_quantize_nvfp4_weight(
-                    weight.detach(), global_scale.to(weight.device), name=member
-                )
-                handle._originals[member] = (module, weight.detach().clone())
-                weight.copy_(fake.to(weight.dtype))
-                if input_scale is not None:
-                    handle._hooks.append(_install_activation_quant(module, input_scale))
-    except BaseException:
-        handle.remove()
-        raise
-    return handle
-
-
-__all__ = [
-    "CheckpointError",
-    "CheckpointInfo",
-    "ExportSummary",
-    "INPUT_GLOBAL_SCALE",
-    "NVFP4Emulation",
-    "NVFP4Scheme",
-    "NVFP4_FORMAT",
-    "WEIGHT_GLOBAL_SCALE",
-    "WEIGHT_PACKED",
-    "WEIGHT_SCALE",
-    "apply_nvfp4_emulation",
-    "build_quantization_config",
-    "export_nvfp4_checkpoint",
-    "group_weight_global_scale",
-    "load_nvfp4_checkpoint",
-    "quantize_model_tensors",
-    "read_nvfp4_quantization_config",
-    "remove_activation_quantization",
-    "with_fallback",
-    "ModelLoadError",
-]

@@ -207,9 +207,9 @@ def load_model_dir(path: str | os.PathLike) -> tuple[nn.Module, Any, Any]:
         raise ReplayError(f"{folder}: no config.json; not a model folder")
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if config.get("quantization_config"):
-        from calibration.checkpoint import load_nvfp4_checkpoint
+        from calibration.checkpoint import load_checkpoint
 
-        return load_nvfp4_checkpoint(folder)
+        return load_checkpoint(folder)
     from calibration.models import load_causal_lm
 
     loaded = load_causal_lm(folder)

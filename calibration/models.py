@@ -16,11 +16,12 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
-from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+
+from calibration.precision import ModelDtype
 
 logger = logging.getLogger(__name__)
 
@@ -39,27 +40,15 @@ class PickledWeightsRefusedError(ModelLoadError):
     """The folder holds only pickled weights and ``allow_pickle`` was not given."""
 
 
-class ModelDtype(str, Enum):
-    """Floating-point dtypes a model may be loaded in."""
-
-    BFLOAT16 = "bfloat16"
-    FLOAT16 = "float16"
-    FLOAT32 = "float32"
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.value)
-
-
 _DTYPE_ALIASES = {
-    "bf16": ModelDtype.BFLOAT16,
-    "bfloat16": ModelDtype.BFLOAT16,
-    "fp16": ModelDtype.FLOAT16,
-    "half": ModelDtype.FLOAT16,
-    "float16": ModelDtype.FLOAT16,
-    "fp32": ModelDtype.FLOAT32,
-    "float": ModelDtype.FLOAT32,
-    "float32": ModelDtype.FLOAT32,
+    "bf16": ModelDtype.BF16,
+    "bfloat16": ModelDtype.BF16,
+    "fp16": ModelDtype.FP16,
+    "half": ModelDtype.FP16,
+    "float16": ModelDtype.FP16,
+    "fp32": ModelDtype.FP32,
+    "float": ModelDtype.FP32,
+    "float32": ModelDtype.FP32,
 }
 
 
@@ -192,7 +181,7 @@ def load_tokenizer(model_dir: str | Path) -> Any:
 def load_causal_lm(
     model_dir: str | Path,
     *,
-    dtype: str | torch.dtype | ModelDtype | None = ModelDtype.BFLOAT16,
+    dtype: str | torch.dtype | ModelDtype | None = ModelDtype.BF16,
     device: str | torch.device | None = "cpu",
     allow_pickle: bool = False,
 ) -> LoadedModel:
@@ -200,7 +189,7 @@ def load_causal_lm(
 
     ``dtype`` bf16/fp16/fp32 (None: the checkpoint's dtype); ``device`` "cpu", "cuda[:n]" or "auto".
     A compressed-tensors (NVFP4) folder is refused here: use
-    :func:`calibration.checkpoint.load_nvfp4_checkpoint`, which keeps activation quantization.
+    :func:`calibration.checkpoint.load_checkpoint`, which keeps activation quantization.
     """
     from transformers import AutoModelForCausalLM
 
@@ -210,7 +199,7 @@ def load_causal_lm(
     if quant and quant.get("quant_method") == "compressed-tensors":
         raise ModelLoadError(
             f"{model_dir}: a compressed-tensors checkpoint; load it with "
-            "calibration.checkpoint.load_nvfp4_checkpoint (it keeps W4A4 activation quantization)"
+            "calibration.checkpoint.load_checkpoint (it keeps W4A4 activation quantization)"
         )
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
@@ -306,7 +295,7 @@ def prepare_smollm2(cache_dir: str | Path | None = None) -> Path:
     with MODEL_BUILD_LOCK:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
-    missing = [k for k in missing if k not in _tied_keys(model)]
+    missing = [k for k in missing if k not in tied_parameter_names(model)]
     if missing or unexpected:
         raise ModelLoadError(
             f"GGUF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}"
@@ -341,9 +330,9 @@ def _is_complete_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and bool(find_weight_files(path).safetensors)
 
 
-def _tied_keys(model: torch.nn.Module) -> set[str]:
-    """Parameter names that are tied to another parameter (e.g. ``lm_head.weight``)."""
-    tied = getattr(model, "_tied_weights_keys", None) or {}
+def tied_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Parameter names tied to another parameter (e.g. ``lm_head.weight``); a state dict may lack them."""
     if not getattr(model.config, "tie_word_embeddings", False):
         return set()
+    tied = getattr(model, "_tied_weights_keys", None) or {}
     return set(tied.keys() if isinstance(tied, dict) else tied)

@@ -23,11 +23,13 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from calibration.checkpoint import export_nvfp4_checkpoint
+from calibration.checkpoint import DEFAULT_STORAGE_DTYPE, export_checkpoint
+from calibration.emulate import quantize_groups
 from calibration.groups import DEFAULT_IGNORE, select_targets
 from calibration.models import load_causal_lm
 from calibration.observers import ActivationStats, collect_activation_stats, tokenize_batches
 from calibration.plan import FallbackPolicy, FallbackReason, build_fallback_plan
+from calibration.precision import Tier
 from calibration.report import (
     CALIBRATION_JSON,
     KL_CHART_PNG,
@@ -37,13 +39,12 @@ from calibration.report import (
 from calibration.sensitivity import (
     Baseline,
     GroupSensitivity,
-    QuantScheme,
     SweepConfig,
     blocks_to_cache,
     compute_baseline,
     merge_sensitivities,
     run_sensitivity_sweep,
-    score_quantized,
+    score_emulation,
     sweep_groups,
 )
 
@@ -55,7 +56,7 @@ class RecalibrationConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    scheme: QuantScheme = QuantScheme.W4A4
+    scheme: Tier = Tier.NVFP4
     kl_threshold: float | None = Field(0.05, ge=0, description="Mean-KL limit per group (nats).")
     max_fallback_fraction: float | None = Field(
         None, ge=0, le=1, description="Max share of quantizable parameters kept high precision."
@@ -80,7 +81,7 @@ class RecalibrationResult(BaseModel):
     checkpoint_dir: Path
     calibration_json: Path
     kl_chart: Path
-    scheme: QuantScheme
+    scheme: Tier
     corpus_digest: str
     num_groups: int
     fallback_groups: tuple[str, ...]
@@ -131,14 +132,6 @@ def _baseline(model, evaluation, groups, config: RecalibrationConfig) -> Baselin
     )
 
 
-def _source_dtype(source_dir: Path) -> torch.dtype | None:
-    """The dtype the source checkpoint was saved in (the checkpoint keeps it for unquantized tensors)."""
-    config = json.loads((Path(source_dir) / "config.json").read_text())
-    name = config.get("dtype") or config.get("torch_dtype")
-    value = getattr(torch, name, None) if isinstance(name, str) else None
-    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
-
-
 def _check_out_dir(out_dir: Path, config: RecalibrationConfig) -> None:
     if out_dir.exists() and not config.overwrite:
         raise FileExistsError(f"{out_dir} already exists; set overwrite=True to replace it")
@@ -162,8 +155,16 @@ def _plan_score_export(
     """Fallback plan → combined scores (everything quantized, the plan) → atomic export."""
     policy = FallbackPolicy(config.kl_threshold, config.max_fallback_fraction)
     plan = build_fallback_plan(selection, sensitivities, policy)
-    all_quantized = score_quantized(model, baseline, selection.groups, stats, config.scheme)
-    with_plan = score_quantized(model, baseline, plan.quantized_groups, stats, config.scheme)
+    storage_dtype = DEFAULT_STORAGE_DTYPE
+    amax = stats.group_input_amax
+    all_groups = quantize_groups(model, selection.groups, config.scheme, amax)
+    fallback_names = {f.name for f in plan.fallbacks}
+    tiers = {
+        g.name: Tier.BF16 if g.name in fallback_names else config.scheme for g in selection.groups
+    }
+    planned = quantize_groups(model, selection.groups, tiers, amax)
+    all_quantized = score_emulation(model, baseline, all_groups, storage_dtype=storage_dtype)
+    with_plan = score_emulation(model, baseline, planned, storage_dtype=storage_dtype)
     logger.info(
         "combined mean KL: everything quantized %.5f, plan %.5f (%d fallback groups)",
         all_quantized.mean_kl,
@@ -190,18 +191,21 @@ def _plan_score_export(
     chart = render_kl_chart(
         sensitivities, plan, title=f"{Path(model_dir).name}: per-group KL ({config.scheme.value})"
     )
-    export_nvfp4_checkpoint(
+    skipped = dict(selection.skipped)
+    for fallback in plan.fallbacks:
+        skipped.update(
+            dict.fromkeys(fallback.members, f"{fallback.reason.value}: {fallback.detail}")
+        )
+    export_checkpoint(
         model,
         out_dir,
-        scheme=config.scheme,
-        selection=selection,
-        fallback=group_fallbacks,
-        input_amax=stats.group_input_amax if config.scheme.quantizes_activations else None,
+        planned,
+        skipped=skipped,
         source_dir=source_dir,
         tokenizer=tokenizer,
         extra_files={CALIBRATION_JSON: record, KL_CHART_PNG: chart},
         overwrite=config.overwrite,
-        dtype=_source_dtype(source_dir),
+        dtype=storage_dtype,
     )
     return RecalibrationResult(
         checkpoint_dir=out_dir,
@@ -352,7 +356,7 @@ def sweep_file(
         _groups_by_name(selection, group_names),
         stats,
         SweepConfig(
-            scheme=config.scheme,
+            tier=config.scheme,
             max_length=config.max_seq_len,
             batch_size=config.batch_size,
             logprob_dtype=config.logprob_dtype,

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from calibration.plan import FallbackPlan, FallbackReason
-from calibration.sensitivity import GroupSensitivity, QualityScore, QuantScheme
+from calibration.precision import Tier
+from calibration.sensitivity import GroupSensitivity, QualityScore
 from kernels import FP4_BLOCK_SIZE
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def score_to_dict(score: QualityScore) -> dict[str, Any]:
 def build_calibration_record(
     *,
     corpus_digest: str,
-    scheme: QuantScheme,
+    scheme: Tier,
     calibration_sample: Mapping[str, int],
     evaluation_sample: Mapping[str, int],
     sensitivities: Sequence[GroupSensitivity],
@@ -76,7 +77,7 @@ def build_calibration_record(
     settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``calibration.json`` payload (JSON-able; non-finite floats become null)."""
-    scheme = QuantScheme(scheme)
+    scheme = Tier(scheme)
     fallback_of = {f.name: f for f in plan.fallbacks}
     return {
         "report_version": REPORT_VERSION,

@@ -33,20 +33,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibration.checkpoint import NVFP4Scheme
+from calibration.emulate import GroupQuantization, emulate, quantize_groups
 from calibration.groups import LinearGroup, TargetSelection
 from calibration.observers import ActivationStats, TokenBatch, _model_device, tokenize_batches
-from kernels import (
-    fake_quantize_nvfp4_activation,
-    fake_quantize_nvfp4_weight,
-    global_scale_from_amax,
-)
+from calibration.precision import Tier
 
 logger = logging.getLogger(__name__)
-
-
-#: ``nvfp4`` = W4A4, ``nvfp4a16`` = W4A16: the checkpoint export's enum, so a sweep and its export agree.
-QuantScheme = NVFP4Scheme
 
 
 @dataclass(frozen=True)
@@ -112,7 +104,7 @@ class Baseline:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    scheme: QuantScheme = QuantScheme.W4A4
+    tier: Tier = Tier.NVFP4
     max_length: int = 256
     batch_size: int = 8
     logprob_dtype: str = "float32"
@@ -162,58 +154,6 @@ def _resume_at(model: nn.Module, block_index: int) -> Iterator[_HandOver]:
     finally:
         for i, original in enumerate(originals):
             layers[i] = original
-
-
-def _activation_hook(input_global_scale: torch.Tensor):
-    def hook(_module: nn.Module, args: tuple):
-        x = args[0]
-        x_q = fake_quantize_nvfp4_activation(x.float(), input_global_scale.to(x.device)).to(x.dtype)
-        return (x_q, *args[1:])
-
-    return hook
-
-
-@contextmanager
-def fake_quantized(
-    model: nn.Module,
-    groups: Iterable[LinearGroup],
-    stats: ActivationStats | None,
-    scheme: QuantScheme = QuantScheme.W4A4,
-) -> Iterator[None]:
-    """Within the block, ``groups`` of ``model`` compute in NVFP4 emulation; restored afterwards.
-
-    Weights are fake-quantized with one global scale per fused group (``448*6 / max |W|`` over its
-    members). For W4A4, ``stats`` (required) gives each group's ``input_global_scale``; the inputs get
-    per-16 FP8 block scales at run time. Not thread-safe: one model per thread.
-    """
-    scheme = QuantScheme(scheme)
-    if scheme is QuantScheme.W4A4 and stats is None:
-        raise ValueError("W4A4 needs activation stats (input amax) for the input_global_scale")
-    modules = dict(model.named_modules())
-    saved: dict[str, torch.Tensor] = {}
-    handles = []
-    try:
-        with torch.no_grad():
-            for group in groups:
-                linears = [modules[m] for m in group.members]
-                weight_amax = max(lin.weight.detach().abs().amax().float() for lin in linears)
-                global_scale = global_scale_from_amax(weight_amax)
-                for name, lin in zip(group.members, linears, strict=True):
-                    saved[name] = lin.weight.data
-                    fq = fake_quantize_nvfp4_weight(lin.weight.data.float(), global_scale)
-                    lin.weight.data = fq.to(lin.weight.dtype)
-                if scheme is QuantScheme.W4A4:
-                    input_global_scale = stats.input_global_scale(group)
-                    for lin in linears:
-                        handles.append(
-                            lin.register_forward_pre_hook(_activation_hook(input_global_scale))
-                        )
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        for name, weight in saved.items():
-            modules[name].weight.data = weight
 
 
 # ------------------------------------------------------------------------------------------- baseline
@@ -339,27 +279,27 @@ class _Accumulator:
 
 
 @torch.inference_mode()
-def score_quantized(
+def score_emulation(
     model: nn.Module,
     baseline: Baseline,
-    groups: Sequence[LinearGroup],
-    stats: ActivationStats | None,
-    scheme: QuantScheme = QuantScheme.W4A4,
+    quantized: Sequence[GroupQuantization],
     *,
+    storage_dtype: torch.dtype | None = None,
     use_block_cache: bool = True,
 ) -> QualityScore:
-    """Quantize ``groups`` together and score against ``baseline`` (same batches it was built from).
+    """Emulate ``quantized`` together (:func:`calibration.emulate.emulate`) and score it against
+    ``baseline`` (same batches it was built from).
 
-    With ``use_block_cache`` the forward resumes at the earliest quantized block when it is cached.
+    With ``use_block_cache`` the forward resumes at the earliest changed block when it is cached (not
+    with ``storage_dtype``, which may change the embeddings).
     """
-    first_block = min((g.block_index for g in groups if g.block_index is not None), default=None)
-    if any(g.block_index is None for g in groups):
-        first_block = (
-            None  # a group outside the stack (e.g. an embedding projection) changes block 0
-        )
+    changed = [q.group for q in quantized if q.tier.quantizes_weights]
+    first_block = min((g.block_index for g in changed if g.block_index is not None), default=None)
+    if any(g.block_index is None for g in changed) or storage_dtype is not None:
+        first_block = None  # something outside the block stack (e.g. embeddings) may change
     resume = use_block_cache and first_block is not None and first_block in baseline.cached_blocks
     acc = _Accumulator()
-    with fake_quantized(model, groups, stats, scheme):
+    with emulate(model, quantized, storage_dtype=storage_dtype):
         if resume:
             with _resume_at(model, first_block) as handover:
                 for batch in baseline.batches:
@@ -369,6 +309,24 @@ def score_quantized(
             for batch in baseline.batches:
                 acc.add(_forward_logits(model, batch.tokens), batch)
     return acc.score(baseline)
+
+
+def score_quantized(
+    model: nn.Module,
+    baseline: Baseline,
+    groups: Sequence[LinearGroup],
+    stats: ActivationStats | None,
+    tier: Tier = Tier.NVFP4,
+    *,
+    use_block_cache: bool = True,
+) -> QualityScore:
+    """``groups`` quantized together under one ``tier`` (round-to-nearest), scored against ``baseline``.
+    W4A4 needs ``stats`` (the calibrated input amax of each group)."""
+    amax = None if stats is None else stats.group_input_amax
+    if Tier(tier) is Tier.NVFP4 and stats is None:
+        raise ValueError("W4A4 needs activation stats (input amax) for the input_global_scale")
+    quantized = quantize_groups(model, groups, Tier(tier), amax)
+    return score_emulation(model, baseline, quantized, use_block_cache=use_block_cache)
 
 
 def group_sensitivity(group: LinearGroup, score: QualityScore) -> GroupSensitivity:
@@ -391,7 +349,7 @@ def sweep_groups(
     baseline: Baseline,
     groups: Sequence[LinearGroup],
     stats: ActivationStats | None,
-    scheme: QuantScheme = QuantScheme.W4A4,
+    tier: Tier = Tier.NVFP4,
     *,
     use_block_cache: bool = True,
     num_workers: int = 1,
@@ -416,7 +374,7 @@ def sweep_groups(
         replica = replicas.get()
         try:
             score = score_quantized(
-                replica, baseline, [group], stats, scheme, use_block_cache=use_block_cache
+                replica, baseline, [group], stats, tier, use_block_cache=use_block_cache
             )
         finally:
             replicas.put(replica)
@@ -475,7 +433,7 @@ def run_sensitivity_sweep(
         baseline,
         groups,
         stats,
-        config.scheme,
+        config.tier,
         use_block_cache=config.use_block_cache,
         num_workers=config.num_workers,
         progress=progress,

@@ -12,23 +12,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from calibration.precision import ModelDtype, Tier
+
 logger = logging.getLogger(__name__)
 console = Console()
 
 models_app = typer.Typer(
     name="models", help="Prepare local models (nothing is downloaded).", no_args_is_help=True
 )
-
-
-class PackScheme(str, Enum):
-    nvfp4a16 = "nvfp4a16"
-    nvfp4 = "nvfp4"
-
-
-class PackDtype(str, Enum):
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
 
 
 class PreparableModel(str, Enum):
@@ -58,13 +49,14 @@ def pack(
         ),
     ] = None,
     scheme: Annotated[
-        PackScheme,
+        Tier,
         typer.Option(
             "--scheme",
-            help="Only nvfp4a16 (W4A16, weights only). W4A4 'nvfp4' needs calibrated activation "
-            "scales, which pack does not have: use `fp4roll recalibrate`.",
+            help="nvfp4a16 (W4A16 NVFP4, weights only) or fp8 (W8A8 FP8: per-channel weights, "
+            "dynamic per-token activations). W4A4 'nvfp4' needs calibrated activation scales, "
+            "which pack does not have: use `fp4roll recalibrate`.",
         ),
-    ] = PackScheme.nvfp4a16,
+    ] = Tier.NVFP4A16,
     allow_pickle: Annotated[
         bool,
         typer.Option(
@@ -75,20 +67,22 @@ def pack(
         bool, typer.Option("--overwrite", help="Replace OUT_DIR (atomically) if it exists.")
     ] = False,
     dtype: Annotated[
-        PackDtype, typer.Option("--dtype", help="Dtype of the layers kept high precision.")
-    ] = PackDtype.bf16,
+        ModelDtype, typer.Option("--dtype", help="Dtype of the layers kept high precision.")
+    ] = ModelDtype.BF16,
 ) -> None:
     """Quantize every Linear of MODEL_DIR to NVFP4 W4A16 and write a compressed-tensors checkpoint (nvfp4-pack-quantized, loadable by vLLM) to OUT_DIR, atomically.
 
     Fused groups (q/k/v, gate/up) share one global scale; layers whose in_features is not a multiple of 16 stay high precision and are listed. No calibration happens here: for W4A4 or a KL-driven fallback plan, run `fp4roll recalibrate`.
     """
-    from calibration.checkpoint import CheckpointError, export_nvfp4_checkpoint
-    from calibration.groups import DEFAULT_IGNORE
+    from calibration.checkpoint import CheckpointError, export_checkpoint
+    from calibration.emulate import EmulationError, quantize_groups
+    from calibration.groups import DEFAULT_IGNORE, select_targets
     from calibration.models import ModelLoadError, load_causal_lm
+    from kernels import NVFP4Error
 
-    if scheme is PackScheme.nvfp4:
+    if scheme not in (Tier.NVFP4A16, Tier.FP8):
         console.print(
-            "[red]error:[/red] `pack` writes weight-only checkpoints (--scheme nvfp4a16). W4A4 "
+            f"[red]error:[/red] `pack` writes nvfp4a16 or fp8 checkpoints, not {scheme.value}. W4A4 "
             "('nvfp4') needs activation amax from calibration data: run `fp4roll recalibrate`."
         )
         raise typer.Exit(code=2)
@@ -98,18 +92,19 @@ def pack(
 
     started = time.perf_counter()
     try:
-        loaded = load_causal_lm(
-            model_dir, dtype=dtype.value, device="cpu", allow_pickle=allow_pickle
-        )
-        summary = export_nvfp4_checkpoint(
+        loaded = load_causal_lm(model_dir, dtype=dtype, device="cpu", allow_pickle=allow_pickle)
+        selection = select_targets(loaded.model, (*DEFAULT_IGNORE, *(ignore or ())))
+        quantized = quantize_groups(loaded.model, selection.groups, scheme)
+        summary = export_checkpoint(
             loaded.model,
             out_dir,
-            scheme=scheme.value,
-            ignore=(*DEFAULT_IGNORE, *(ignore or ())),
+            quantized,
+            skipped=selection.skipped,
             source_dir=model_dir,
             overwrite=overwrite,
+            dtype=dtype.torch_dtype,
         )
-    except (ModelLoadError, CheckpointError, FileExistsError) as exc:
+    except (ModelLoadError, CheckpointError, EmulationError, NVFP4Error, FileExistsError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(code=1) from None
     elapsed = time.perf_counter() - started
@@ -117,7 +112,7 @@ def pack(
     table = Table(title=f"fp4roll pack → {out_dir}", show_lines=False)
     table.add_column("item")
     table.add_column("value", overflow="fold")
-    table.add_row("scheme", f"{summary.scheme.value} (nvfp4-pack-quantized)")
+    table.add_row("scheme", f"{scheme.value} ({scheme.format})")
     table.add_row(
         "quantized Linear layers",
         f"{len(summary.quantized_layers)} in {summary.group_count} groups",

@@ -1,4 +1,4 @@
-"""calibration.checkpoint: compressed-tensors NVFP4 export, our loader, in-memory emulation."""
+"""calibration.checkpoint: compressed-tensors export of emulated groups, and our loader."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ from safetensors import safe_open
 from calibration import checkpoint as ckpt
 from calibration.checkpoint import (
     CheckpointError,
-    NVFP4Scheme,
-    apply_nvfp4_emulation,
     build_quantization_config,
-    export_nvfp4_checkpoint,
-    load_nvfp4_checkpoint,
+    load_checkpoint,
     remove_activation_quantization,
 )
+from calibration.emulate import EmulationError, quantize_groups
 from calibration.groups import select_targets
 from calibration.models import load_causal_lm
+from calibration.precision import Tier
 from kernels import dequantize_nvfp4
+from tests.calibration.exports import export_all
 
 QKV = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
 GATE_UP = ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
@@ -34,9 +34,9 @@ def tiny(tiny_llama_dir):
 
 
 def _amax(selection, seed: int = 0) -> dict[str, float]:
-    """Per-member input amax values that differ inside fused groups (so sharing is observable)."""
+    """Per-group input amax values."""
     g = torch.Generator().manual_seed(seed)
-    return {m: 1.0 + 4.0 * float(torch.rand(1, generator=g)) for m in selection.quantized_layers}
+    return {group.name: 1.0 + 4.0 * float(torch.rand(1, generator=g)) for group in selection.groups}
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +45,11 @@ def exported(tiny, tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     selection = select_targets(tiny.model)
     amax = _amax(selection)
-    w4a16 = export_nvfp4_checkpoint(tiny.model, root / "w4a16", source_dir=tiny_llama_dir)
-    w4a4 = export_nvfp4_checkpoint(
+    w4a16 = export_all(tiny.model, root / "w4a16", source_dir=tiny_llama_dir)
+    w4a4 = export_all(
         tiny.model,
         root / "w4a4",
-        scheme="nvfp4",
+        Tier.NVFP4,
         input_amax=amax,
         tokenizer=tiny.tokenizer,
         extra_files={"calibration.json": {"sample_size": 3}},
@@ -102,8 +102,8 @@ def test_w4a16_layout_config_and_reload(exported, tiny):
     assert parsed.config_groups["group_0"].input_activations is None
     assert (path / "tokenizer.json").is_file() and (path / "generation_config.json").is_file()
 
-    model, tokenizer, info = load_nvfp4_checkpoint(path)
-    assert info.scheme is NVFP4Scheme.W4A16 and info.ignored_layers == ("lm_head",)
+    model, tokenizer, info = load_checkpoint(path)
+    assert set(info.tiers.values()) == {Tier.NVFP4A16} and info.ignored_layers == ("lm_head",)
     stored = _tensors(path)
     expected = dequantize_nvfp4(
         stored[f"{q}.weight_packed"],
@@ -122,8 +122,9 @@ def test_fused_groups_share_global_scales(exported):
         for suffix in ("weight_global_scale", "input_global_scale"):
             values = [stored[f"{m}.{suffix}"] for m in members]
             assert all(torch.equal(values[0], v) for v in values), (members, suffix)
-        # the shared input scale comes from the max amax over the members
-        amax = max(exported["amax"][m] for m in members)
+        # the shared input scale comes from the group's calibrated amax
+        group = "model.layers.0.self_attn.qkv" if members == QKV else "model.layers.0.mlp.gate_up"
+        amax = exported["amax"][group]
         assert float(stored[f"{members[0]}.input_global_scale"]) == pytest.approx(448 * 6 / amax)
     # the weight global scale comes from the max amax over the members' weights
     q, k, v = (stored[f"{m}.weight_global_scale"] for m in QKV)
@@ -135,10 +136,10 @@ def test_w4a4_config_extra_files_and_activation_quant(exported, tiny):
     raw = json.loads((path / "config.json").read_text())["quantization_config"]
     assert raw["config_groups"]["group_0"]["input_activations"]["num_bits"] == 4
     assert json.loads((path / "calibration.json").read_text()) == {"sample_size": 3}
-    model, tokenizer, info = load_nvfp4_checkpoint(path)
-    assert info.scheme is NVFP4Scheme.W4A4
+    model, tokenizer, info = load_checkpoint(path)
+    assert set(info.tiers.values()) == {Tier.NVFP4} and info.quantizes_activations
     assert set(info.input_global_scales) == set(info.quantized_layers)
-    w4a16_model, _, _ = load_nvfp4_checkpoint(exported["w4a16"].out_dir)
+    w4a16_model, _, _ = load_checkpoint(exported["w4a16"].out_dir)
     # same weights as the W4A16 checkpoint; only the activation fake-quant differs
     for name, p in w4a16_model.state_dict().items():
         assert torch.equal(p, model.state_dict()[name]), name
@@ -162,7 +163,13 @@ def test_names_dtypes_shapes_match_compressed_tensors_compressor(exported):
     from tests.conftest import build_tiny_llama
 
     model = build_tiny_llama()
-    quant_config = build_quantization_config(NVFP4Scheme.W4A4, ["lm_head"])
+    selection = select_targets(model)
+    quant_config = build_quantization_config(
+        quantize_groups(model, selection.groups, Tier.NVFP4A16), ["lm_head"]
+    )
+    quant_config.config_groups["group_0"] = __import__(
+        "compressed_tensors.quantization", fromlist=["preset_name_to_scheme"]
+    ).preset_name_to_scheme("NVFP4", ["Linear"])
     apply_quantization_config(model, quant_config)
     with torch.no_grad():
         for _, module in model.named_modules():
@@ -219,18 +226,21 @@ def test_transformers_compressed_tensors_integration_gets_our_weights(exported, 
         )
     except Exception as exc:  # noqa: BLE001 - any failure here means "not on this machine"
         pytest.skip(f"transformers cannot decompress compressed-tensors here: {exc}")
-    ours, _, _ = load_nvfp4_checkpoint(path)
+    ours, _, _ = load_checkpoint(path)
     theirs = hf.state_dict()
     for name, tensor in ours.state_dict().items():
         assert torch.equal(theirs[name].to(tensor.dtype), tensor), name
 
 
 def test_w4a4_needs_input_amax(tiny, tmp_path):
-    with pytest.raises(CheckpointError, match="recalibrate"):
-        export_nvfp4_checkpoint(tiny.model, tmp_path / "a", scheme="nvfp4")
-    with pytest.raises(CheckpointError, match="missing for"):
-        export_nvfp4_checkpoint(
-            tiny.model, tmp_path / "b", scheme="nvfp4", input_amax={QKV[0]: 1.0}
+    with pytest.raises(EmulationError, match="input amax"):
+        export_all(tiny.model, tmp_path / "a", Tier.NVFP4)
+    with pytest.raises(EmulationError, match="finite and > 0"):
+        export_all(
+            tiny.model,
+            tmp_path / "b",
+            Tier.NVFP4,
+            input_amax={g.name: 0.0 for g in select_targets(tiny.model).groups},
         )
     assert not any(tmp_path.iterdir())
 
@@ -239,7 +249,7 @@ def test_unaligned_layer_stays_unquantized_and_listed(tmp_path):
     from tests.conftest import build_tiny_llama
 
     model = build_tiny_llama(intermediate_size=120)  # down_proj in_features = 120, not 16k
-    summary = export_nvfp4_checkpoint(model, tmp_path / "out")
+    summary = export_all(model, tmp_path / "out")
     down = "model.layers.0.mlp.down_proj"
     assert "multiple of 16" in summary.skipped[down]
     assert down not in summary.quantized_layers and GATE_UP[0] in summary.quantized_layers
@@ -247,25 +257,23 @@ def test_unaligned_layer_stays_unquantized_and_listed(tmp_path):
     assert down in raw["ignore"] and "lm_head" in raw["ignore"]
     meta = _tensor_meta(tmp_path / "out")
     assert meta[f"{down}.weight"] == (torch.bfloat16, (64, 120))
-    reloaded, _, info = load_nvfp4_checkpoint(tmp_path / "out")
+    reloaded, _, info = load_checkpoint(tmp_path / "out")
     assert down in info.ignored_layers
     assert torch.equal(reloaded.get_submodule(down).weight, model.get_submodule(down).weight)
 
 
-def test_fallback_keeps_whole_fused_group(tiny, tmp_path):
-    summary = export_nvfp4_checkpoint(
-        tiny.model, tmp_path / "out", fallback={QKV[1]: "KL 0.09 > 0.05"}
-    )
+def test_bf16_tier_keeps_whole_fused_group(tiny, tmp_path):
+    summary = export_all(tiny.model, tmp_path / "out", fallback={"model.layers.0.self_attn.qkv"})
     for member in QKV:
-        assert summary.skipped[member] == "KL 0.09 > 0.05"
-    with pytest.raises(CheckpointError, match="not found"):
-        export_nvfp4_checkpoint(tiny.model, tmp_path / "typo", fallback=["model.layers.9.nope"])
+        assert summary.skipped[member] == "tier bf16" and member not in summary.tiers
+    raw = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert set(QKV) <= set(raw["ignore"])
+    assert summary.bytes_by_tier["bf16"] == (64 * 64 + 2 * 32 * 64) * 2  # q, k, v in bf16
 
 
 def test_lm_head_is_never_quantized(tiny, tmp_path):
-    selection = select_targets(tiny.model, ignore=())
     with pytest.raises(CheckpointError, match="lm_head"):
-        export_nvfp4_checkpoint(tiny.model, tmp_path / "out", selection=selection)
+        export_all(tiny.model, tmp_path / "out", ignore=())
 
 
 def test_failed_write_leaves_nothing(tiny, tmp_path, monkeypatch):
@@ -274,7 +282,7 @@ def test_failed_write_leaves_nothing(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt, "_write_config", boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        export_nvfp4_checkpoint(tiny.model, tmp_path / "out")
+        export_all(tiny.model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -283,28 +291,28 @@ def test_existing_out_dir_refused_then_replaced_atomically(tiny, tmp_path, monke
     out.mkdir()
     (out / "keep.txt").write_text("previous")
     with pytest.raises(FileExistsError, match="overwrite"):
-        export_nvfp4_checkpoint(tiny.model, out)
+        export_all(tiny.model, out)
     assert (out / "keep.txt").read_text() == "previous"
 
     # a failure during an overwrite keeps the previous folder intact
     monkeypatch.setattr(ckpt, "_write_config", lambda *a, **k: (_ for _ in ()).throw(OSError("x")))
     with pytest.raises(OSError):
-        export_nvfp4_checkpoint(tiny.model, out, overwrite=True)
+        export_all(tiny.model, out, overwrite=True)
     assert (out / "keep.txt").read_text() == "previous"
     monkeypatch.undo()
 
-    export_nvfp4_checkpoint(tiny.model, out, overwrite=True)
+    export_all(tiny.model, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or backup dirs left
 
 
 def test_sharded_export_reloads_identically(exported, tiny, tmp_path):
-    summary = export_nvfp4_checkpoint(tiny.model, tmp_path / "sharded", max_shard_size=40_000)
+    summary = export_all(tiny.model, tmp_path / "sharded", max_shard_size=40_000)
     assert summary.shard_count > 1
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == summary.shard_count
-    sharded, _, _ = load_nvfp4_checkpoint(tmp_path / "sharded")
-    single, _, _ = load_nvfp4_checkpoint(exported["w4a16"].out_dir)
+    sharded, _, _ = load_checkpoint(tmp_path / "sharded")
+    single, _, _ = load_checkpoint(exported["w4a16"].out_dir)
     for name, tensor in single.state_dict().items():
         assert torch.equal(sharded.state_dict()[name], tensor), name
 
@@ -312,35 +320,4 @@ def test_sharded_export_reloads_identically(exported, tiny, tmp_path):
 def test_extra_files_cannot_clobber_checkpoint_files(tiny, tmp_path):
     for bad in ("config.json", "../x.json", "notes.txt"):
         with pytest.raises(CheckpointError, match="extra file"):
-            export_nvfp4_checkpoint(tiny.model, tmp_path / "out", extra_files={bad: {}})
-
-
-def test_emulation_matches_checkpoint_and_undoes(exported, tiny):
-    model = tiny.model
-    selection = select_targets(model)
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    reloaded, tokenizer, info = load_nvfp4_checkpoint(exported["w4a4"].out_dir)
-    ids = tokenizer("The quick brown fox", return_tensors="pt")["input_ids"]
-
-    with apply_nvfp4_emulation(
-        model, selection, input_global_scales=dict(info.input_global_scales)
-    ) as handle:
-        assert set(handle.layers) == set(selection.quantized_layers)
-        for name in selection.quantized_layers:
-            assert torch.equal(
-                model.get_submodule(name).weight, reloaded.get_submodule(name).weight
-            ), name
-        with torch.no_grad():
-            assert torch.equal(model(ids).logits, reloaded(ids).logits)
-    assert not handle.active
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, original[name]), name
-
-    # one group only, weights only
-    group = selection.groups[0].name
-    with apply_nvfp4_emulation(model, selection, groups=[group]) as handle:
-        assert handle.layers == selection.groups[0].members
-        assert not torch.equal(model.get_submodule(QKV[0]).weight, original[f"{QKV[0]}.weight"])
-        assert torch.equal(model.get_submodule(GATE_UP[0]).weight, original[f"{GATE_UP[0]}.weight"])
-    with pytest.raises(CheckpointError, match="unknown group"):
-        apply_nvfp4_emulation(model, selection, groups=["nope"])
+            export_all(tiny.model, tmp_path / "out", extra_files={bad: {}})

@@ -284,7 +284,9 @@ def test_stage_sampling_depends_on_seed():
 
 def test_replay_from_checkpoint_folders(model, tokenizer, tmp_path):
     """Folders in, loaders chosen by config.json; W4A4 layers come from the checkpoint's scales."""
-    from calibration.checkpoint import export_nvfp4_checkpoint
+    from calibration.groups import select_targets
+    from calibration.precision import Tier
+    from tests.calibration.exports import export_all
 
     base_dir = tmp_path / "base"
     model.save_pretrained(base_dir)
@@ -292,11 +294,12 @@ def test_replay_from_checkpoint_folders(model, tokenizer, tmp_path):
     layers = sorted(
         n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n
     )
-    export_nvfp4_checkpoint(
+    groups = [g.name for g in select_targets(model).groups]
+    export_all(
         model,
         tmp_path / "w4a4",
-        scheme="nvfp4",
-        input_amax=dict.fromkeys(layers, 0.5),  # far too narrow: most tokens fall outside
+        Tier.NVFP4,
+        input_amax=dict.fromkeys(groups, 0.5),  # far too narrow: most tokens fall outside
         tokenizer=tokenizer,
     )
     same = replay(base_dir, base_dir, PROMPTS[:2], max_len=24)

@@ -95,7 +95,7 @@ def test_bad_folders_give_specific_errors(tmp_path, tiny_llama_dir):
     config = json.loads((ct / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "compressed-tensors"}
     (ct / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="load_nvfp4_checkpoint"):
+    with pytest.raises(ModelLoadError, match="load_checkpoint"):
         load_causal_lm(ct)
 
 

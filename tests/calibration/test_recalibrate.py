@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from calibration.checkpoint import load_nvfp4_checkpoint
+from calibration.checkpoint import load_checkpoint
+from calibration.precision import Tier
 from calibration.recalibrate import RecalibrationConfig, recalibrate
-from calibration.sensitivity import QuantScheme
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -40,8 +40,8 @@ def test_recalibrate_tiny_llama_w4a4_with_budget(tiny_llama_dir, tmp_path):
 
     ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
     assert set(result.ignore) <= set(ignore) | {"lm_head"}
-    model, tokenizer, info = load_nvfp4_checkpoint(out)
-    assert info.scheme is QuantScheme.W4A4
+    model, tokenizer, info = load_checkpoint(out)
+    assert set(info.tiers.values()) == {Tier.NVFP4}
     assert set(info.ignored_layers) >= set(result.ignore) - {"lm_head"}
     ids = tokenizer("Hello world", return_tensors="pt")["input_ids"]
     generated = model.generate(ids, max_new_tokens=4, do_sample=False)
@@ -71,8 +71,8 @@ def test_recalibrate_smollm2_plan_beats_everything_quantized(smollm2_dir, tmp_pa
     assert result.num_groups == 30 * 4
     assert result.fallback_groups
     assert result.plan_mean_kl < result.all_quantized_mean_kl
-    model, tokenizer, info = load_nvfp4_checkpoint(result.checkpoint_dir)
-    assert info.scheme is QuantScheme.W4A4
+    model, tokenizer, info = load_checkpoint(result.checkpoint_dir)
+    assert set(info.tiers.values()) == {Tier.NVFP4}
     ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     generated = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 5

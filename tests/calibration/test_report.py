@@ -8,13 +8,14 @@ import pytest
 
 from calibration.groups import GroupKind, LinearGroup, TargetSelection
 from calibration.plan import FallbackPolicy, build_fallback_plan
+from calibration.precision import Tier
 from calibration.report import (
     build_calibration_record,
     package_versions,
     write_calibration_json,
     write_kl_chart,
 )
-from calibration.sensitivity import GroupSensitivity, QualityScore, QuantScheme
+from calibration.sensitivity import GroupSensitivity, QualityScore
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -50,7 +51,7 @@ def test_record_has_everything_to_reproduce_the_decision(decided, tmp_path):
     nan_score = QualityScore(float("nan"), 0.1, 0.95, 10.0, 10.5, 200)
     record = build_calibration_record(
         corpus_digest="sha256:abc",
-        scheme=QuantScheme.W4A4,
+        scheme=Tier.NVFP4,
         calibration_sample={"prompts": 8, "tokens": 400},
         evaluation_sample={"prompts": 4, "tokens": 200},
         sensitivities=records,

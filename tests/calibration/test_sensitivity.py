@@ -7,14 +7,14 @@ import dataclasses
 import pytest
 import torch
 
+from calibration.emulate import emulate, quantize_groups
 from calibration.groups import select_targets
 from calibration.observers import collect_activation_stats, tokenize_batches
+from calibration.precision import Tier
 from calibration.sensitivity import (
-    QuantScheme,
     SweepConfig,
     blocks_to_cache,
     compute_baseline,
-    fake_quantized,
     merge_sensitivities,
     run_sensitivity_sweep,
     score_quantized,
@@ -42,7 +42,7 @@ def _fields(records):
     return [dataclasses.astuple(r) for r in records]
 
 
-@pytest.mark.parametrize("scheme", [QuantScheme.W4A4, QuantScheme.W4A16])
+@pytest.mark.parametrize("scheme", [Tier.NVFP4, Tier.NVFP4A16])
 def test_block_cache_matches_full_forward(setup, scheme):
     model, _, selection, stats, baseline = setup
     assert baseline.cached_blocks == (1, 2)
@@ -85,7 +85,7 @@ def test_thread_pool_and_subsets_merge_to_same_result(setup):
         merge_sensitivities([part_a, part_a], selection)
 
 
-def test_fake_quantized_shares_weight_global_scale_and_w4a4_needs_stats(setup):
+def test_emulated_group_shares_weight_global_scale_and_w4a4_needs_stats(setup):
     model, _, selection, stats, _ = setup
     qkv = selection.groups[0]
     modules = dict(model.named_modules())
@@ -96,14 +96,11 @@ def test_fake_quantized_shares_weight_global_scale_and_w4a4_needs_stats(setup):
         shared = fake_quantize_nvfp4_weight(v_weight, global_scale_from_amax(5.0))
         own = fake_quantize_nvfp4_weight(v_weight)
         assert not torch.equal(shared, own)
-        with fake_quantized(model, [qkv], None, QuantScheme.W4A16):
+        with emulate(model, quantize_groups(model, [qkv], Tier.NVFP4A16)):
             assert torch.equal(modules[qkv.members[2]].weight, shared)
         assert torch.equal(modules[qkv.members[2]].weight, v_weight)
-        with (
-            pytest.raises(ValueError, match="activation stats"),
-            fake_quantized(model, [qkv], None),
-        ):
-            pass
+        with pytest.raises(ValueError, match="activation stats"):
+            score_quantized(model, setup[4], [qkv], None, Tier.NVFP4)
     finally:
         with torch.no_grad():
             modules[qkv.members[0]].weight[0, 0] = 0.0
@@ -111,8 +108,8 @@ def test_fake_quantized_shares_weight_global_scale_and_w4a4_needs_stats(setup):
 
 def test_combined_score_over_all_groups_both_schemes(setup):
     model, _, selection, stats, baseline = setup
-    w4a16 = score_quantized(model, baseline, selection.groups, stats, QuantScheme.W4A16)
-    w4a4 = score_quantized(model, baseline, selection.groups, stats, QuantScheme.W4A4)
+    w4a16 = score_quantized(model, baseline, selection.groups, stats, Tier.NVFP4A16)
+    w4a4 = score_quantized(model, baseline, selection.groups, stats, Tier.NVFP4)
     assert w4a4.mean_kl > 0 and w4a16.mean_kl > 0
     assert w4a4.num_tokens == w4a16.num_tokens == baseline.num_tokens
     assert 0 <= w4a4.top1_agreement <= 1

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from calibration.checkpoint import load_nvfp4_checkpoint
+from calibration.checkpoint import load_checkpoint
 from pipelines.cli import app
 
 runner = CliRunner()
@@ -27,7 +27,7 @@ def _assert_checkpoint_ok(out: Path) -> None:
     raw = json.loads((out / "config.json").read_text())["quantization_config"]
     parsed = QuantizationConfig.model_validate(raw)
     assert parsed.format == "nvfp4-pack-quantized" and "lm_head" in parsed.ignore
-    model, tokenizer, info = load_nvfp4_checkpoint(out)
+    model, tokenizer, info = load_checkpoint(out)
     scales = info.weight_global_scales
     for layer in {name.rsplit(".", 2)[0] for name in info.quantized_layers}:
         if f"{layer}.self_attn.q_proj" in scales:  # fused groups share their global scale
@@ -55,7 +55,7 @@ def test_pack_tiny_llama(tiny_llama_dir, tmp_path):
     again = _pack(tiny_llama_dir, str(out))
     assert again.exit_code == 1 and "--overwrite" in again.output
     assert _pack(tiny_llama_dir, str(out), "--overwrite", "--dtype", "fp32").exit_code == 0
-    model, _, _ = load_nvfp4_checkpoint(out)
+    model, _, _ = load_checkpoint(out)
     assert model.model.embed_tokens.weight.dtype == torch.float32
 
 

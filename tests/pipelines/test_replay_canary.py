@@ -141,14 +141,13 @@ def small_model_policy() -> GatePolicy:
 @pytest.mark.slow
 def test_smollm2_replay_canary_first_stage(smollm2_dir, holdout, tmp_path):
     """Packed W4A16 SmolLM2 passes stage 1; every layer at global scale × 64 fails it, critically."""
-    from calibration.checkpoint import export_nvfp4_checkpoint, load_nvfp4_checkpoint
+    from calibration.checkpoint import load_checkpoint
     from calibration.models import load_causal_lm
+    from tests.calibration.exports import export_all
 
     baseline = load_causal_lm(smollm2_dir, dtype="float32")
-    export_nvfp4_checkpoint(
-        baseline.model, tmp_path / "w4a16", scheme="nvfp4a16", source_dir=smollm2_dir
-    )
-    packed = load_nvfp4_checkpoint(tmp_path / "w4a16", dtype="float32")
+    export_all(baseline.model, tmp_path / "w4a16", source_dir=smollm2_dir)
+    packed = load_checkpoint(tmp_path / "w4a16", dtype="float32")
     damaged = fake_quantized_copy(baseline.model, global_scale_factor=64.0)
     policy = small_model_policy()
 

@@ -1,0 +1,103 @@
+"""calibration.emulate: one emulation for the sweep, the plan, the export and the reloaded checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calibration.checkpoint import export_checkpoint, load_checkpoint
+from calibration.emulate import EmulationError, emulate, quantize_groups
+from calibration.groups import select_targets
+from calibration.observers import collect_activation_stats, tokenize_batches
+from calibration.precision import NVFP4_BLOCK, Tier
+from calibration.sensitivity import _forward_logits
+from kernels import FP4_BLOCK_SIZE
+from tests.calibration._tiny_models import PROMPTS, char_tokenizer, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """An fp32 model whose weights are NOT bf16-representable, its calibration stats and a plan
+    mixing every tier."""
+    model = tiny_llama(num_layers=2, seed=3)
+    tokenizer = char_tokenizer()
+    selection = select_targets(model)
+    batches = tokenize_batches(tokenizer, PROMPTS, max_length=24, batch_size=4)
+    stats = collect_activation_stats(model, batches, selection, progress=False)
+    cycle = [Tier.NVFP4, Tier.NVFP4A16, Tier.BF16, Tier.NVFP4]
+    tiers = {g.name: cycle[i % len(cycle)] for i, g in enumerate(selection.groups)}
+    return model, tokenizer, selection, stats, batches, tiers
+
+
+def test_block_size_constant_matches_kernels():
+    assert NVFP4_BLOCK == FP4_BLOCK_SIZE
+
+
+def test_plan_emulation_equals_reloaded_checkpoint_bit_for_bit(setup, tmp_path):
+    model, tokenizer, selection, stats, batches, tiers = setup
+    assert set(tiers.values()) == {Tier.NVFP4, Tier.NVFP4A16, Tier.BF16}
+    planned = quantize_groups(model, selection.groups, tiers, stats.group_input_amax)
+    with emulate(model, planned, storage_dtype=torch.bfloat16), torch.no_grad():
+        emulated = [_forward_logits(model, b) for b in batches]
+    export_checkpoint(model, tmp_path / "ckpt", planned, tokenizer=tokenizer)
+    reloaded, _, info = load_checkpoint(tmp_path / "ckpt", dtype=torch.float32)
+    assert {t for t in info.tiers.values()} == {Tier.NVFP4, Tier.NVFP4A16}
+    with torch.no_grad():
+        for batch, expected in zip(batches, emulated, strict=True):
+            assert torch.equal(_forward_logits(reloaded, batch), expected)
+    # without the storage rounding the fp32 model computes something else (the oracle can fail)
+    with emulate(model, planned), torch.no_grad():
+        assert not torch.equal(_forward_logits(model, batches[0]), emulated[0])
+
+
+def test_emulation_undoes_everything(setup):
+    model, _, selection, stats, batches, tiers = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        reference = _forward_logits(model, batches[0])
+    planned = quantize_groups(model, selection.groups, tiers, stats.group_input_amax)
+    with emulate(model, planned, storage_dtype=torch.bfloat16) as handle, torch.no_grad():
+        assert handle.active
+        assert len(handle.layers) == sum(len(g.members) for g in planned if g.tier is not Tier.BF16)
+        assert not torch.equal(_forward_logits(model, batches[0]), reference)
+    assert not handle.active
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    with torch.no_grad():
+        assert torch.equal(_forward_logits(model, batches[0]), reference)
+
+
+def test_w4a4_changes_only_through_input_quantization(setup):
+    model, _, selection, stats, batches, _ = setup
+    group = selection.groups[0]
+    w4a16 = quantize_groups(model, [group], Tier.NVFP4A16)
+    w4a4 = quantize_groups(model, [group], Tier.NVFP4, stats.group_input_amax)
+    a, b = w4a16[0].members[0], w4a4[0].members[0]
+    for key in ("weight_packed", "weight_scale", "weight_global_scale"):
+        assert torch.equal(a.tensors[key], b.tensors[key])
+    assert float(b.tensors["input_global_scale"]) == pytest.approx(
+        448 * 6 / stats.group_input_amax[group.name]
+    )
+    with torch.no_grad():
+        with emulate(model, w4a16):
+            weights_only = _forward_logits(model, batches[0])
+        with emulate(model, w4a4):
+            full = _forward_logits(model, batches[0])
+    assert not torch.equal(weights_only, full)
+
+
+def test_fused_members_share_scales_and_bytes_match_the_tier(setup):
+    model, _, selection, stats, _, _ = setup
+    qkv = next(g for g in selection.groups if g.name.endswith("qkv"))
+    (quantized,) = quantize_groups(model, [qkv], Tier.NVFP4, stats.group_input_amax)
+    scales = {float(m.tensors["weight_global_scale"]) for m in quantized.members}
+    assert len(scales) == 1
+    linears = dict(model.named_modules())
+    expected = sum(Tier.NVFP4.weight_bytes(*linears[m].weight.shape) for m in qkv.members)
+    assert quantized.weight_bytes == expected
+
+
+def test_w4a4_without_amax_is_refused(setup):
+    model, _, selection, _, _, _ = setup
+    with pytest.raises(EmulationError, match="input amax"):
+        quantize_groups(model, selection.groups[:1], Tier.NVFP4)
