@@ -189,6 +189,34 @@ def checkpoint_tensors(
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
+def _bytes_by_tier(
+    tensors: Mapping[str, torch.Tensor], tiers: Mapping[str, Tier], unquantized: set[str]
+) -> dict[str, int]:
+    """Checkpoint bytes per tier: quantized Linears under their tier, unquantized Linears' weights as
+    ``bf16`` (the high-precision tier, whatever the storage dtype), everything else as ``other``."""
+    out: dict[str, int] = {}
+    for name, tensor in tensors.items():
+        layer, _, suffix = name.rpartition(".")
+        if layer in tiers:
+            key = tiers[layer].value
+        elif suffix == WEIGHT and layer in unquantized:
+            key = Tier.BF16.value
+        else:
+            key = "other"
+        out[key] = out.get(key, 0) + tensor.numel() * tensor.element_size()
+    return out
+
+
+def checkpoint_bytes_by_tier(
+    model: nn.Module, groups: Sequence[GroupQuantization], dtype: torch.dtype
+) -> dict[str, int]:
+    """What :func:`export_checkpoint` will report as ``bytes_by_tier`` for these groups."""
+    quantized = [g for g in groups if g.tier.quantizes_weights]
+    tiers = {m.name: g.tier for g in quantized for m in g.members}
+    unquantized = {n for n in linear_modules(model) if n not in tiers}
+    return _bytes_by_tier(checkpoint_tensors(model, quantized, dtype), tiers, unquantized)
+
+
 def _write_safetensors(
     tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int | str
 ) -> tuple[int, int]:
@@ -301,15 +329,7 @@ def export_checkpoint(
     state = unique_state_dict(model).values()
     bytes_before = sum(t.numel() * _stored_itemsize(t, dtype) for t in state)
     tensors = checkpoint_tensors(model, quantized, dtype)
-    bytes_by_tier: dict[str, int] = {}
-    for name, tensor in tensors.items():
-        layer, _, suffix = name.rpartition(".")
-        tier = tiers.get(layer) if suffix in (*QUANTIZED_SUFFIXES, WEIGHT) else None
-        if tier is None and suffix == WEIGHT and layer in reasons:
-            key = Tier.BF16.value  # a Linear kept high precision
-        else:
-            key = tier.value if tier is not None else "other"
-        bytes_by_tier[key] = bytes_by_tier.get(key, 0) + tensor.numel() * tensor.element_size()
+    bytes_by_tier = _bytes_by_tier(tensors, tiers, set(ignored))
 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         bytes_after, shard_count = _write_safetensors(tensors, tmp, max_shard_size)

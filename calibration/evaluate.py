@@ -49,6 +49,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from calibration.prompts import Prompt, PromptError, RenderedPrompt, encode_prompt, render_prompt
 from kernels.formats import FP4_E2M1_MAX, FP8_E4M3_MAX
 
 logger = logging.getLogger(__name__)
@@ -56,9 +57,6 @@ logger = logging.getLogger(__name__)
 REPLAY_FORMAT = "fp4roll.replay"
 REPLAY_FORMAT_VERSION = 1
 
-#: A chat prompt: ``[{"role": "user", "content": "..."}, ...]``.
-ChatMessages = Sequence[Mapping[str, Any]]
-Prompt = str | ChatMessages
 #: What :func:`replay` accepts for a model: a module, ``(model, tokenizer, ...)`` as the loaders return,
 #: a model folder (plain HF or our NVFP4 checkpoint), or a zero-argument callable returning any of those.
 ModelSource = nn.Module | tuple | str | os.PathLike | Callable[[], Any]
@@ -155,35 +153,15 @@ class CanaryEvaluator(Protocol):
 # --------------------------------------------------------------------------------------- prompts
 
 
-def render_prompt(tokenizer: Any, prompt: Prompt) -> tuple[str, bool]:
-    """``(text, is_chat)``: a plain string as is; chat messages through the tokenizer's chat template
-    (with the generation prompt), or ``"role: content"`` lines when the tokenizer has no template.
-
-    ``is_chat`` tells the caller that the text already carries the template's special tokens.
-    """
-    if isinstance(prompt, str):
-        return prompt, False
-    if not isinstance(prompt, Sequence) or not all(isinstance(m, Mapping) for m in prompt):
-        raise ReplayError(
-            f"a prompt must be a string or a list of chat messages (dicts), got {type(prompt).__name__}"
-        )
-    messages = [dict(m) for m in prompt]
-    for position, message in enumerate(messages):
-        if "role" not in message or "content" not in message:
-            raise ReplayError(f"chat message {position} lacks 'role' or 'content'")
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return str(text), True
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages), False
-
-
-def _encode(tokenizer: Any, prompt: Prompt, max_len: int) -> tuple[list[int], str]:
-    text, is_chat = render_prompt(tokenizer, prompt)
-    encoded = tokenizer(text, truncation=True, max_length=max_len, add_special_tokens=not is_chat)[
-        "input_ids"
-    ]
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return [int(t) for t in encoded], digest
+def _encode(tokenizer: Any, prompt: Prompt | RenderedPrompt, max_len: int) -> tuple[list[int], str]:
+    """Token ids of the prompt as the server sees it, and the sha256 of that rendered text."""
+    try:
+        rendered = render_prompt(tokenizer, prompt)
+    except PromptError as exc:
+        raise ReplayError(str(exc)) from exc
+    encoded = encode_prompt(tokenizer, rendered, max_len)
+    digest = hashlib.sha256(rendered.text.encode("utf-8")).hexdigest()
+    return list(encoded.input_ids), digest
 
 
 # --------------------------------------------------------------------------------------- models

@@ -17,15 +17,8 @@ from enum import Enum
 
 from torch import nn
 
+from calibration.precision import DEFAULT_IGNORE
 from kernels import FP4_BLOCK_SIZE
-
-#: Never quantized: the output head (logit precision drives KL directly) and MoE routers (a flipped
-#: expert choice is a discrete error no scale can fix).
-DEFAULT_IGNORE: tuple[str, ...] = (
-    "lm_head",
-    r"re:.*\.(mlp|block_sparse_moe|moe)\.gate$",
-    r"re:.*router.*",
-)
 
 # Sibling projections that vLLM fuses into one weight.
 _FUSED_SIBLINGS: tuple[tuple[str, ...], ...] = (

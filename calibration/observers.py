@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibration.groups import LinearGroup, TargetSelection
+from calibration.prompts import RenderedPrompt, encode_prompt
 from kernels import global_scale_from_amax
 
 logger = logging.getLogger(__name__)
@@ -39,24 +40,51 @@ class TokenBatch:
         return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device))
 
 
-def tokenize_batches(
-    tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int
-) -> list[TokenBatch]:
-    """Tokenize ``texts`` (truncated to ``max_length`` tokens) into right-padded batches.
+@dataclass(frozen=True)
+class TokenizedPrompts:
+    """Prompts as right-padded batches, and what the token limits cut."""
 
-    Prompts are sorted by length (stable) so batches carry little padding; the pad id is irrelevant
-    because every consumer masks pad positions out. Empty prompts are dropped with a warning.
-    Raises ``ValueError`` when nothing is left or the sizes are not positive.
+    batches: tuple[TokenBatch, ...]
+    num_prompts: int  # prompts in the batches
+    num_tokens: int
+    truncated: int  # prompts cut at the per-prompt limit
+    over_budget: int  # prompts left out because the token budget was spent
+
+
+def tokenize_prompts(
+    tokenizer,
+    prompts: Sequence[RenderedPrompt | str],
+    *,
+    max_length: int,
+    batch_size: int,
+    token_budget: int | None = None,
+) -> TokenizedPrompts:
+    """Tokenize rendered prompts (a ``str`` is a plain prompt) into right-padded batches.
+
+    Each prompt is cut at ``max_length`` tokens (counted in ``truncated``); with ``token_budget``,
+    prompts are taken in the given order until the budget is spent (the rest counted in
+    ``over_budget``). Prompts are sorted by length (stable) so batches carry little padding; the pad id
+    is irrelevant because every consumer masks pad positions out. Empty prompts are dropped with a
+    warning. Raises ``ValueError`` when nothing is left or the sizes are not positive.
     """
     if max_length < 1 or batch_size < 1:
         raise ValueError(f"max_length and batch_size must be >= 1, got {max_length}, {batch_size}")
-    sequences: list[list[int]] = []
-    for text in texts:
-        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-        if ids:
-            sequences.append(list(ids))
-    if len(sequences) < len(texts):
-        logger.warning("dropped %d prompt(s) with no tokens", len(texts) - len(sequences))
+    sequences: list[tuple[int, ...]] = []
+    truncated = over_budget = spent = empty = 0
+    for prompt in prompts:
+        rendered = prompt if isinstance(prompt, RenderedPrompt) else RenderedPrompt(prompt)
+        encoded = encode_prompt(tokenizer, rendered, max_length)
+        if not encoded.input_ids:
+            empty += 1
+            continue
+        if token_budget is not None and spent + len(encoded.input_ids) > token_budget:
+            over_budget += 1
+            continue
+        spent += len(encoded.input_ids)
+        truncated += encoded.truncated
+        sequences.append(encoded.input_ids)
+    if empty:
+        logger.warning("dropped %d prompt(s) with no tokens", empty)
     if not sequences:
         raise ValueError("no prompt produced any token; cannot calibrate or evaluate on nothing")
     sequences.sort(key=len)
@@ -70,7 +98,22 @@ def tokenize_batches(
             input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             attention_mask[row, : len(seq)] = 1
         batches.append(TokenBatch(input_ids, attention_mask))
-    return batches
+    return TokenizedPrompts(
+        batches=tuple(batches),
+        num_prompts=len(sequences),
+        num_tokens=spent,
+        truncated=truncated,
+        over_budget=over_budget,
+    )
+
+
+def tokenize_batches(
+    tokenizer, prompts: Sequence[RenderedPrompt | str], *, max_length: int, batch_size: int
+) -> list[TokenBatch]:
+    """:func:`tokenize_prompts` without a budget, batches only."""
+    return list(
+        tokenize_prompts(tokenizer, prompts, max_length=max_length, batch_size=batch_size).batches
+    )
 
 
 @dataclass(frozen=True)
@@ -81,6 +124,8 @@ class ActivationStats:
     member_to_group: Mapping[str, str]  # Linear module name -> group name
     num_prompts: int
     num_tokens: int
+    truncated_prompts: int = 0  # cut at the per-prompt token limit
+    over_budget_prompts: int = 0  # left out by the token budget
 
     def input_amax(self, module_name: str) -> float:
         return self.group_input_amax[self.member_to_group[module_name]]
@@ -106,6 +151,8 @@ class ActivationStats:
                 "member_to_group": dict(self.member_to_group),
                 "num_prompts": self.num_prompts,
                 "num_tokens": self.num_tokens,
+                "truncated_prompts": self.truncated_prompts,
+                "over_budget_prompts": self.over_budget_prompts,
             },
             indent=2,
             sort_keys=True,
@@ -119,6 +166,8 @@ class ActivationStats:
             member_to_group=dict(data["member_to_group"]),
             num_prompts=int(data["num_prompts"]),
             num_tokens=int(data["num_tokens"]),
+            truncated_prompts=int(data.get("truncated_prompts", 0)),
+            over_budget_prompts=int(data.get("over_budget_prompts", 0)),
         )
 
 

@@ -11,6 +11,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+#: Never quantized: the output head (logit precision drives KL directly) and MoE routers (a flipped
+#: expert choice is a discrete error no scale can fix). compressed-tensors ignore patterns.
+DEFAULT_IGNORE: tuple[str, ...] = (
+    "lm_head",
+    r"re:.*\.(mlp|block_sparse_moe|moe)\.gate$",
+    r"re:.*router.*",
+)
+
 #: Elements per NVFP4 block (16 along K); equals ``kernels.FP4_BLOCK_SIZE`` (tested).
 NVFP4_BLOCK = 16
 

@@ -1,13 +1,18 @@
 """Calibration end to end, in one call or in file-backed stages.
 
-stats → baseline → per-group KL sweep → fallback plan → combined scores → NVFP4 export with
+stats (every calibration prompt) → baseline on the sensitivity prompts → per-group KL sweep → fallback
+plan → combined scores of the whole plan (a real forward of the emulated checkpoint) → export with
 ``calibration.json`` and the KL chart inside the checkpoint folder.
 
 * :func:`recalibrate` — everything in one process (one model load, one baseline).
 * The stages the Prefect flow runs as separate tasks, passing only paths (so the sweep can fan out
   over threads, processes or a Dask cluster, and a rerun resumes from the last finished stage):
   :func:`collect_stats_file` → :func:`target_group_names` → :func:`sweep_file` (one per group subset)
-  → :func:`finalize`. Each writes its output atomically and returns it unchanged when it already exists.
+  → :func:`plan_and_export`. Each writes its output atomically and returns it unchanged when it
+  already exists.
+
+Prompts are :class:`~calibration.prompts.RenderedPrompt` (what the server sees; a ``str`` is a plain
+prompt), already redacted.
 """
 
 from __future__ import annotations
@@ -15,21 +20,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
+from torch import nn
 
-from calibration.checkpoint import DEFAULT_STORAGE_DTYPE, export_checkpoint
-from calibration.emulate import quantize_groups
-from calibration.groups import DEFAULT_IGNORE, select_targets
+from calibration import atomic
+from calibration.checkpoint import checkpoint_bytes_by_tier, export_checkpoint
+from calibration.config import CalibrationConfig
+from calibration.emulate import quantize_groups, selection_groups
+from calibration.groups import TargetSelection, select_targets
 from calibration.models import load_causal_lm
-from calibration.observers import ActivationStats, collect_activation_stats, tokenize_batches
+from calibration.observers import (
+    ActivationStats,
+    TokenizedPrompts,
+    collect_activation_stats,
+    tokenize_prompts,
+)
 from calibration.plan import FallbackPolicy, FallbackReason, build_fallback_plan
 from calibration.precision import Tier
+from calibration.prompts import RenderedPrompt
 from calibration.report import (
     CALIBRATION_JSON,
     KL_CHART_PNG,
@@ -39,38 +53,16 @@ from calibration.report import (
 from calibration.sensitivity import (
     Baseline,
     GroupSensitivity,
-    SweepConfig,
     blocks_to_cache,
     compute_baseline,
     merge_sensitivities,
-    run_sensitivity_sweep,
     score_emulation,
     sweep_groups,
 )
 
 logger = logging.getLogger(__name__)
 
-
-class RecalibrationConfig(BaseModel):
-    """Knobs of one calibration run (defaults follow DESIGN.md)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    scheme: Tier = Tier.NVFP4
-    kl_threshold: float | None = Field(0.05, ge=0, description="Mean-KL limit per group (nats).")
-    max_fallback_fraction: float | None = Field(
-        None, ge=0, le=1, description="Max share of quantizable parameters kept high precision."
-    )
-    max_seq_len: int = Field(128, ge=2, le=8192)
-    batch_size: int = Field(8, ge=1)
-    dtype: str = Field("float32", description="Model dtype during calibration and scoring.")
-    device: str = "cpu"
-    num_workers: int = Field(1, ge=1, description="Thread-pool workers for the KL sweep.")
-    logprob_dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
-    use_block_cache: bool = True
-    ignore: tuple[str, ...] = DEFAULT_IGNORE
-    overwrite: bool = False
-    progress: bool = True
+Prompts = Sequence[RenderedPrompt | str]
 
 
 class RecalibrationResult(BaseModel):
@@ -96,73 +88,110 @@ class RecalibrationResult(BaseModel):
     plan_delta_perplexity: float
     calibration_tokens: int
     evaluation_tokens: int
+    bytes_by_tier: dict[str, int]
+    checkpoint_bytes: int
     seconds: float
 
 
-def _load(model_dir: str | Path, config: RecalibrationConfig):  # noqa: ANN202
-    """Model, tokenizer, source folder and target selection; clear errors for unusable models."""
-    model, tokenizer, source_dir = load_causal_lm(
-        model_dir, dtype=config.dtype, device=config.device
-    )
-    if tokenizer is None:
+@dataclass(frozen=True)
+class _Loaded:
+    model: nn.Module
+    tokenizer: Any
+    source_dir: Path
+    selection: TargetSelection
+
+
+def _load(model_dir: str | Path, config: CalibrationConfig) -> _Loaded:
+    """Model (in the compute dtype), tokenizer, source folder and target selection."""
+    loaded = load_causal_lm(model_dir, dtype=config.compute_dtype, device=config.device)
+    if loaded.tokenizer is None:
         raise ValueError(
             f"{model_dir} has no tokenizer files; calibration needs to tokenize prompts"
         )
-    selection = select_targets(model, config.ignore)
+    selection = select_targets(loaded.model, config.ignore)
     if not selection.groups:
         raise ValueError(
             f"{model_dir}: no Linear layer can be quantized with ignore={config.ignore}"
         )
-    return model, tokenizer, source_dir, selection
+    return _Loaded(loaded.model, loaded.tokenizer, loaded.source_dir, selection)
 
 
-def _batches(tokenizer, texts: Sequence[str], config: RecalibrationConfig):  # noqa: ANN001, ANN202
-    return tokenize_batches(
-        tokenizer, texts, max_length=config.max_seq_len, batch_size=config.batch_size
+def _tokenize(
+    loaded: _Loaded, prompts: Prompts, config: CalibrationConfig, *, budget: bool
+) -> TokenizedPrompts:
+    return tokenize_prompts(
+        loaded.tokenizer,
+        prompts,
+        max_length=config.max_prompt_tokens,
+        batch_size=config.batch_size,
+        token_budget=config.token_budget if budget else None,
     )
 
 
-def _baseline(model, evaluation, groups, config: RecalibrationConfig) -> Baseline:  # noqa: ANN001
+def _stats(
+    loaded: _Loaded, prompts: Prompts, config: CalibrationConfig, progress: bool
+) -> ActivationStats:
+    """Input amax of every targeted group over the calibration prompts (within the token budget)."""
+    tokenized = _tokenize(loaded, prompts, config, budget=True)
+    if tokenized.truncated:
+        logger.warning(
+            "%d of %d calibration prompts were longer than %d tokens and were truncated",
+            tokenized.truncated,
+            tokenized.num_prompts,
+            config.max_prompt_tokens,
+        )
+    stats = collect_activation_stats(
+        loaded.model, tokenized.batches, loaded.selection, progress=progress
+    )
+    return dataclasses.replace(
+        stats, truncated_prompts=tokenized.truncated, over_budget_prompts=tokenized.over_budget
+    )
+
+
+def _baseline(
+    loaded: _Loaded, prompts: Prompts, config: CalibrationConfig, progress: bool
+) -> Baseline:
+    tokenized = _tokenize(loaded, prompts, config, budget=False)
     return compute_baseline(
-        model,
-        evaluation,
-        cache_blocks=blocks_to_cache(groups) if config.use_block_cache else (),
-        logprob_dtype=getattr(torch, config.logprob_dtype),
-        progress=config.progress,
+        loaded.model,
+        tokenized.batches,
+        cache_blocks=blocks_to_cache(loaded.selection.groups) if config.use_block_cache else (),
+        logprob_dtype=config.logprob_dtype.torch_dtype,
+        progress=progress,
     )
 
 
-def _check_out_dir(out_dir: Path, config: RecalibrationConfig) -> None:
-    if out_dir.exists() and not config.overwrite:
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; set overwrite=True to replace it")
 
 
 def _plan_score_export(
+    loaded: _Loaded,
     *,
-    model,  # noqa: ANN001
-    tokenizer,  # noqa: ANN001
     model_dir: str | Path,
-    source_dir: Path,
-    selection,  # noqa: ANN001
     stats: ActivationStats,
     baseline: Baseline,
     sensitivities: Sequence[GroupSensitivity],
     corpus_digest: str,
     out_dir: Path,
-    config: RecalibrationConfig,
+    config: CalibrationConfig,
+    overwrite: bool,
     started: float,
 ) -> RecalibrationResult:
-    """Fallback plan → combined scores (everything quantized, the plan) → atomic export."""
+    """Fallback plan → combined scores (everything quantized, the plan: the emulated checkpoint) →
+    atomic export of exactly what was scored."""
+    model, selection = loaded.model, loaded.selection
     policy = FallbackPolicy(config.kl_threshold, config.max_fallback_fraction)
     plan = build_fallback_plan(selection, sensitivities, policy)
-    storage_dtype = DEFAULT_STORAGE_DTYPE
+    storage_dtype = config.storage_dtype.torch_dtype
     amax = stats.group_input_amax
-    all_groups = quantize_groups(model, selection.groups, config.scheme, amax)
     fallback_names = {f.name for f in plan.fallbacks}
     tiers = {
         g.name: Tier.BF16 if g.name in fallback_names else config.scheme for g in selection.groups
     }
     planned = quantize_groups(model, selection.groups, tiers, amax)
+    all_groups = quantize_groups(model, selection.groups, config.scheme, amax)
     all_quantized = score_emulation(model, baseline, all_groups, storage_dtype=storage_dtype)
     with_plan = score_emulation(model, baseline, planned, storage_dtype=storage_dtype)
     logger.info(
@@ -171,41 +200,48 @@ def _plan_score_export(
         with_plan.mean_kl,
         len(plan.fallbacks) - len(selection.skipped),
     )
-    record = build_calibration_record(
-        corpus_digest=corpus_digest,
-        scheme=config.scheme,
-        calibration_sample={"prompts": stats.num_prompts, "tokens": stats.num_tokens},
-        evaluation_sample={"prompts": baseline.num_prompts, "tokens": baseline.num_tokens},
-        sensitivities=sensitivities,
-        plan=plan,
-        all_quantized=all_quantized,
-        with_plan=with_plan,
-        settings=config.model_dump(mode="json", exclude={"overwrite", "progress"})
-        | {"source_model": str(source_dir)},
-    )
-    group_fallbacks = {
-        f.name: f"{f.reason.value}: {f.detail}"
-        for f in plan.fallbacks
-        if f.reason is not FallbackReason.ALWAYS_HIGH_PRECISION
-    }
-    chart = render_kl_chart(
-        sensitivities, plan, title=f"{Path(model_dir).name}: per-group KL ({config.scheme.value})"
-    )
     skipped = dict(selection.skipped)
     for fallback in plan.fallbacks:
         skipped.update(
             dict.fromkeys(fallback.members, f"{fallback.reason.value}: {fallback.detail}")
         )
-    export_checkpoint(
+    chart = render_kl_chart(
+        sensitivities, plan, title=f"{Path(model_dir).name}: per-group KL ({config.scheme.value})"
+    )
+
+    def record(bytes_by_tier: dict[str, int] | None) -> dict[str, Any]:
+        return build_calibration_record(
+            corpus_digest=corpus_digest,
+            scheme=config.scheme,
+            calibration_sample={
+                "prompts": stats.num_prompts,
+                "tokens": stats.num_tokens,
+                "truncated_prompts": stats.truncated_prompts,
+                "over_budget_prompts": stats.over_budget_prompts,
+            },
+            evaluation_sample={"prompts": baseline.num_prompts, "tokens": baseline.num_tokens},
+            sensitivities=sensitivities,
+            plan=plan,
+            all_quantized=all_quantized,
+            with_plan=with_plan,
+            settings=config_record(config) | {"source_model": str(loaded.source_dir)},
+            bytes_by_tier=bytes_by_tier,
+        )
+
+    bytes_by_tier = checkpoint_bytes_by_tier(model, planned, storage_dtype)
+    summary = export_checkpoint(
         model,
         out_dir,
         planned,
         skipped=skipped,
-        source_dir=source_dir,
-        tokenizer=tokenizer,
-        extra_files={CALIBRATION_JSON: record, KL_CHART_PNG: chart},
-        overwrite=config.overwrite,
+        source_dir=loaded.source_dir,
+        tokenizer=loaded.tokenizer,
+        extra_files={CALIBRATION_JSON: record(bytes_by_tier), KL_CHART_PNG: chart},
+        overwrite=overwrite,
         dtype=storage_dtype,
+    )
+    group_fallbacks = tuple(
+        f.name for f in plan.fallbacks if f.reason is not FallbackReason.ALWAYS_HIGH_PRECISION
     )
     return RecalibrationResult(
         checkpoint_dir=out_dir,
@@ -214,7 +250,7 @@ def _plan_score_export(
         scheme=config.scheme,
         corpus_digest=corpus_digest,
         num_groups=len(selection.groups),
-        fallback_groups=tuple(group_fallbacks),
+        fallback_groups=group_fallbacks,
         ignore=plan.ignore,
         fallback_param_fraction=plan.fallback_param_fraction,
         all_quantized_mean_kl=all_quantized.mean_kl,
@@ -226,59 +262,66 @@ def _plan_score_export(
         plan_delta_perplexity=with_plan.delta_perplexity,
         calibration_tokens=stats.num_tokens,
         evaluation_tokens=baseline.num_tokens,
+        bytes_by_tier=dict(summary.bytes_by_tier),
+        checkpoint_bytes=summary.bytes_after,
         seconds=time.perf_counter() - started,
     )
 
 
+def config_record(config: CalibrationConfig) -> dict[str, Any]:
+    """The config as JSON-able values (enums by value), for calibration.json and MLflow params."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=lambda v: v.value))
+
+
 def recalibrate(
     model_dir: str | Path,
-    calibration_texts: Sequence[str],
-    eval_texts: Sequence[str],
+    calibration_prompts: Prompts,
+    sensitivity_prompts: Prompts,
     corpus_digest: str,
     out_dir: str | Path,
-    config: RecalibrationConfig | None = None,
+    config: CalibrationConfig | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> RecalibrationResult:
-    """Calibrate the safetensors model at ``model_dir`` and write an NVFP4 checkpoint to ``out_dir``.
+    """Calibrate the safetensors model at ``model_dir`` and write its quantized checkpoint to ``out_dir``.
 
-    ``calibration_texts`` (activation stats) and ``eval_texts`` (held-out KL scoring) are rendered,
-    already-redacted prompts; ``corpus_digest`` identifies the calibration set. The checkpoint folder
-    is written atomically; ``out_dir`` must not exist unless ``config.overwrite``.
+    ``calibration_prompts`` set the activation statistics (all of them, within the token budget);
+    ``sensitivity_prompts`` (disjoint) score each group and the plan. Both are rendered, already
+    redacted prompts; ``corpus_digest`` identifies the calibration set. The checkpoint folder is
+    written atomically; ``out_dir`` must not exist unless ``overwrite``.
     """
-    config = config or RecalibrationConfig()
+    config = config or CalibrationConfig()
     started = time.perf_counter()
     if not corpus_digest:
         raise ValueError(
             "corpus_digest is required (it ties the checkpoint to its calibration set)"
         )
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, config)
-    model, tokenizer, source_dir, selection = _load(model_dir, config)
-    stats = collect_activation_stats(
-        model, _batches(tokenizer, calibration_texts, config), selection, progress=config.progress
-    )
-    baseline = _baseline(model, _batches(tokenizer, eval_texts, config), selection.groups, config)
+    _check_out_dir(out_dir, overwrite)
+    loaded = _load(model_dir, config)
+    stats = _stats(loaded, calibration_prompts, config, progress)
+    baseline = _baseline(loaded, sensitivity_prompts, config, progress)
     sensitivities = sweep_groups(
-        model,
+        loaded.model,
         baseline,
-        selection.groups,
+        loaded.selection.groups,
         stats,
         config.scheme,
         use_block_cache=config.use_block_cache,
         num_workers=config.num_workers,
-        progress=config.progress,
+        progress=progress,
     )
     return _plan_score_export(
-        model=model,
-        tokenizer=tokenizer,
+        loaded,
         model_dir=model_dir,
-        source_dir=source_dir,
-        selection=selection,
         stats=stats,
         baseline=baseline,
         sensitivities=sensitivities,
         corpus_digest=corpus_digest,
         out_dir=out_dir,
         config=config,
+        overwrite=overwrite,
         started=started,
     )
 
@@ -288,89 +331,68 @@ def recalibrate(
 SWEEP_FORMAT = "fp4roll.kl-sweep"
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 def collect_stats_file(
     model_dir: str | Path,
-    calibration_texts: Sequence[str],
+    calibration_prompts: Prompts,
     out_path: str | Path,
-    config: RecalibrationConfig | None = None,
+    config: CalibrationConfig | None = None,
+    *,
+    progress: bool = True,
 ) -> Path:
     """Stage 1: input amax of every targeted group over the calibration prompts → JSON."""
-    config = config or RecalibrationConfig()
+    config = config or CalibrationConfig()
     out_path = Path(out_path)
-    if out_path.exists() and not config.overwrite:
+    if out_path.exists():
         return out_path
-    model, tokenizer, _, selection = _load(model_dir, config)
-    stats = collect_activation_stats(
-        model, _batches(tokenizer, calibration_texts, config), selection, progress=config.progress
-    )
-    return _write_atomic(out_path, stats.to_json())
+    stats = _stats(_load(model_dir, config), calibration_prompts, config, progress)
+    return atomic.write_text(out_path, stats.to_json())
 
 
 def target_group_names(
-    model_dir: str | Path, config: RecalibrationConfig | None = None
+    model_dir: str | Path, config: CalibrationConfig | None = None
 ) -> tuple[str, ...]:
     """Stage 2: the fused groups to score, in model order (what the sweep is split over)."""
-    _, _, _, selection = _load(model_dir, config or RecalibrationConfig())
-    return tuple(g.name for g in selection.groups)
-
-
-def _groups_by_name(selection, names: Sequence[str]):  # noqa: ANN001, ANN202
-    known = {g.name: g for g in selection.groups}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"unknown groups (not targeted in this model): {unknown[:5]}")
-    return [known[n] for n in names]
+    return tuple(g.name for g in _load(model_dir, config or CalibrationConfig()).selection.groups)
 
 
 def sweep_file(
     model_dir: str | Path,
-    eval_texts: Sequence[str],
+    sensitivity_prompts: Prompts,
     stats_path: str | Path,
     group_names: Sequence[str],
     out_path: str | Path,
-    config: RecalibrationConfig | None = None,
+    config: CalibrationConfig | None = None,
+    *,
+    progress: bool = True,
 ) -> Path:
     """Stage 3 (fans out): baseline + per-group KL for a subset of groups → JSON records.
 
     Results do not depend on how the groups are split (each group is scored alone against the same
-    baseline), so any partition merged with :func:`finalize` gives the same plan.
+    baseline), so any partition merged with :func:`plan_and_export` gives the same plan.
     """
-    config = config or RecalibrationConfig()
+    config = config or CalibrationConfig()
     out_path = Path(out_path)
-    if out_path.exists() and not config.overwrite:
+    if out_path.exists():
         return out_path
-    model, tokenizer, _, selection = _load(model_dir, config)
+    loaded = _load(model_dir, config)
     stats = ActivationStats.from_json(Path(stats_path).read_text())
-    records = run_sensitivity_sweep(
-        model,
-        tokenizer,
-        eval_texts,
-        _groups_by_name(selection, group_names),
+    baseline = _baseline(loaded, sensitivity_prompts, config, progress)
+    records = sweep_groups(
+        loaded.model,
+        baseline,
+        selection_groups(loaded.selection, group_names),
         stats,
-        SweepConfig(
-            tier=config.scheme,
-            max_length=config.max_seq_len,
-            batch_size=config.batch_size,
-            logprob_dtype=config.logprob_dtype,
-            use_block_cache=config.use_block_cache,
-            num_workers=config.num_workers,
-        ),
-        progress=config.progress,
+        config.scheme,
+        use_block_cache=config.use_block_cache,
+        num_workers=config.num_workers,
+        progress=progress,
     )
     payload = {
         "format": SWEEP_FORMAT,
         "version": 1,
         "records": [dataclasses.asdict(r) for r in records],
     }
-    return _write_atomic(out_path, json.dumps(payload, indent=2))
+    return atomic.write_json(out_path, payload)
 
 
 def load_sweep_file(path: str | Path) -> tuple[GroupSensitivity, ...]:
@@ -380,15 +402,59 @@ def load_sweep_file(path: str | Path) -> tuple[GroupSensitivity, ...]:
     return tuple(GroupSensitivity(**{**r, "members": tuple(r["members"])}) for r in data["records"])
 
 
-def _result_from_checkpoint(out_dir: Path, config: RecalibrationConfig) -> RecalibrationResult:
-    """Rebuild the result of a finished :func:`finalize` from its ``calibration.json``."""
+def plan_and_export(
+    model_dir: str | Path,
+    sensitivity_prompts: Prompts,
+    stats_path: str | Path,
+    sweep_paths: Sequence[str | Path],
+    corpus_digest: str,
+    out_dir: str | Path,
+    config: CalibrationConfig | None = None,
+    *,
+    progress: bool = True,
+) -> RecalibrationResult:
+    """Stage 4: merge the sweep files, plan, score the plan, export the checkpoint.
+
+    A finished ``out_dir`` (its ``calibration.json`` exists) is reused as is.
+    """
+    config = config or CalibrationConfig()
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    if (out_dir / CALIBRATION_JSON).exists():
+        logger.info("%s already holds a finished checkpoint; reusing it", out_dir)
+        return result_from_checkpoint(out_dir, config)
+    loaded = _load(model_dir, config)
+    stats = ActivationStats.from_json(Path(stats_path).read_text())
+    sensitivities = merge_sensitivities((load_sweep_file(p) for p in sweep_paths), loaded.selection)
+    covered = {s.group for s in sensitivities}
+    missing = [g.name for g in loaded.selection.groups if g.name not in covered]
+    if missing:
+        raise ValueError(f"the sweep files do not cover {len(missing)} groups, e.g. {missing[:3]}")
+    baseline = _baseline(loaded, sensitivity_prompts, config, progress)
+    return _plan_score_export(
+        loaded,
+        model_dir=model_dir,
+        stats=stats,
+        baseline=baseline,
+        sensitivities=sensitivities,
+        corpus_digest=corpus_digest,
+        out_dir=out_dir,
+        config=config,
+        overwrite=True,
+        started=started,
+    )
+
+
+def result_from_checkpoint(out_dir: Path, config: CalibrationConfig) -> RecalibrationResult:
+    """Rebuild the result of a finished export from its ``calibration.json``."""
     record = json.loads((out_dir / CALIBRATION_JSON).read_text())
     combined_all = record["combined"]["all_quantized_except_lm_head"]
     combined = record["combined"]["plan"]
 
-    def num(value) -> float:  # noqa: ANN001 - null in JSON for non-finite values
+    def num(value: float | None) -> float:  # null in JSON for non-finite values
         return float("nan") if value is None else float(value)
 
+    bytes_by_tier = dict(record.get("bytes_by_tier") or {})
     return RecalibrationResult(
         checkpoint_dir=out_dir,
         calibration_json=out_dir / CALIBRATION_JSON,
@@ -412,45 +478,7 @@ def _result_from_checkpoint(out_dir: Path, config: RecalibrationConfig) -> Recal
         plan_delta_perplexity=num(combined["delta_perplexity"]),
         calibration_tokens=record["calibration_sample"]["tokens"],
         evaluation_tokens=record["evaluation_sample"]["tokens"],
+        bytes_by_tier=bytes_by_tier,
+        checkpoint_bytes=sum(p.stat().st_size for p in out_dir.glob("*.safetensors")),
         seconds=0.0,
-    )
-
-
-def finalize(
-    model_dir: str | Path,
-    eval_texts: Sequence[str],
-    stats_path: str | Path,
-    sweep_paths: Sequence[str | Path],
-    corpus_digest: str,
-    out_dir: str | Path,
-    config: RecalibrationConfig | None = None,
-) -> RecalibrationResult:
-    """Stage 4: merge the sweep files, plan, score, export. A finished ``out_dir`` is reused."""
-    config = config or RecalibrationConfig()
-    started = time.perf_counter()
-    out_dir = Path(out_dir)
-    if (out_dir / CALIBRATION_JSON).exists() and not config.overwrite:
-        logger.info("%s already holds a finished checkpoint; reusing it", out_dir)
-        return _result_from_checkpoint(out_dir, config)
-    _check_out_dir(out_dir, config)
-    model, tokenizer, source_dir, selection = _load(model_dir, config)
-    stats = ActivationStats.from_json(Path(stats_path).read_text())
-    sensitivities = merge_sensitivities((load_sweep_file(p) for p in sweep_paths), selection)
-    missing = [g.name for g in selection.groups if g.name not in {s.group for s in sensitivities}]
-    if missing:
-        raise ValueError(f"the sweep files do not cover {len(missing)} groups, e.g. {missing[:3]}")
-    baseline = _baseline(model, _batches(tokenizer, eval_texts, config), selection.groups, config)
-    return _plan_score_export(
-        model=model,
-        tokenizer=tokenizer,
-        model_dir=model_dir,
-        source_dir=source_dir,
-        selection=selection,
-        stats=stats,
-        baseline=baseline,
-        sensitivities=sensitivities,
-        corpus_digest=corpus_digest,
-        out_dir=out_dir,
-        config=config,
-        started=started,
     )

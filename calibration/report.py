@@ -75,6 +75,7 @@ def build_calibration_record(
     all_quantized: QualityScore,
     with_plan: QualityScore,
     settings: Mapping[str, Any] | None = None,
+    bytes_by_tier: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """The ``calibration.json`` payload (JSON-able; non-finite floats become null)."""
     scheme = Tier(scheme)
@@ -130,6 +131,7 @@ def build_calibration_record(
         "over_threshold_kept_quantized": list(plan.over_threshold_kept_quantized),
         "ignore": list(plan.ignore),
         "fallback_param_fraction": plan.fallback_param_fraction,
+        "bytes_by_tier": dict(bytes_by_tier or {}),
         "combined": {
             "all_quantized_except_lm_head": score_to_dict(all_quantized),
             "plan": score_to_dict(with_plan),

@@ -13,12 +13,15 @@ glues the two). The pipeline, in order:
    the shingle sets must reach ``near_duplicate_threshold`` (default 0.8); pairs are merged with
    union-find. Each cluster keeps one representative (earliest ``received_at``), so near-duplicates
    can never straddle the calibration / hold-out split.
-4. **Stratification** by (route, length bucket); the hold-out is allocated first, proportionally to
-   the stratum sizes (largest remainder), then the calibration set from what is left.
+4. **Stratification** by (route, length bucket); the canary hold-out is allocated first, proportionally
+   to the stratum sizes (largest remainder), then the sensitivity slice (scores each group and verifies
+   the plan), then the calibration prompts (activation statistics) from what is left: three disjoint roles.
 5. Within a stratum prompts are ranked by ``SHA-256(seed, text digest)``: deterministic, independent
    of database ids, import order or machine.
-6. The **digest** is SHA-256 over the ordered (role, route, redacted text) of every member: the
-   corpus hash later artifacts carry. It contains no paths, ids or timestamps.
+6. **Rendering** (:mod:`calibration.prompts`): each redacted prompt as the server sees it (chat requests
+   through the model's chat template). The **digest** is SHA-256 over the ordered (role, route,
+   rendered text) of every member: the corpus hash later artifacts carry. It contains no paths, ids or
+   timestamps.
 """
 
 from __future__ import annotations
@@ -31,20 +34,20 @@ import logging
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import numpy as np
 
+from calibration.config import DEFAULT_LENGTH_EDGES, SamplingConfig
+from calibration.prompts import Prompt, RenderedPrompt, flatten_messages
 from calibration.redaction import redact_with_counts
 
 logger = logging.getLogger(__name__)
 
-DIGEST_VERSION = "fp4roll-calibration-set-v1"
-# Upper edges (exclusive) of the length buckets, in approximate tokens; the last bucket is open.
-DEFAULT_LENGTH_EDGES: tuple[int, ...] = (32, 128, 512)
-DEFAULT_NEAR_DUPLICATE_THRESHOLD = 0.8
+DIGEST_VERSION = "fp4roll-calibration-set-v2"  # v2: rendered prompts, sensitivity role
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 _SHINGLE_CHARS = 5
 _NUM_PERM = 64
@@ -72,45 +75,26 @@ class PromptRecord:
     messages: tuple[Mapping[str, Any], ...] | None = None
 
 
+class Role(str, Enum):
+    """What a sampled prompt is for; the three roles are disjoint."""
+
+    CALIBRATION = "calibration"  # activation statistics (every one of them)
+    SENSITIVITY = "sensitivity"  # scores each group's sensitivity and verifies the plan
+    HOLDOUT = "holdout"  # the canary's replay window
+
+
 @dataclass(frozen=True)
 class SampledPrompt:
-    """A member of a calibration set or hold-out; ``text`` is REDACTED."""
+    """A member of a calibration set; ``text`` (flattened) and ``rendered`` are REDACTED."""
 
     prompt_id: int
-    role: str  # "calibration" | "holdout"
+    role: Role
     position: int
     route: str
     length_bucket: str
     token_count: int  # approximate tokens of the redacted text
-    text: str
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Parameters of ``sample_calibration_set``. ``size``/``holdout_size`` >= 0, seed any int."""
-
-    size: int
-    holdout_size: int
-    seed: int = 0
-    length_edges: tuple[int, ...] = DEFAULT_LENGTH_EDGES
-    near_duplicate_threshold: float = DEFAULT_NEAR_DUPLICATE_THRESHOLD
-    routes: tuple[str, ...] | None = None  # None: every route
-
-    def __post_init__(self) -> None:
-        if self.size < 1:
-            raise ValueError(f"size must be >= 1, got {self.size}")
-        if self.holdout_size < 0:
-            raise ValueError(f"holdout_size must be >= 0, got {self.holdout_size}")
-        if list(self.length_edges) != sorted(set(self.length_edges)) or any(
-            e <= 0 for e in self.length_edges
-        ):
-            raise ValueError(
-                f"length_edges must be strictly increasing positives: {self.length_edges}"
-            )
-        if not 0.0 < self.near_duplicate_threshold <= 1.0:
-            raise ValueError(
-                f"near_duplicate_threshold must be in (0, 1], got {self.near_duplicate_threshold}"
-            )
+    text: str  # redacted, chat flattened to "role: content" blocks (drift, audit)
+    rendered: RenderedPrompt  # redacted, as the server sees it (calibration, scoring, canary)
 
 
 @dataclass(frozen=True)
@@ -118,6 +102,7 @@ class CalibrationSample:
     """The result of sampling: members in order, the digest over them and a summary."""
 
     calibration: tuple[SampledPrompt, ...]
+    sensitivity: tuple[SampledPrompt, ...]
     holdout: tuple[SampledPrompt, ...]
     digest: str
     summary: Mapping[str, Any]
@@ -125,17 +110,18 @@ class CalibrationSample:
 
     @property
     def members(self) -> tuple[SampledPrompt, ...]:
-        return self.calibration + self.holdout
+        return self.calibration + self.sensitivity + self.holdout
 
 
 class NotEnoughPromptsError(ValueError):
-    """Fewer unique prompts in the window than size + holdout."""
+    """Fewer unique prompts in the window than the three roles need."""
 
 
 @dataclass(frozen=True)
 class _Candidate:
     record: PromptRecord
-    text: str  # redacted
+    text: str  # redacted, flattened
+    prompt: Prompt  # redacted, as logged (messages or text)
     normalized: str
     text_digest: str
     token_count: int
@@ -143,13 +129,8 @@ class _Candidate:
     rank: str = field(default="")
 
 
-def flatten_messages(messages: Sequence[Mapping[str, Any]]) -> str:
-    """``role: content`` blocks separated by blank lines (the store's flattening of chat prompts)."""
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
-
-
-def _redact_record(record: PromptRecord, counts: Counter[str]) -> tuple[str, str]:
-    """(redacted prompt text, redacted text used for duplicate detection).
+def _redact_record(record: PromptRecord, counts: Counter[str]) -> tuple[Prompt, str, str]:
+    """(redacted prompt as logged, its flattened text, the text used for duplicate detection).
 
     Chat prompts are redacted message by message; duplicate detection ignores system messages (a
     route's shared system prompt would otherwise make all of its requests look alike).
@@ -157,14 +138,20 @@ def _redact_record(record: PromptRecord, counts: Counter[str]) -> tuple[str, str
     if not record.messages:
         result = redact_with_counts(record.text)
         counts.update(result.counts)
-        return result.text, result.text
+        return result.text, result.text, result.text
     redacted_messages = []
     for message in record.messages:
         result = redact_with_counts(str(message.get("content", "")))
         counts.update(result.counts)
         redacted_messages.append({"role": message.get("role", "user"), "content": result.text})
     dedup_source = "\n\n".join(m["content"] for m in redacted_messages if m["role"] != "system")
-    return flatten_messages(redacted_messages), dedup_source
+    return redacted_messages, flatten_messages(redacted_messages), dedup_source
+
+
+def plain_renderer(prompt: Prompt) -> RenderedPrompt:
+    """The renderer without a tokenizer: plain text as is, chat flattened (not what a server sees:
+    pass ``functools.partial(calibration.prompts.render_prompt, tokenizer)`` for calibration)."""
+    return RenderedPrompt(prompt if isinstance(prompt, str) else flatten_messages(prompt))
 
 
 def length_bucket_labels(edges: Sequence[int]) -> list[str]:
@@ -321,10 +308,13 @@ def _allocate(available: Mapping[tuple[str, str], int], n: int) -> dict[tuple[st
 
 
 def calibration_digest(members: Iterable[SampledPrompt]) -> str:
-    """SHA-256 over the ordered (role, route, redacted text) of ``members``."""
+    """SHA-256 over the ordered (role, route, rendered text, templated) of ``members``."""
     hasher = hashlib.sha256(DIGEST_VERSION.encode() + b"\n")
     for member in members:
-        line = json.dumps([member.role, member.route, member.text], ensure_ascii=False)
+        rendered = member.rendered
+        line = json.dumps(
+            [member.role.value, member.route, rendered.text, rendered.templated], ensure_ascii=False
+        )
         hasher.update(line.encode("utf-8") + b"\n")
     return hasher.hexdigest()
 
@@ -341,11 +331,14 @@ def _stats(members: Sequence[SampledPrompt], labels: Sequence[str]) -> dict[str,
 
 
 def sample_calibration_set(
-    records: Iterable[PromptRecord], config: SamplingConfig
+    records: Iterable[PromptRecord],
+    config: SamplingConfig,
+    render: Callable[[Prompt], RenderedPrompt] = plain_renderer,
 ) -> CalibrationSample:
-    """Sample a calibration set and a disjoint hold-out from ``records`` (see module doc).
+    """Sample calibration, sensitivity and hold-out prompts, disjoint, from ``records`` in the
+    config's window (see module doc); ``render`` turns a redacted prompt into what the server sees.
 
-    Raises ``NotEnoughPromptsError`` when fewer unique prompts than ``size + holdout_size`` exist.
+    Raises ``NotEnoughPromptsError`` when fewer unique prompts than the three roles need exist.
     """
     labels = length_bucket_labels(config.length_edges)
     redactions: Counter[str] = Counter()
@@ -353,16 +346,17 @@ def sample_calibration_set(
     n_input = 0
     n_exact = 0
     for record in records:
-        if config.routes is not None and record.route not in config.routes:
+        if not config.in_window(record):
             continue
         n_input += 1
-        redacted_text, dedup_source = _redact_record(record, redactions)
+        redacted_prompt, redacted_text, dedup_source = _redact_record(record, redactions)
         normalized = normalize_text(dedup_source)
         text_digest = hashlib.sha256(normalized.encode("utf-8")).hexdigest()
         tokens = approx_token_count(redacted_text)
         candidate = _Candidate(
             record=record,
             text=redacted_text,
+            prompt=redacted_prompt,
             normalized=normalized,
             text_digest=text_digest,
             token_count=tokens,
@@ -388,10 +382,11 @@ def sample_calibration_set(
             representatives[label] = candidate
     n_near = len(unique) - len(representatives)
 
-    needed = config.size + config.holdout_size
+    needed = config.total
     if len(representatives) < needed:
         raise NotEnoughPromptsError(
-            f"need {needed} unique prompts (size {config.size} + holdout {config.holdout_size}) "
+            f"need {needed} unique prompts ({config.calibration_size} calibration + "
+            f"{config.sensitivity_size} sensitivity + {config.holdout_size} hold-out) "
             f"but the window has {len(representatives)} after deduplication "
             f"({n_input} prompts, {n_exact} exact and {n_near} near duplicates removed)"
         )
@@ -405,19 +400,20 @@ def sample_calibration_set(
     for members in strata.values():
         members.sort(key=lambda c: c.rank)
 
-    holdout_alloc = _allocate({k: len(v) for k, v in strata.items()}, config.holdout_size)
-    calibration_alloc = _allocate(
-        {k: len(v) - holdout_alloc[k] for k, v in strata.items()}, config.size
-    )
-    holdout_picks = [c for k, v in strata.items() for c in v[: holdout_alloc[k]]]
-    calibration_picks = [
-        c
-        for k, v in strata.items()
-        for c in v[holdout_alloc[k] : holdout_alloc[k] + calibration_alloc[k]]
-    ]
+    taken = dict.fromkeys(strata, 0)
+    picks: dict[Role, list[_Candidate]] = {}
+    for role, size in (
+        (Role.HOLDOUT, config.holdout_size),
+        (Role.SENSITIVITY, config.sensitivity_size),
+        (Role.CALIBRATION, config.calibration_size),
+    ):
+        allocation = _allocate({k: len(v) - taken[k] for k, v in strata.items()}, size)
+        picks[role] = [c for k, v in strata.items() for c in v[taken[k] : taken[k] + allocation[k]]]
+        for k in strata:
+            taken[k] += allocation[k]
 
-    def _members(picks: list[_Candidate], role: str) -> tuple[SampledPrompt, ...]:
-        ordered = sorted(picks, key=lambda c: c.rank)
+    def _members(role: Role) -> tuple[SampledPrompt, ...]:
+        ordered = sorted(picks[role], key=lambda c: c.rank)
         return tuple(
             SampledPrompt(
                 prompt_id=c.record.id,
@@ -427,13 +423,15 @@ def sample_calibration_set(
                 length_bucket=c.length_bucket,
                 token_count=c.token_count,
                 text=c.text,
+                rendered=render(c.prompt),
             )
             for position, c in enumerate(ordered)
         )
 
-    calibration = _members(calibration_picks, "calibration")
-    holdout = _members(holdout_picks, "holdout")
-    digest = calibration_digest(calibration + holdout)
+    calibration = _members(Role.CALIBRATION)
+    sensitivity = _members(Role.SENSITIVITY)
+    holdout = _members(Role.HOLDOUT)
+    digest = calibration_digest(calibration + sensitivity + holdout)
     summary = {
         "input_prompts": n_input,
         "exact_duplicates_removed": n_exact,
@@ -448,15 +446,23 @@ def sample_calibration_set(
         "length_buckets": labels,
         "strata": {f"{r}|{b}": len(v) for (r, b), v in sorted(strata.items())},
         "calibration": _stats(calibration, labels),
+        "sensitivity": _stats(sensitivity, labels),
         "holdout": _stats(holdout, labels),
+        "templated": sum(m.rendered.templated for m in calibration + sensitivity + holdout),
     }
     logger.info(
-        "sampled calibration set %s: %d calibration + %d holdout from %d prompts",
+        "sampled calibration set %s: %d calibration + %d sensitivity + %d hold-out from %d prompts",
         digest[:12],
         len(calibration),
+        len(sensitivity),
         len(holdout),
         n_input,
     )
     return CalibrationSample(
-        calibration=calibration, holdout=holdout, digest=digest, summary=summary, config=config
+        calibration=calibration,
+        sensitivity=sensitivity,
+        holdout=holdout,
+        digest=digest,
+        summary=summary,
+        config=config,
     )

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from pipelines.cli_options import options_command
 from pipelines.params import (
     DEFAULT_MODEL_NAME,
     PACKAGED_SMOLLM2,
@@ -26,7 +27,6 @@ from pipelines.params import (
     PromoteParams,
     RecalibrateParams,
     RollbackParams,
-    Scheme,
 )
 
 # Wide enough for the status tables when output is piped (rich falls back to 80 columns there).
@@ -65,59 +65,23 @@ def _print_json(payload: Any) -> None:
 # ---------------------------------------------------------------------------------------- commands
 
 
-def recalibrate(
-    model: ModelOption = DEFAULT_MODEL_NAME,
-    source: Annotated[
-        str, typer.Option(help="Model folder (safetensors) or 'smollm2' (packaged).")
-    ] = PACKAGED_SMOLLM2,
-    scheme: Annotated[
-        Scheme, typer.Option(help="nvfp4 = W4A4, nvfp4a16 = weights only.")
-    ] = Scheme.NVFP4,
-    since: Annotated[str | None, typer.Option(help="Log window start (ISO 8601, UTC).")] = None,
-    until: Annotated[str | None, typer.Option(help="Log window end (ISO 8601, UTC).")] = None,
-    calibration_size: Annotated[int, typer.Option(help="Calibration prompts.")] = 64,
-    holdout_size: Annotated[int, typer.Option(help="Canary hold-out prompts (disjoint).")] = 128,
-    sensitivity_prompts: Annotated[
-        int, typer.Option(help="Prompts that score each group's KL.")
-    ] = 16,
-    max_seq_len: Annotated[int, typer.Option(help="Tokens per prompt.")] = 128,
-    kl_threshold: Annotated[
-        float, typer.Option(help="Groups above this mean KL stay BF16.")
-    ] = 0.05,
-    max_fallback_fraction: Annotated[
-        float | None, typer.Option(help="Cap on BF16 parameter share.")
-    ] = None,
-    dask_address: Annotated[
-        str | None, typer.Option(help="Dask scheduler for the KL sweep.")
-    ] = None,
-    sweep_tasks: Annotated[int, typer.Option(help="KL-sweep tasks.")] = 2,
-    seed: int = 0,
-    db: DbOption = None,
-    tracking_uri: TrackingOption = None,
-) -> None:
-    """Sample logs → activation stats → per-group KL → fallback plan → NVFP4 checkpoint → MLflow challenger."""
+def _run_recalibrate(params: RecalibrateParams) -> None:
     from pipelines.flows import recalibrate_flow
 
-    params = _params(
-        RecalibrateParams,
-        model_name=model,
-        source_model=source,
-        scheme=scheme,
-        since=since,
-        until=until,
-        calibration_size=calibration_size,
-        holdout_size=holdout_size,
-        sensitivity_prompts=sensitivity_prompts,
-        max_seq_len=max_seq_len,
-        kl_threshold=kl_threshold,
-        max_fallback_fraction=max_fallback_fraction,
-        dask_address=dask_address,
-        sweep_tasks=sweep_tasks,
-        seed=seed,
-        db_url=db,
-        tracking_uri=tracking_uri,
-    )
     _print_json(recalibrate_flow(params))
+
+
+#: ``fp4roll recalibrate``: one option per field of RecalibrateParams (its sampling and calibration
+#: configs flattened), defaults and help text from the model.
+recalibrate = options_command(
+    RecalibrateParams,
+    _run_recalibrate,
+    flags={
+        "model_name": ("--model", "-m"),
+        "source_model": ("--source",),
+        "db_url": ("--db",),
+    },
+)
 
 
 def canary(

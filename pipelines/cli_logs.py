@@ -28,6 +28,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from pipelines.cli_options import options_command
+from pipelines.params import SampleParams
+
 logger = logging.getLogger(__name__)
 console = Console()
 err_console = Console(stderr=True)
@@ -165,55 +168,38 @@ def import_sql_cmd(
 
 
 def _summary_table(title: str, summary: dict) -> Table:
+    roles = [r for r in ("calibration", "sensitivity", "holdout") if r in summary]
     table = Table(title=title)
     table.add_column("route")
-    table.add_column("calibration", justify="right")
-    table.add_column("holdout", justify="right")
-    calibration, holdout = summary["calibration"], summary["holdout"]
-    for route in sorted(set(calibration["routes"]) | set(holdout["routes"])):
-        table.add_row(
-            route, str(calibration["routes"].get(route, 0)), str(holdout["routes"].get(route, 0))
-        )
+    for role in roles:
+        table.add_column(role, justify="right")
+    routes = sorted({route for role in roles for route in summary[role]["routes"]})
+    for route in routes:
+        table.add_row(route, *(str(summary[role]["routes"].get(route, 0)) for role in roles))
     table.add_section()
     for bucket in summary["length_buckets"]:
         table.add_row(
             f"length {bucket} tokens",
-            str(calibration["length_histogram"].get(bucket, 0)),
-            str(holdout["length_histogram"].get(bucket, 0)),
+            *(str(summary[role]["length_histogram"].get(bucket, 0)) for role in roles),
         )
     table.add_section()
-    table.add_row("total", str(calibration["count"]), str(holdout["count"]))
+    table.add_row("total", *(str(summary[role]["count"]) for role in roles))
     return table
 
 
-@logs_app.command("sample")
-def sample_cmd(
-    size: Annotated[int, typer.Option(help="Calibration prompts.", min=1)] = 512,
-    holdout: Annotated[int, typer.Option(help="Canary hold-out prompts (disjoint).", min=0)] = 256,
-    since: Annotated[str | None, typer.Option(help="Window start, ISO 8601 (inclusive).")] = None,
-    until: Annotated[str | None, typer.Option(help="Window end, ISO 8601 (exclusive).")] = None,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    route: Annotated[
-        list[str] | None, typer.Option("--route", help="Only these routes (repeatable).")
-    ] = None,
-    db: DbOption = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-) -> None:
-    """Sample a redacted, deduplicated, stratified calibration set and a disjoint canary hold-out."""
+def _sample(params: SampleParams, *, json_out: bool = False) -> None:
+    from calibration.models import load_tokenizer
+    from calibration.prompts import PromptRenderer
     from calibration.sampling import NotEnoughPromptsError
-    from pipelines.logs import SampleParameters, sample_and_store
+    from pipelines.logs import sample_and_store
+    from pipelines.steps import resolve_source_model
     from registry.db import SchemaOutdatedError
 
     try:
-        params = SampleParameters(
-            size=size,
-            holdout=holdout,
-            since=_parse_time(since, "--since"),
-            until=_parse_time(until, "--until"),
-            seed=seed,
-            routes=tuple(route) if route else None,
-        )
-        outcome = sample_and_store(params, db)
+        tokenizer = load_tokenizer(resolve_source_model(params.source_model))
+        if tokenizer is None:
+            _fail(f"{params.source_model} has no tokenizer to render prompts with")
+        outcome = sample_and_store(params.sampling, PromptRenderer(tokenizer), params.db_url)
     except (NotEnoughPromptsError, ValueError, SchemaOutdatedError) as exc:
         _fail(str(exc))
     if json_out:
@@ -221,6 +207,7 @@ def sample_cmd(
             "digest": outcome.digest,
             "created": outcome.created,
             "size": outcome.size,
+            "sensitivity_size": outcome.sensitivity_size,
             "holdout_size": outcome.holdout_size,
             "summary": outcome.summary,
         }
@@ -235,6 +222,16 @@ def sample_cmd(
     )
     state = "stored" if outcome.created else "already stored"
     console.print(f"digest [bold]{outcome.digest}[/bold] ({state})", soft_wrap=True)
+
+
+logs_app.command("sample")(
+    options_command(
+        SampleParams,
+        _sample,
+        flags={"db_url": ("--db",), "source_model": ("--source",), "routes": ("--route",)},
+        extra={"json_out": (bool, False, typer.Option("--json", help="Print the result as JSON."))},
+    )
+)
 
 
 @logs_app.command("sets")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from calibration.config import CalibrationConfig, SamplingConfig
 from pipelines.params import CanaryParams, DriftCheckParams, RecalibrateParams
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,10 @@ SMOLLM2_DEMO_GATES = {
         "nll": {"max_effect": 1.6},
     }
 }
-#: Demo-sized calibration: 8 prompts x 64 tokens score each of SmolLM2's 120 groups (minutes on 2 cores).
-DEMO_RECALIBRATION = {"sensitivity_prompts": 8, "max_seq_len": 64}
+#: Demo-sized calibration: 64 calibration prompts set the activation scales; 8 sensitivity prompts of at
+#: most 256 tokens score each of SmolLM2's 120 groups (minutes on 2 cores).
+DEMO_SAMPLING = SamplingConfig(calibration_size=64, sensitivity_size=8, holdout_size=128)
+DEMO_CALIBRATION = CalibrationConfig(max_prompt_tokens=256)
 
 
 def shipped_logs() -> Path:
@@ -72,7 +75,11 @@ def run_demo(*, model_name: str, console: Console | None = None) -> dict:
     )
 
     console.rule("3/6 recalibrate (flow)")
-    recal = recalibrate_flow(RecalibrateParams(model_name=model_name, **DEMO_RECALIBRATION))
+    recal = recalibrate_flow(
+        RecalibrateParams(
+            model_name=model_name, sampling=DEMO_SAMPLING, calibration=DEMO_CALIBRATION
+        )
+    )
     console.print_json(data=recal)
 
     console.rule("4/6 staged canary (flow)")
@@ -86,7 +93,7 @@ def run_demo(*, model_name: str, console: Console | None = None) -> dict:
         canary = canary_flow(
             CanaryParams(
                 model_name=model_name,
-                max_seq_len=DEMO_RECALIBRATION["max_seq_len"],
+                max_seq_len=DEMO_CALIBRATION.max_prompt_tokens,
                 gate_policy=SMOLLM2_DEMO_GATES,
             )
         )

@@ -26,6 +26,7 @@ from prefect.futures import as_completed
 from prefect.input import RunInput
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from calibration.config import CalibrationConfig
 from pipelines import rollout as rollout_steps
 from pipelines import steps
 from pipelines.params import (
@@ -65,8 +66,10 @@ def resolve_source_model_task(source_model: str) -> str:
 
 
 @task(name="sample-calibration-set", **_IO)
-def sample_calibration_set_task(params: RecalibrateParams) -> steps.CalibrationSetRef:
-    return steps.sample_calibration_set(params)
+def sample_calibration_set_task(
+    params: RecalibrateParams, source_dir: str
+) -> steps.CalibrationSetRef:
+    return steps.sample_calibration_set(params, source_dir)
 
 
 @task(name="register-baseline", **_IO)
@@ -78,14 +81,18 @@ def register_baseline_task(
 
 @task(name="activation-stats", **_CACHED)
 def activation_stats_task(
-    source_dir: str, corpus_digest: str, db_url: str | None, job: steps.CalibrationJob
+    source_dir: str,
+    corpus_digest: str,
+    db_url: str | None,
+    config: CalibrationConfig,
+    work_dir: str,
 ) -> str:
-    return steps.activation_stats(source_dir, corpus_digest, db_url, job)
+    return steps.activation_stats(source_dir, corpus_digest, db_url, config, work_dir)
 
 
 @task(name="target-groups", **_CACHED)
-def target_groups_task(source_dir: str, job: steps.CalibrationJob) -> list[str]:
-    return steps.target_groups(source_dir, job)
+def target_groups_task(source_dir: str, config: CalibrationConfig) -> list[str]:
+    return steps.target_groups(source_dir, config)
 
 
 @task(name="kl-sweep-part", **_CACHED)
@@ -96,9 +103,12 @@ def kl_sweep_part_task(
     stats_path: str,
     groups: list[str],
     part: int,
-    job: steps.CalibrationJob,
+    config: CalibrationConfig,
+    work_dir: str,
 ) -> str:
-    return steps.kl_sweep_part(source_dir, corpus_digest, db_url, stats_path, groups, part, job)
+    return steps.kl_sweep_part(
+        source_dir, corpus_digest, db_url, stats_path, groups, part, config, work_dir
+    )
 
 
 @task(name="plan-and-export", **_CACHED)
@@ -108,9 +118,12 @@ def plan_and_export_task(
     db_url: str | None,
     stats_path: str,
     part_paths: list[str],
-    job: steps.CalibrationJob,
+    config: CalibrationConfig,
+    work_dir: str,
 ) -> steps.CalibratedCheckpoint:
-    return steps.plan_and_export(source_dir, corpus_digest, db_url, stats_path, part_paths, job)
+    return steps.plan_and_export(
+        source_dir, corpus_digest, db_url, stats_path, part_paths, config, work_dir
+    )
 
 
 @task(name="register-challenger", **_IO)
@@ -129,11 +142,14 @@ def kl_sweep_flow(
     db_url: str | None,
     stats_path: str,
     partitions: list[list[str]],
-    job: steps.CalibrationJob,
+    config: CalibrationConfig,
+    work_dir: str,
 ) -> list[str]:
     """Score every partition of groups in its own task (thread pool here, Dask when configured)."""
     futures = [
-        kl_sweep_part_task.submit(source_dir, corpus_digest, db_url, stats_path, groups, i, job)
+        kl_sweep_part_task.submit(
+            source_dir, corpus_digest, db_url, stats_path, groups, i, config, work_dir
+        )
         for i, groups in enumerate(partitions)
     ]
     progress_id = create_progress_artifact(
@@ -161,18 +177,20 @@ def _sweep_runner(params: RecalibrateParams):  # noqa: ANN202 - a Prefect task r
 @flow(name="recalibrate", log_prints=False)
 def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> dict[str, Any]:  # noqa: B008
     """Sample logs → activation stats → per-group KL sweep → fallback plan → pack → register challenger."""
+    config, db_url = params.calibration, params.db_url
     source_dir = resolve_source_model_task(params.source_model)
-    calibration_set = sample_calibration_set_task(params)
-    register_baseline_task(params.model_name, source_dir, params.tracking_uri, params.db_url)
-    job = steps.calibration_job(params, calibration_set.digest)
-    stats_path = activation_stats_task(source_dir, calibration_set.digest, params.db_url, job)
-    groups = target_groups_task(source_dir, job)
+    calibration_set = sample_calibration_set_task(params, source_dir)
+    digest = calibration_set.digest
+    register_baseline_task(params.model_name, source_dir, params.tracking_uri, db_url)
+    work_dir = steps.calibration_work_dir(params, digest)
+    stats_path = activation_stats_task(source_dir, digest, db_url, config, work_dir)
+    groups = target_groups_task(source_dir, config)
     partitions = steps.sweep_partitions(groups, params.sweep_tasks)
     part_paths = kl_sweep_flow.with_options(task_runner=_sweep_runner(params))(
-        source_dir, calibration_set.digest, params.db_url, stats_path, partitions, job
+        source_dir, digest, db_url, stats_path, partitions, config, work_dir
     )
     checkpoint = plan_and_export_task(
-        source_dir, calibration_set.digest, params.db_url, stats_path, part_paths, job
+        source_dir, digest, db_url, stats_path, part_paths, config, work_dir
     )
     registration = register_challenger_task(params, calibration_set, checkpoint)
 

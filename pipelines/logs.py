@@ -13,17 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from calibration.config import SamplingConfig
 from calibration.drift import DriftThresholds, DriftVerdict, compare
-from calibration.sampling import (
-    DEFAULT_LENGTH_EDGES,
-    DEFAULT_NEAR_DUPLICATE_THRESHOLD,
-    CalibrationSample,
-    PromptRecord,
-    SamplingConfig,
-    sample_calibration_set,
-)
+from calibration.prompts import PromptRenderer, RenderedPrompt
+from calibration.sampling import CalibrationSample, PromptRecord, Role, sample_calibration_set
 from registry import db
 from registry import prompt_logs as store
 
@@ -34,34 +29,6 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value
-
-
-class SampleParameters(BaseModel):
-    """Parameters of a calibration-set sampling run (naive times are taken as UTC)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    size: int = Field(512, ge=1, description="calibration prompts")
-    holdout: int = Field(
-        256, ge=0, description="canary hold-out prompts, disjoint from calibration"
-    )
-    since: dt.datetime | None = Field(None, description="window start (inclusive)")
-    until: dt.datetime | None = Field(None, description="window end (exclusive)")
-    seed: int = 0
-    routes: tuple[str, ...] | None = None
-    length_edges: tuple[int, ...] = DEFAULT_LENGTH_EDGES
-    near_duplicate_threshold: float = Field(DEFAULT_NEAR_DUPLICATE_THRESHOLD, gt=0, le=1)
-
-    @field_validator("since", "until")
-    @classmethod
-    def _utc(cls, value: dt.datetime | None) -> dt.datetime | None:
-        return _aware(value)
-
-    @model_validator(mode="after")
-    def _window(self) -> SampleParameters:
-        if self.since and self.until and self.since >= self.until:
-            raise ValueError(f"empty window: since {self.since} is not before until {self.until}")
-        return self
 
 
 class DriftParameters(BaseModel):
@@ -89,6 +56,7 @@ class SampleOutcome:
     created: bool  # False: an identical set was already stored
     calibration_set_id: int
     size: int
+    sensitivity_size: int
     holdout_size: int
     summary: dict[str, Any]
 
@@ -112,52 +80,52 @@ def import_logs(paths: Iterable[str | Path], db_url: str | None = None, **kwargs
     return store.import_files(paths, db_url, **kwargs)
 
 
-def sample(params: SampleParameters, db_url: str | None = None) -> CalibrationSample:
-    """Sample (without storing) from the store's window."""
+def sample(
+    config: SamplingConfig, renderer: PromptRenderer, db_url: str | None = None
+) -> CalibrationSample:
+    """Sample (without storing) from the store's window, rendering with ``renderer``."""
     db.ensure_schema(db_url)
     records = (
         to_prompt_record(p)
         for p in store.fetch_window(
-            db_url, since=params.since, until=params.until, routes=params.routes
+            db_url, since=config.since, until=config.until, routes=config.routes
         )
     )
-    config = SamplingConfig(
-        size=params.size,
-        holdout_size=params.holdout,
-        seed=params.seed,
-        length_edges=params.length_edges,
-        near_duplicate_threshold=params.near_duplicate_threshold,
-        routes=params.routes,
-    )
-    return sample_calibration_set(records, config)
+    return sample_calibration_set(records, config, renderer)
 
 
-def sample_and_store(params: SampleParameters, db_url: str | None = None) -> SampleOutcome:
-    """Sample a calibration set + hold-out and record it (redacted members, digest, summary)."""
-    result = sample(params, db_url)
+def sample_and_store(
+    config: SamplingConfig, renderer: PromptRenderer, db_url: str | None = None
+) -> SampleOutcome:
+    """Sample calibration, sensitivity and hold-out prompts and record them (redacted and rendered
+    members, digest, summary)."""
+    result = sample(config, renderer, db_url)
     filters = {
-        "since": params.since.isoformat() if params.since else None,
-        "until": params.until.isoformat() if params.until else None,
-        "routes": list(params.routes) if params.routes else None,
+        "since": config.since.isoformat() if config.since else None,
+        "until": config.until.isoformat() if config.until else None,
+        "routes": list(config.routes) if config.routes else None,
         "strata": ["route", "length_bucket"],
-        "length_edges": list(params.length_edges),
-        "near_duplicate_threshold": params.near_duplicate_threshold,
+        "length_edges": list(config.length_edges),
+        "near_duplicate_threshold": config.near_duplicate_threshold,
+        "renderer": renderer.identity,
     }
     members = [
         store.CalibrationMemberRow(
             prompt_log_id=m.prompt_id,
-            role=m.role,
+            role=m.role.value,
             position=m.position,
             route=m.route,
             token_count=m.token_count,
             redacted_text=m.text,
+            rendered_text=m.rendered.text,
+            templated=m.rendered.templated,
         )
         for m in result.members
     ]
     stored, created = store.save_calibration_set(
         digest=result.digest,
         filters=filters,
-        seed=params.seed,
+        seed=config.seed,
         summary=dict(result.summary),
         members=members,
         url=db_url,
@@ -167,6 +135,7 @@ def sample_and_store(params: SampleParameters, db_url: str | None = None) -> Sam
         created=created,
         calibration_set_id=stored.id,
         size=stored.size,
+        sensitivity_size=stored.sensitivity_size,
         holdout_size=stored.holdout_size,
         summary=dict(stored.summary),
     )
@@ -210,13 +179,14 @@ def check_drift(params: DriftParameters, db_url: str | None = None) -> DriftVerd
     return verdict
 
 
-def calibration_texts(
-    digest: str, db_url: str | None = None, role: str = "calibration"
-) -> list[str]:
-    """The REDACTED texts of a stored set's ``role`` ("calibration" or "holdout"), in order."""
-    if role not in ("calibration", "holdout"):
-        raise ValueError(f"role must be 'calibration' or 'holdout', got {role!r}")
-    return [m.redacted_text for m in store.load_calibration_set(digest, db_url).role(role)]
+def calibration_prompts(
+    digest: str, db_url: str | None = None, role: Role = Role.CALIBRATION
+) -> list[RenderedPrompt]:
+    """The REDACTED prompts of a stored set's ``role``, in order, as the server sees them (a set
+    sampled before rendering gives its flattened texts as plain prompts)."""
+    role = Role(role)
+    members = store.load_calibration_set(digest, db_url).role(role.value)
+    return [RenderedPrompt(m.prompt_text, templated=m.templated) for m in members]
 
 
 def export_calibration_set(digest: str, out_dir: str | Path, db_url: str | None = None) -> Path:
@@ -240,6 +210,7 @@ def export_calibration_set(digest: str, out_dir: str | Path, db_url: str | None 
             "digest": stored.digest,
             "created_at": stored.created_at.isoformat(),
             "size": stored.size,
+            "sensitivity_size": stored.sensitivity_size,
             "holdout_size": stored.holdout_size,
             "seed": stored.seed,
             "filters": dict(stored.filters),
@@ -253,6 +224,8 @@ def export_calibration_set(digest: str, out_dir: str | Path, db_url: str | None 
                     "position": m.position,
                     "route": m.route,
                     "text": m.redacted_text,
+                    "rendered_text": m.rendered_text,
+                    "templated": m.templated,
                 }
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         os.replace(tmp, out_dir)

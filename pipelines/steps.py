@@ -20,7 +20,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from calibration.recalibrate import RecalibrationResult
+from calibration.config import CalibrationConfig
+from calibration.recalibrate import RecalibrationResult, config_record
+from calibration.sampling import Role
 from pipelines.params import PACKAGED_SMOLLM2, DriftCheckParams, RecalibrateParams
 from registry.db import fp4roll_home
 
@@ -87,33 +89,31 @@ class CalibrationSetRef(BaseModel):
     digest: str
     calibration_set_id: int
     size: int
+    sensitivity_size: int
     holdout_size: int
     export_dir: str  # calibration_set.json + members.jsonl, logged to MLflow with the run
 
 
-def sample_calibration_set(params: RecalibrateParams) -> CalibrationSetRef:
-    """Sample (stratified, deduplicated, redacted) a calibration set + disjoint canary hold-out from
-    the log window, record it in the store (idempotent: same content, same digest) and export it."""
-    from pipelines.logs import SampleParameters, export_calibration_set, sample_and_store
+def sample_calibration_set(params: RecalibrateParams, source_dir: str) -> CalibrationSetRef:
+    """Sample (stratified, deduplicated, redacted, rendered with the source model's chat template)
+    calibration, sensitivity and canary hold-out prompts from the log window, record them in the store
+    (idempotent: same content, same digest) and export them."""
+    from calibration.models import load_tokenizer
+    from calibration.prompts import PromptRenderer
+    from pipelines.logs import export_calibration_set, sample_and_store
     from registry import db
 
     db.upgrade(params.db_url)
-    outcome = sample_and_store(
-        SampleParameters(
-            size=params.calibration_size,
-            holdout=params.holdout_size,
-            since=params.since,
-            until=params.until,
-            seed=params.seed,
-            routes=tuple(params.routes) if params.routes else None,
-        ),
-        params.db_url,
-    )
+    tokenizer = load_tokenizer(source_dir)
+    if tokenizer is None:
+        raise ValueError(f"{source_dir} has no tokenizer: prompts cannot be rendered for it")
+    outcome = sample_and_store(params.sampling, PromptRenderer(tokenizer), params.db_url)
     logger.info(
-        "calibration set %s (%s): %d calibration + %d hold-out prompts",
+        "calibration set %s (%s): %d calibration + %d sensitivity + %d hold-out prompts",
         outcome.digest[:12],
         "new" if outcome.created else "already stored",
         outcome.size,
+        outcome.sensitivity_size,
         outcome.holdout_size,
     )
     export_dir = fp4roll_home() / "work" / "calibration-sets" / outcome.digest
@@ -123,6 +123,7 @@ def sample_calibration_set(params: RecalibrateParams) -> CalibrationSetRef:
         digest=outcome.digest,
         calibration_set_id=outcome.calibration_set_id,
         size=outcome.size,
+        sensitivity_size=outcome.sensitivity_size,
         holdout_size=outcome.holdout_size,
         export_dir=str(export_dir),
     )
@@ -140,99 +141,46 @@ def sweep_partitions(group_names: Sequence[str], parts: int) -> list[list[str]]:
     return out
 
 
-def dump_model(model: BaseModel, path: Path) -> str:
-    return str(_write_json_atomic(path, model.model_dump(mode="json")))
-
-
-def as_dict(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(mode="json")
-
-
 # ----------------------------------------------------------------------------------- calibration
 
 
-class CalibrationJob(BaseModel):
-    """The settings of one calibration run; its hash names the work folder (so reruns resume)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    model_name: str
-    corpus_digest: str
-    scheme: str
-    max_seq_len: int
-    sensitivity_prompts: int
-    kl_threshold: float
-    max_fallback_fraction: float | None
-    work_dir: str
-
-    def config(self):  # noqa: ANN201 - calibration.recalibrate.RecalibrationConfig
-        from calibration.recalibrate import RecalibrationConfig
-
-        return RecalibrationConfig(
-            scheme=self.scheme,
-            kl_threshold=self.kl_threshold,
-            max_fallback_fraction=self.max_fallback_fraction,
-            max_seq_len=self.max_seq_len,
-            progress=False,
-        )
-
-
-def calibration_job(params: RecalibrateParams, corpus_digest: str) -> CalibrationJob:
-    settings = {
-        "scheme": params.scheme.value,
-        "max_seq_len": params.max_seq_len,
-        "sensitivity_prompts": params.sensitivity_prompts,
-        "kl_threshold": params.kl_threshold,
-        "max_fallback_fraction": params.max_fallback_fraction,
-        "source_model": params.source_model,
-    }
+def calibration_work_dir(params: RecalibrateParams, corpus_digest: str) -> str:
+    """The work folder of one calibration run, named by a hash of everything that decides its
+    results (the calibration set, the source model, the calibration config), so reruns resume."""
+    settings = {"source_model": params.source_model, **config_record(params.calibration)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    folder = work_dir(params.model_name, f"{corpus_digest[:16]}-{key}")
-    return CalibrationJob(
-        model_name=params.model_name,
-        corpus_digest=corpus_digest,
-        scheme=params.scheme.value,
-        max_seq_len=params.max_seq_len,
-        sensitivity_prompts=params.sensitivity_prompts,
-        kl_threshold=params.kl_threshold,
-        max_fallback_fraction=params.max_fallback_fraction,
-        work_dir=str(folder),
-    )
+    return str(work_dir(params.model_name, f"{corpus_digest[:16]}-{key}"))
 
 
-def _split_texts(
-    corpus_digest: str, db_url: str | None, job: CalibrationJob
-) -> tuple[list[str], list[str]]:
-    """The calibration role split in two: activation-statistics prompts, and the last
-    ``sensitivity_prompts`` held out of the statistics to score each group's KL. (The canary hold-out is
-    never touched here.)"""
-    from pipelines.logs import calibration_texts
+def _prompts(corpus_digest: str, db_url: str | None, role: Role):  # noqa: ANN202
+    from pipelines.logs import calibration_prompts
 
-    texts = calibration_texts(corpus_digest, db_url, role="calibration")
-    if len(texts) <= job.sensitivity_prompts:
-        raise ValueError(
-            f"calibration set {corpus_digest[:12]} has {len(texts)} calibration prompts; need more than "
-            f"sensitivity_prompts={job.sensitivity_prompts}"
-        )
-    return texts[: -job.sensitivity_prompts], texts[-job.sensitivity_prompts :]
+    prompts = calibration_prompts(corpus_digest, db_url, role)
+    if not prompts:
+        raise ValueError(f"calibration set {corpus_digest[:12]} has no {role.value} prompts")
+    return prompts
 
 
 def activation_stats(
-    source_dir: str, corpus_digest: str, db_url: str | None, job: CalibrationJob
+    source_dir: str,
+    corpus_digest: str,
+    db_url: str | None,
+    config: CalibrationConfig,
+    work_dir: str,
 ) -> str:
-    """Static input amax of every targeted Linear over the calibration prompts → JSON path."""
+    """Static input amax of every targeted Linear over every calibration prompt → JSON path."""
     from calibration.recalibrate import collect_stats_file
 
-    calibration, _ = _split_texts(corpus_digest, db_url, job)
-    out = Path(job.work_dir) / "activation_stats.json"
-    return str(collect_stats_file(source_dir, calibration, out, job.config()))
+    out = Path(work_dir) / "activation_stats.json"
+    prompts = _prompts(corpus_digest, db_url, Role.CALIBRATION)
+    return str(collect_stats_file(source_dir, prompts, out, config, progress=False))
 
 
-def target_groups(source_dir: str, job: CalibrationJob) -> list[str]:
+def target_groups(source_dir: str, config: CalibrationConfig) -> list[str]:
     """Names of the fused groups the sweep scores, in model order."""
     from calibration.recalibrate import target_group_names
 
-    return list(target_group_names(source_dir, job.config()))
+    return list(target_group_names(source_dir, config))
 
 
 def kl_sweep_part(
@@ -242,14 +190,15 @@ def kl_sweep_part(
     stats_path: str,
     groups: Sequence[str],
     part: int,
-    job: CalibrationJob,
+    config: CalibrationConfig,
+    work_dir: str,
 ) -> str:
-    """Score ``groups`` (each quantized alone) against the baseline → JSON path of the records."""
+    """Score ``groups`` (each quantized alone) on the sensitivity prompts → JSON path of the records."""
     from calibration.recalibrate import sweep_file
 
-    _, evaluation = _split_texts(corpus_digest, db_url, job)
-    out = Path(job.work_dir) / f"sweep-part-{part:03d}.json"
-    return str(sweep_file(source_dir, evaluation, stats_path, groups, out, job.config()))
+    out = Path(work_dir) / f"sweep-part-{part:03d}.json"
+    prompts = _prompts(corpus_digest, db_url, Role.SENSITIVITY)
+    return str(sweep_file(source_dir, prompts, stats_path, groups, out, config, progress=False))
 
 
 class CalibratedCheckpoint(RecalibrationResult):
@@ -269,15 +218,16 @@ def plan_and_export(
     db_url: str | None,
     stats_path: str,
     part_paths: Sequence[str],
-    job: CalibrationJob,
+    config: CalibrationConfig,
+    work_dir: str,
 ) -> CalibratedCheckpoint:
-    """Merge the sweep, build the fallback plan, score it, export the NVFP4 checkpoint (idempotent)."""
-    from calibration.recalibrate import finalize
+    """Merge the sweep, plan, score the plan, export the checkpoint (idempotent)."""
+    from calibration.recalibrate import plan_and_export as plan_and_export_checkpoint
 
-    _, evaluation = _split_texts(corpus_digest, db_url, job)
-    out_dir = Path(job.work_dir) / "checkpoint"
-    result = finalize(
-        source_dir, evaluation, stats_path, part_paths, corpus_digest, out_dir, job.config()
+    prompts = _prompts(corpus_digest, db_url, Role.SENSITIVITY)
+    out_dir = Path(work_dir) / "checkpoint"
+    result = plan_and_export_checkpoint(
+        source_dir, prompts, stats_path, part_paths, corpus_digest, out_dir, config, progress=False
     )
     return CalibratedCheckpoint(
         **dict(result),
@@ -340,9 +290,9 @@ def register_challenger(
         corpus_source=safe_url(params.db_url),
         calibration_size=calibration_set.size,
         holdout_size=calibration_set.holdout_size,
-        sensitivity_prompts=params.sensitivity_prompts,
-        kl_threshold=params.kl_threshold,
-        max_fallback_fraction=params.max_fallback_fraction,
+        sensitivity_prompts=calibration_set.sensitivity_size,
+        kl_threshold=params.calibration.kl_threshold,
+        max_fallback_fraction=params.calibration.max_fallback_fraction,
         fallback_layers=checkpoint.ignore,
         metrics=RegistrationMetrics(
             combined_kl=checkpoint.plan_mean_kl,
@@ -351,6 +301,7 @@ def register_challenger(
             delta_perplexity=checkpoint.plan_delta_perplexity,
             bytes_before=checkpoint.bytes_before,
             bytes_after=checkpoint.bytes_after,
+            bytes_by_tier=checkpoint.bytes_by_tier,
             group_kl={
                 g["name"]: g["mean_kl"] for g in record["groups"] if g["mean_kl"] is not None
             },
@@ -361,8 +312,8 @@ def register_challenger(
         calibration_summary=Path(calibration_set.export_dir) / "calibration_set.json",
         extra_params={
             "all_quantized_mean_kl": f"{checkpoint.all_quantized_mean_kl:.6g}",
-            "max_seq_len": str(params.max_seq_len),
-            "seed": str(params.seed),
+            "max_prompt_tokens": str(params.calibration.max_prompt_tokens),
+            "seed": str(params.sampling.seed),
         },
     )
     registered = register(request, tracking_uri=params.tracking_uri)
@@ -390,13 +341,17 @@ def recalibration_summary(
             "",
             f"* MLflow run: [{registration.run_id}]({registration.run_url})"
             + (" (reused: same inputs as before)" if registration.reused else ""),
-            f"* Calibration set `{calibration_set.digest[:16]}`: {calibration_set.size} prompts, "
+            f"* Calibration set `{calibration_set.digest[:16]}`: {calibration_set.size} calibration "
+            f"prompts, {calibration_set.sensitivity_size} scoring sensitivity, "
             f"{calibration_set.holdout_size} held out for the canary",
-            f"* Groups: {checkpoint.num_groups}; kept high precision (KL > {params.kl_threshold}): {fallbacks}",
+            f"* Groups: {checkpoint.num_groups}; kept high precision: {fallbacks}",
             f"* Combined mean KL: everything quantized {checkpoint.all_quantized_mean_kl:.4f}, "
             f"with the plan {checkpoint.plan_mean_kl:.4f}; top-1 agreement {checkpoint.plan_top1:.3f}; "
             f"Δ perplexity {checkpoint.plan_delta_perplexity:+.3%}",
-            f"* Weights: {checkpoint.bytes_before / 1e6:.1f} MB → {checkpoint.bytes_after / 1e6:.1f} MB",
+            f"* Weights: {checkpoint.bytes_before / 1e6:.1f} MB → {checkpoint.bytes_after / 1e6:.1f} MB "
+            "("
+            + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in checkpoint.bytes_by_tier.items())
+            + ")",
             f"* Checkpoint: `{checkpoint.checkpoint_dir}`",
         ]
     )

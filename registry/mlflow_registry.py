@@ -141,6 +141,7 @@ class RegistrationMetrics(BaseModel):
     delta_perplexity: float | None = None
     bytes_before: int | None = Field(None, ge=0)
     bytes_after: int | None = Field(None, ge=0)
+    bytes_by_tier: dict[str, int] = Field(default_factory=dict)  # checkpoint bytes per tier
     group_kl: dict[str, float] = Field(default_factory=dict)
 
 
@@ -159,7 +160,7 @@ class RegistrationRequest(BaseModel):
     calibration_size: int = Field(ge=1)
     holdout_size: int = Field(0, ge=0)
     sensitivity_prompts: int | None = Field(None, ge=1)
-    kl_threshold: float = Field(gt=0)
+    kl_threshold: float | None = Field(None, ge=0)  # None: a plan by budget alone
     max_fallback_fraction: float | None = Field(None, gt=0, le=1)
     fallback_layers: tuple[str, ...] = ()
     metrics: RegistrationMetrics
@@ -303,6 +304,8 @@ def _metrics(request: RegistrationRequest) -> dict[str, float]:
             metrics[name] = float(value)
     if figures.bytes_before and figures.bytes_after:
         metrics["compression_ratio"] = figures.bytes_before / figures.bytes_after
+    for tier, size in figures.bytes_by_tier.items():
+        metrics[sanitize_metric_name(f"bytes/{tier}")] = float(size)
     for group, kl in figures.group_kl.items():
         key = sanitize_metric_name(f"group_kl/{group}")
         if key in metrics:

@@ -129,11 +129,18 @@ class LoggedPrompt:
 @dataclass(frozen=True)
 class CalibrationMemberRow:
     prompt_log_id: int
-    role: str  # "calibration" | "holdout"
+    role: str  # "calibration" | "sensitivity" | "holdout"
     position: int
     route: str
     token_count: int
-    redacted_text: str
+    redacted_text: str  # flattened "role: content" text
+    rendered_text: str | None = None  # as the server sees it (None: a set from before rendering)
+    templated: bool = False  # rendered by a chat template (special tokens already in the text)
+
+    @property
+    def prompt_text(self) -> str:
+        """What a model is given: the rendered text, or the flattened one for an old set."""
+        return self.rendered_text if self.rendered_text is not None else self.redacted_text
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,7 @@ class StoredCalibrationSet:
     seed: int
     summary: Mapping[str, Any]
     members: tuple[CalibrationMemberRow, ...] = field(default=())
+    sensitivity_size: int = 0
 
     def role(self, role: str) -> tuple[CalibrationMemberRow, ...]:
         return tuple(m for m in self.members if m.role == role)
@@ -654,7 +662,8 @@ def time_range(url: str | URL | None = None) -> tuple[dt.datetime | None, dt.dat
 def _to_stored(row: CalibrationSet, with_members: bool) -> StoredCalibrationSet:
     members: tuple[CalibrationMemberRow, ...] = ()
     if with_members:
-        ordered = sorted(row.members, key=lambda m: (m.role != MemberRole.calibration, m.position))
+        order = {role: i for i, role in enumerate(MemberRole)}
+        ordered = sorted(row.members, key=lambda m: (order[MemberRole(m.role)], m.position))
         members = tuple(
             CalibrationMemberRow(
                 prompt_log_id=m.prompt_log_id,
@@ -663,6 +672,8 @@ def _to_stored(row: CalibrationSet, with_members: bool) -> StoredCalibrationSet:
                 route=m.route,
                 token_count=m.token_count,
                 redacted_text=m.redacted_text,
+                rendered_text=m.rendered_text,
+                templated=bool(m.templated),
             )
             for m in ordered
         )
@@ -676,6 +687,7 @@ def _to_stored(row: CalibrationSet, with_members: bool) -> StoredCalibrationSet:
         seed=row.seed,
         summary=row.summary,
         members=members,
+        sensitivity_size=row.sensitivity_size or 0,
     )
 
 
@@ -694,10 +706,10 @@ def save_calibration_set(
     """
     if not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise ValueError(f"digest must be 64 lowercase hex characters, got {digest!r}")
-    size = sum(m.role == MemberRole.calibration.value for m in members)
-    holdout_size = sum(m.role == MemberRole.holdout.value for m in members)
-    if size + holdout_size != len(members):
-        raise ValueError("member roles must be 'calibration' or 'holdout'")
+    counts = {role: sum(m.role == role.value for m in members) for role in MemberRole}
+    if sum(counts.values()) != len(members):
+        raise ValueError(f"member roles must be one of {[r.value for r in MemberRole]}")
+    size, holdout_size = counts[MemberRole.calibration], counts[MemberRole.holdout]
     with db.session_scope(url) as session:
         existing = session.scalar(sa.select(CalibrationSet).where(CalibrationSet.digest == digest))
         if existing is not None:
@@ -706,6 +718,7 @@ def save_calibration_set(
             digest=digest,
             filters=dict(filters),
             size=size,
+            sensitivity_size=counts[MemberRole.sensitivity],
             holdout_size=holdout_size,
             seed=seed,
             summary=dict(summary),
@@ -718,6 +731,8 @@ def save_calibration_set(
                 route=m.route,
                 token_count=m.token_count,
                 redacted_text=m.redacted_text,
+                rendered_text=m.rendered_text,
+                templated=m.templated,
             )
             for m in members
         ]

@@ -47,8 +47,9 @@ class StageVerdict(str, enum.Enum):
 
 
 class MemberRole(str, enum.Enum):
-    calibration = "calibration"
-    holdout = "holdout"
+    calibration = "calibration"  # activation statistics
+    sensitivity = "sensitivity"  # group scores and plan verification
+    holdout = "holdout"  # the canary's replay window
 
 
 def utcnow() -> dt.datetime:
@@ -140,6 +141,9 @@ class CalibrationSet(Base):
         JSONType, nullable=False
     )  # window, routes, strata
     size: Mapped[int] = mapped_column(sa.Integer, nullable=False)
+    sensitivity_size: Mapped[int] = mapped_column(
+        sa.Integer, nullable=False, default=0, server_default="0"
+    )
     holdout_size: Mapped[int] = mapped_column(sa.Integer, nullable=False)
     seed: Mapped[int] = mapped_column(sa.BigInteger, nullable=False)
     summary: Mapped[dict[str, Any]] = mapped_column(JSONType, nullable=False)
@@ -170,7 +174,12 @@ class CalibrationSetMember(Base):
     )
     route: Mapped[str] = mapped_column(sa.String(128), nullable=False)
     token_count: Mapped[int] = mapped_column(sa.Integer, nullable=False)
-    redacted_text: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    redacted_text: Mapped[str] = mapped_column(sa.Text, nullable=False)  # flattened (drift, audit)
+    # As the server sees it (chat template applied); None for sets sampled before revision 0002.
+    rendered_text: Mapped[str | None] = mapped_column(sa.Text)
+    templated: Mapped[bool] = mapped_column(
+        sa.Boolean, nullable=False, default=False, server_default=sa.false()
+    )
 
     calibration_set: Mapped[CalibrationSet] = relationship(back_populates="members")
 

@@ -21,7 +21,6 @@ from calibration.evaluate import (
     compare_logits,
     judge_samples,
     load_replay,
-    render_prompt,
     replay,
     save_replay,
     stage_request_indices,
@@ -157,23 +156,6 @@ def test_batched_replay_matches_single(model, tokenizer):
         assert b.kl_mean == pytest.approx(a.kl_mean, rel=1e-3, abs=1e-6)
         assert b.top1_agreement == a.top1_agreement
         assert b.nll_candidate == pytest.approx(a.nll_candidate, rel=1e-4)
-
-
-def test_chat_prompts_use_template(tokenizer):
-    messages = [{"role": "user", "content": "hello"}]
-    text, is_chat = render_prompt(tokenizer, messages)
-    assert text == "user: hello" and not is_chat  # no template on the char tokenizer
-    templated = copy.deepcopy(tokenizer)
-    templated.chat_template = (
-        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-        "{% if add_generation_prompt %}<assistant>{% endif %}"
-    )
-    text, is_chat = render_prompt(templated, messages)
-    assert text == "<user>hello<assistant>" and is_chat
-    with pytest.raises(ReplayError, match="role"):
-        render_prompt(tokenizer, [{"text": "x"}])
-    with pytest.raises(ReplayError):
-        render_prompt(tokenizer, 42)
 
 
 def test_failures_are_recorded_not_lost(model, tokenizer):

@@ -6,19 +6,19 @@ import json
 
 import pytest
 
+from calibration.config import CalibrationConfig
 from calibration.recalibrate import (
-    RecalibrationConfig,
     collect_stats_file,
-    finalize,
     load_sweep_file,
+    plan_and_export,
     recalibrate,
     sweep_file,
     target_group_names,
 )
 from tests.calibration.test_recalibrate import TEXTS
 
-CONFIG = RecalibrationConfig(
-    kl_threshold=None, max_fallback_fraction=0.3, max_seq_len=32, batch_size=3, progress=False
+CONFIG = CalibrationConfig(
+    kl_threshold=None, max_fallback_fraction=0.3, max_prompt_tokens=32, batch_size=3
 )
 
 
@@ -39,13 +39,21 @@ def _run_stages(model_dir, tmp_path, partitions):
     return (
         groups,
         parts,
-        finalize(model_dir, TEXTS[3:], stats, parts, "sha256:test", tmp_path / "ckpt", CONFIG),
+        plan_and_export(
+            model_dir, TEXTS[3:], stats, parts, "sha256:test", tmp_path / "ckpt", CONFIG
+        ),
     )
 
 
 def test_stages_match_recalibrate_and_any_split(tiny_llama_dir, tmp_path):
     whole = recalibrate(
-        tiny_llama_dir, TEXTS[:4], TEXTS[3:], "sha256:test", tmp_path / "whole", CONFIG
+        tiny_llama_dir,
+        TEXTS[:4],
+        TEXTS[3:],
+        "sha256:test",
+        tmp_path / "whole",
+        CONFIG,
+        progress=False,
     )
     groups, _, one = _run_stages(tiny_llama_dir, tmp_path / "one", [range(8)])
     _, parts, split = _run_stages(
@@ -83,7 +91,7 @@ def test_stages_resume_instead_of_recomputing(tiny_llama_dir, tmp_path):
 
 def test_stage_errors_are_specific(tiny_llama_dir, tmp_path):
     stats = collect_stats_file(tiny_llama_dir, TEXTS[:4], tmp_path / "stats.json", CONFIG)
-    with pytest.raises(ValueError, match="unknown groups"):
+    with pytest.raises(ValueError, match="unknown group name"):
         sweep_file(
             tiny_llama_dir,
             TEXTS,
@@ -95,13 +103,15 @@ def test_stage_errors_are_specific(tiny_llama_dir, tmp_path):
     groups = target_group_names(tiny_llama_dir, CONFIG)
     part = sweep_file(tiny_llama_dir, TEXTS[3:], stats, groups[:2], tmp_path / "p.json", CONFIG)
     with pytest.raises(ValueError, match="do not cover 6 groups"):
-        finalize(tiny_llama_dir, TEXTS[3:], stats, [part], "sha256:test", tmp_path / "ckpt", CONFIG)
+        plan_and_export(
+            tiny_llama_dir, TEXTS[3:], stats, [part], "sha256:test", tmp_path / "ckpt", CONFIG
+        )
     with pytest.raises(ValueError, match="not a KL-sweep file"):
         load_sweep_file(stats)
 
 
-def test_export_keeps_the_source_dtype_for_unquantized_tensors(tiny_llama_dir, tmp_path):
-    """Calibration runs in fp32, but the checkpoint keeps the source's bf16 (embeddings, norms)."""
+def test_export_stores_unquantized_tensors_in_bf16(tiny_llama_dir, tmp_path):
+    """Calibration runs in fp32; the checkpoint stores embeddings, norms in bf16."""
     from safetensors import safe_open
 
     _, _, result = _run_stages(tiny_llama_dir, tmp_path, [range(8)])

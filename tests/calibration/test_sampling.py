@@ -8,11 +8,13 @@ import random
 
 import pytest
 
+from calibration.config import SamplingConfig
+from calibration.prompts import PromptRenderer, RenderedPrompt
 from calibration.redaction import find_pii
 from calibration.sampling import (
     NotEnoughPromptsError,
     PromptRecord,
-    SamplingConfig,
+    Role,
     _allocate,
     approx_token_count,
     calibration_digest,
@@ -112,19 +114,21 @@ def _with_near_duplicates(records: list[PromptRecord]) -> list[PromptRecord]:
 
 
 def test_holdout_is_disjoint_and_sizes_are_exact() -> None:
-    sample = sample_calibration_set(_corpus(), SamplingConfig(size=60, holdout_size=30, seed=1))
+    sample = sample_calibration_set(
+        _corpus(), SamplingConfig(calibration_size=60, sensitivity_size=0, holdout_size=30, seed=1)
+    )
     assert len(sample.calibration) == 60 and len(sample.holdout) == 30
     calibration_ids = {m.prompt_id for m in sample.calibration}
     holdout_ids = {m.prompt_id for m in sample.holdout}
     assert not calibration_ids & holdout_ids
     assert [m.position for m in sample.calibration] == list(range(60))
-    assert {m.role for m in sample.calibration} == {"calibration"}
-    assert {m.role for m in sample.holdout} == {"holdout"}
+    assert {m.role for m in sample.calibration} == {Role.CALIBRATION}
+    assert {m.role for m in sample.holdout} == {Role.HOLDOUT}
 
 
 def test_near_duplicates_never_straddle_the_split() -> None:
     records = _with_near_duplicates(_corpus())
-    config = SamplingConfig(size=120, holdout_size=100, seed=3)
+    config = SamplingConfig(calibration_size=120, sensitivity_size=0, holdout_size=100, seed=3)
     sample = sample_calibration_set(records, config)
     assert sample.summary["exact_duplicates_removed"] == 24
     assert sample.summary["near_duplicates_removed"] >= 48
@@ -141,7 +145,7 @@ def test_near_duplicates_never_straddle_the_split() -> None:
 
 def test_digest_is_deterministic_and_independent_of_order_and_ids() -> None:
     records = _corpus()
-    config = SamplingConfig(size=50, holdout_size=20, seed=7)
+    config = SamplingConfig(calibration_size=50, sensitivity_size=0, holdout_size=20, seed=7)
     first = sample_calibration_set(records, config)
     shuffled = records[:]
     random.Random(1).shuffle(shuffled)
@@ -154,7 +158,7 @@ def test_digest_is_deterministic_and_independent_of_order_and_ids() -> None:
 
 def test_digest_changes_with_any_content_change_and_with_the_seed() -> None:
     records = _corpus()
-    config = SamplingConfig(size=50, holdout_size=20, seed=7)
+    config = SamplingConfig(calibration_size=50, sensitivity_size=0, holdout_size=20, seed=7)
     base = sample_calibration_set(records, config)
     member = base.calibration[5]
     changed = [
@@ -166,13 +170,15 @@ def test_digest_changes_with_any_content_change_and_with_the_seed() -> None:
         sample_calibration_set(records, dataclasses.replace(config, seed=8)).digest != base.digest
     )
     # The digest covers role and route too.
-    swapped = [dataclasses.replace(base.calibration[0], role="holdout"), *base.calibration[1:]]
+    swapped = [dataclasses.replace(base.calibration[0], role=Role.HOLDOUT), *base.calibration[1:]]
     assert calibration_digest(swapped) != calibration_digest(base.calibration)
 
 
 def test_stratified_by_route_and_length() -> None:
     records = _corpus(300)
-    sample = sample_calibration_set(records, SamplingConfig(size=90, holdout_size=30, seed=0))
+    sample = sample_calibration_set(
+        records, SamplingConfig(calibration_size=90, sensitivity_size=0, holdout_size=30, seed=0)
+    )
     # Routes are equally common in the input; strata are (route, length bucket), so route shares
     # are proportional up to rounding in each stratum.
     for role, expected in (("calibration", 30), ("holdout", 10)):
@@ -186,11 +192,14 @@ def test_stratified_by_route_and_length() -> None:
 def test_route_filter_and_not_enough_prompts() -> None:
     records = _corpus(60)
     sample = sample_calibration_set(
-        records, SamplingConfig(size=10, holdout_size=5, routes=("code",))
+        records,
+        SamplingConfig(calibration_size=10, sensitivity_size=0, holdout_size=5, routes=("code",)),
     )
     assert {m.route for m in sample.members} == {"code"}
     with pytest.raises(NotEnoughPromptsError, match="need 70 unique prompts"):
-        sample_calibration_set(records, SamplingConfig(size=60, holdout_size=10))
+        sample_calibration_set(
+            records, SamplingConfig(calibration_size=60, sensitivity_size=0, holdout_size=10)
+        )
 
 
 def test_pii_is_redacted_before_anything_is_kept() -> None:
@@ -204,7 +213,9 @@ def test_pii_is_redacted_before_anything_is_kept() -> None:
         )
         for i in range(40)
     ]
-    sample = sample_calibration_set(records, SamplingConfig(size=2, holdout_size=1))
+    sample = sample_calibration_set(
+        records, SamplingConfig(calibration_size=2, sensitivity_size=0, holdout_size=1)
+    )
     assert sample.summary["redactions"]["email"] == 40
     for member in sample.members:
         assert find_pii(member.text) == []
@@ -220,7 +231,9 @@ def test_chat_messages_ignore_the_shared_system_prompt_for_dedup() -> None:
         messages = ({**system}, {"role": "user", "content": question})
         text = f"system: {system['content']}\n\nuser: {question}"
         records.append(dataclasses.replace(_record(i, text), messages=messages))
-    sample = sample_calibration_set(records, SamplingConfig(size=20, holdout_size=5))
+    sample = sample_calibration_set(
+        records, SamplingConfig(calibration_size=20, sensitivity_size=0, holdout_size=5)
+    )
     assert sample.summary["near_duplicates_removed"] < 5
     assert sample.calibration[0].text.startswith("system: You are")
 
@@ -241,7 +254,70 @@ def test_allocation_and_buckets() -> None:
     assert sum(_allocate({("a", "x"): 3, ("b", "x"): 3, ("c", "x"): 3}, 7).values()) == 7
     assert length_bucket(0) == "0-31" and length_bucket(31) == "0-31"
     assert length_bucket(32) == "32-127" and length_bucket(10_000) == "512+"
-    with pytest.raises(ValueError, match="size"):
-        SamplingConfig(size=0, holdout_size=1)
+    with pytest.raises(ValueError, match="calibration_size"):
+        SamplingConfig(calibration_size=0, sensitivity_size=0, holdout_size=1)
     with pytest.raises(ValueError, match="length_edges"):
-        SamplingConfig(size=1, holdout_size=1, length_edges=(10, 5))
+        SamplingConfig(calibration_size=1, sensitivity_size=0, holdout_size=1, length_edges=(10, 5))
+
+
+def test_three_disjoint_roles_and_the_sensitivity_slice_does_not_shrink_calibration() -> None:
+    config = SamplingConfig(calibration_size=60, sensitivity_size=12, holdout_size=30, seed=2)
+    sample = sample_calibration_set(_corpus(), config)
+    assert (len(sample.calibration), len(sample.sensitivity), len(sample.holdout)) == (60, 12, 30)
+    ids = [
+        {m.prompt_id for m in part}
+        for part in (sample.calibration, sample.sensitivity, sample.holdout)
+    ]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert {m.role for m in sample.sensitivity} == {Role.SENSITIVITY}
+    # the hold-out is drawn first: adding a sensitivity slice leaves it unchanged
+    without = sample_calibration_set(_corpus(), dataclasses.replace(config, sensitivity_size=0))
+    assert [m.prompt_id for m in without.holdout] == [m.prompt_id for m in sample.holdout]
+    assert sample.digest != without.digest
+
+
+def test_members_are_rendered_as_the_server_sees_them_and_the_digest_covers_it() -> None:
+    from tests.calibration.replay_helpers import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    records = []
+    for i in range(40):
+        question = f"question {i}: " + " ".join(random.Random(i).sample(WORDS, 6))
+        messages = ({"role": "user", "content": question + f" mail a{i}@example.com"},)
+        records.append(dataclasses.replace(_record(i, f"user: {question}"), messages=messages))
+    records.append(_record(99, "a plain completion prompt about " + " ".join(WORDS[:9])))
+    config = SamplingConfig(calibration_size=20, sensitivity_size=5, holdout_size=10, seed=1)
+    rendered = sample_calibration_set(records, config, PromptRenderer(tokenizer))
+    chat = [m for m in rendered.members if m.prompt_id != 99]
+    for member in chat:
+        assert member.rendered.templated and member.rendered.text.startswith("<user>question")
+        assert (
+            member.rendered.text.endswith("<assistant>")
+            and "example.com" not in member.rendered.text
+        )
+        assert member.text.startswith("user: question")  # the flattened form, for drift and audit
+    plain = [m for m in rendered.members if m.prompt_id == 99]
+    assert all(m.rendered == RenderedPrompt(m.text) for m in plain)
+    flattened = sample_calibration_set(records, config)  # no tokenizer: flattened chat
+    assert [m.prompt_id for m in flattened.members] == [m.prompt_id for m in rendered.members]
+    assert flattened.digest != rendered.digest  # the digest describes the rendered form
+
+
+def test_window_bounds_are_applied_and_naive_times_are_utc() -> None:
+    records = _corpus(120)
+    config = SamplingConfig(
+        calibration_size=10,
+        sensitivity_size=0,
+        holdout_size=5,
+        since=(T0 + dt.timedelta(minutes=30)).replace(tzinfo=None),
+        until=T0 + dt.timedelta(minutes=90),
+    )
+    assert config.since.tzinfo is dt.timezone.utc
+    sample = sample_calibration_set(records, config)
+    assert sample.summary["input_prompts"] == 60
+    with pytest.raises(ValueError, match="empty window"):
+        SamplingConfig(since=T0, until=T0)

@@ -18,7 +18,7 @@ def _invoke(*args: str):
     return runner.invoke(app, list(args), catch_exceptions=False)
 
 
-def test_logs_cli_import_sample_drift(tmp_path) -> None:
+def test_logs_cli_import_sample_drift(tmp_path, tiny_llama_dir) -> None:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     try:
         result = _invoke("db", "upgrade", "--db", url)
@@ -35,18 +35,19 @@ def test_logs_cli_import_sample_drift(tmp_path) -> None:
         assert result.exit_code == 2  # partial success
         assert f"{bad}:2: invalid JSON" in result.output
 
-        result = _invoke(
-            "logs", "sample", "--size", "40", "--holdout", "20", "--route", "translate",
-            "--until", "2026-01-26", "--db", url, "--json",
+        sample = (
+            "logs", "sample", "--calibration-size", "40", "--sensitivity-size", "4",
+            "--holdout-size", "20", "--route", "translate", "--until", "2026-01-26",
+            "--source", tiny_llama_dir, "--db", url,
         )  # fmt: skip
+        result = _invoke(*sample, "--json")
         assert result.exit_code == 0, result.output
         payload = json.loads(result.output)
         digest = payload["digest"]
         assert re.fullmatch(r"[0-9a-f]{64}", digest)
         assert payload["summary"]["calibration"]["routes"] == {"translate": 40}
 
-        result = _invoke("logs", "sample", "--size", "40", "--holdout", "20", "--route", "translate",
-                         "--until", "2026-01-26", "--db", url)  # fmt: skip
+        result = _invoke(*sample)
         assert (
             result.exit_code == 0 and digest in result.output and "already stored" in result.output
         )
@@ -60,7 +61,18 @@ def test_logs_cli_import_sample_drift(tmp_path) -> None:
 
         result = _invoke("logs", "drift", "--set", "0000000000", "--db", url)
         assert result.exit_code == 1
-        result = _invoke("logs", "sample", "--size", "100000", "--db", url)
+        result = _invoke(
+            "logs",
+            "sample",
+            "--calibration-size",
+            "100000",
+            "--source",
+            tiny_llama_dir,
+            "--db",
+            url,
+        )
         assert result.exit_code == 1 and "unique prompts" in result.output
+        result = _invoke("logs", "sample", "--calibration-size", "0", "--db", url)
+        assert result.exit_code == 2 and "calibration_size" in result.output
     finally:
         db.dispose_engines()

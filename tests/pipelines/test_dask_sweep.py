@@ -27,23 +27,23 @@ def test_kl_sweep_on_dask_matches_thread_pool(
     import_logs([shipped_logs()])
     params = RecalibrateParams(
         source_model=tiny_llama_dir,
-        calibration_size=24,
-        holdout_size=8,
-        sensitivity_prompts=6,
-        max_seq_len=32,
+        sampling={"calibration_size": 18, "sensitivity_size": 6, "holdout_size": 8},
+        calibration={"max_prompt_tokens": 32},
     )
-    digest = steps.sample_calibration_set(params).digest
-    job = steps.calibration_job(params, digest)
-    stats = steps.activation_stats(tiny_llama_dir, digest, None, job)
-    partitions = steps.sweep_partitions(steps.target_groups(tiny_llama_dir, job), 2)
+    config = params.calibration
+    digest = steps.sample_calibration_set(params, tiny_llama_dir).digest
+    stats = steps.activation_stats(tiny_llama_dir, digest, None, config, str(tmp_path / "stats"))
+    partitions = steps.sweep_partitions(steps.target_groups(tiny_llama_dir, config), 2)
 
     def sweep(runner, name: str):
         # its own work folder, so neither run reuses the other's files or cached task results
-        run_job = job.model_copy(update={"work_dir": str(tmp_path / name)})
+        work = str(tmp_path / name)
         parts = kl_sweep_flow.with_options(task_runner=runner)(
-            tiny_llama_dir, digest, None, stats, partitions, run_job
+            tiny_llama_dir, digest, None, stats, partitions, config, work
         )
-        return parts, steps.plan_and_export(tiny_llama_dir, digest, None, stats, parts, run_job)
+        return parts, steps.plan_and_export(
+            tiny_llama_dir, digest, None, stats, parts, config, work
+        )
 
     threads, threads_plan = sweep(ThreadPoolTaskRunner(max_workers=2), "threads")
     with LocalCluster(

@@ -48,13 +48,16 @@ def recalibrated(stack):
         RecalibrateParams(
             model_name=MODEL,
             source_model=stack.model_dir,
-            calibration_size=40,
-            holdout_size=80,
-            sensitivity_prompts=8,
-            max_seq_len=48,
+            sampling=TINY_SAMPLING,
+            calibration=TINY_CALIBRATION,
             sweep_tasks=2,
         )
     )
+
+
+#: 32 calibration prompts set the scales, 8 score the groups, 80 are held out for the canary.
+TINY_SAMPLING = {"calibration_size": 32, "sensitivity_size": 8, "holdout_size": 80}
+TINY_CALIBRATION = {"max_prompt_tokens": 48}
 
 
 def _aliases():
@@ -140,10 +143,8 @@ def test_rerun_of_recalibrate_reuses_the_version(recalibrated, stack):
         RecalibrateParams(
             model_name=MODEL,
             source_model=stack.model_dir,
-            calibration_size=40,
-            holdout_size=80,
-            sensitivity_prompts=8,
-            max_seq_len=48,
+            sampling=TINY_SAMPLING,
+            calibration=TINY_CALIBRATION,
             sweep_tasks=2,
         )
     )
@@ -267,8 +268,8 @@ def test_invalid_flow_parameters_are_a_clear_error(stack):
 
     with pytest.raises(Exception, match="strictly ascending"):
         canary_flow(params={"model_name": MODEL, "stages": [10, 1, 100]})
-    with pytest.raises(Exception, match="must be smaller than calibration_size"):
-        recalibrate_flow(params={"calibration_size": 8, "sensitivity_prompts": 8})
+    with pytest.raises(Exception, match="greater than or equal to 1"):
+        recalibrate_flow(params={"sampling": {"calibration_size": 0}})
     with pytest.raises(Exception, match="Extra inputs are not permitted"):
         recalibrate_flow(params={"calibraton_size": 64})
     assert torch.is_tensor(torch.zeros(1))

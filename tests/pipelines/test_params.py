@@ -1,20 +1,26 @@
+import dataclasses
+
 import pytest
 from pydantic import ValidationError
 
+from calibration.config import CalibrationConfig, SamplingConfig
+from calibration.precision import Tier
 from pipelines.params import (
     CanaryParams,
     DriftCheckParams,
     RecalibrateParams,
     RollbackParams,
-    Scheme,
 )
 
 
 def test_defaults_are_valid_and_frozen():
     params = RecalibrateParams()
-    assert params.scheme is Scheme.NVFP4 and params.kl_threshold == 0.05
+    assert params.calibration.scheme is Tier.NVFP4 and params.calibration.kl_threshold == 0.05
+    assert params.calibration == CalibrationConfig() and params.sampling == SamplingConfig()
     with pytest.raises(ValidationError):
-        params.kl_threshold = 1.0  # frozen
+        params.model_name = "other"  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.calibration.kl_threshold = 1.0
     assert CanaryParams().stages == [1.0, 10.0, 50.0, 100.0]
     assert DriftCheckParams().recalibrate.model_name == params.model_name
 
@@ -35,10 +41,70 @@ def test_canary_params_reject_bad_input(kwargs, message):
         CanaryParams(**kwargs)
 
 
-def test_recalibrate_params_cross_field_checks():
-    with pytest.raises(ValidationError, match="must be before"):
-        RecalibrateParams(since="2026-02-01T00:00:00Z", until="2026-01-01T00:00:00Z")
-    with pytest.raises(ValidationError, match="must be smaller than"):
-        RecalibrateParams(calibration_size=8, sensitivity_prompts=16)
+def test_recalibrate_params_validate_the_nested_configs():
+    with pytest.raises(ValidationError, match="not before"):
+        RecalibrateParams(
+            sampling={"since": "2026-02-01T00:00:00Z", "until": "2026-01-01T00:00:00Z"}
+        )
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        RecalibrateParams(sampling={"calibration_size": 0})
+    with pytest.raises(ValidationError, match="needs a budget"):
+        RecalibrateParams(calibration={"kl_threshold": None})
+    with pytest.raises(ValidationError, match="scheme must be one of"):
+        RecalibrateParams(calibration={"scheme": "bf16"})
+    with pytest.raises(ValidationError, match="Unexpected keyword argument"):
+        RecalibrateParams(calibration={"max_seq_len": 64})
     with pytest.raises(ValidationError, match="reason"):
         RollbackParams()
+    budget_only = RecalibrateParams(
+        calibration={"kl_threshold": None, "max_fallback_fraction": 0.1},
+        sampling={"since": "2026-01-01T00:00:00"},
+    )
+    assert budget_only.calibration.kl_threshold is None
+    assert budget_only.sampling.since.tzinfo is not None  # naive times are UTC
+    # JSON round trip (Prefect persists parameters and renders the schema as a form)
+    again = RecalibrateParams.model_validate_json(budget_only.model_dump_json())
+    assert again == budget_only
+    schema = RecalibrateParams.model_json_schema()
+    calibration = schema["$defs"]["CalibrationConfig"]["properties"]
+    assert "Runbook floor" in calibration["kl_threshold"]["description"]
+
+
+def test_cli_options_are_built_from_the_models(tmp_path, monkeypatch):
+    """Every leaf field is an option with the model's default in its help; 'none' unsets."""
+    from typer.testing import CliRunner
+
+    from pipelines import cli_flows
+    from pipelines.cli import app
+
+    seen = []
+    monkeypatch.setattr(cli_flows, "_run_recalibrate", seen.append)
+    # the command object captured the function at import: rebuild it around the stub
+    command = cli_flows.options_command(
+        RecalibrateParams, seen.append, flags={"model_name": ("-m",)}
+    )
+    import typer
+
+    probe = typer.Typer()
+    probe.command("recalibrate")(command)
+    runner = CliRunner()
+    help_text = runner.invoke(probe, ["--help"], env={"COLUMNS": "200"}).output
+    for field in ("--calibration-size", "--max-prompt-tokens", "--kl-threshold", "--scheme"):
+        assert field in help_text
+    assert "(default: 128)" in help_text and "(default: 0.05)" in help_text
+    result = runner.invoke(
+        probe,
+        ["--kl-threshold", "none", "--max-fallback-fraction", "0.1", "--calibration-size", "64",
+         "--routes", "a", "--routes", "b", "--no-use-block-cache"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (params,) = seen
+    assert (
+        params.calibration.kl_threshold is None and params.calibration.max_fallback_fraction == 0.1
+    )
+    assert params.sampling.calibration_size == 64 and params.sampling.routes == ("a", "b")
+    assert params.calibration.use_block_cache is False
+    assert params.sampling.holdout_size == SamplingConfig().holdout_size  # untouched: the default
+    bad = runner.invoke(probe, ["--kl-threshold", "none"])
+    assert bad.exit_code == 2 and "needs a budget" in bad.output
+    assert "recalibrate" in runner.invoke(app, ["--help"]).output

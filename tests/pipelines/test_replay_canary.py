@@ -35,8 +35,9 @@ def _one_intra_op_thread():
 
 def sample_log_holdout(size: int = HOLDOUT_SIZE, *, lines: int = 600, seed: int = 0) -> list[str]:
     """Redacted hold-out prompts sampled from the shipped sample logs (first ``lines`` lines)."""
+    from calibration.config import SamplingConfig
     from calibration.data import SAMPLE_PROMPT_LOGS
-    from calibration.sampling import PromptRecord, SamplingConfig, sample_calibration_set
+    from calibration.sampling import PromptRecord, sample_calibration_set
     from registry.prompt_logs import flatten_prompt, parse_prompt
 
     with gzip.open(SAMPLE_PROMPT_LOGS, "rt", encoding="utf-8") as handle:
@@ -54,7 +55,10 @@ def sample_log_holdout(size: int = HOLDOUT_SIZE, *, lines: int = 600, seed: int 
         )
         for i, p in enumerate(parsed)
     ]
-    sample = sample_calibration_set(records, SamplingConfig(size=16, holdout_size=size, seed=seed))
+    sample = sample_calibration_set(
+        records,
+        SamplingConfig(calibration_size=16, sensitivity_size=0, holdout_size=size, seed=seed),
+    )
     return [member.text for member in sample.holdout]
 
 

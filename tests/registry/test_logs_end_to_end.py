@@ -9,9 +9,11 @@ import time
 
 import sqlalchemy as sa
 
+from calibration.config import SamplingConfig
 from calibration.data import SAMPLE_PROMPT_LOGS
+from calibration.prompts import PromptRenderer, RenderedPrompt
 from calibration.redaction import find_pii
-from calibration.sampling import near_duplicate_clusters, normalize_text
+from calibration.sampling import Role, near_duplicate_clusters, normalize_text
 from pipelines import logs
 from registry import db
 from registry import prompt_logs as store
@@ -19,13 +21,18 @@ from registry.schema import CalibrationSetMember, PromptLog
 
 logger = logging.getLogger(__name__)
 UTC = dt.timezone.utc
-PARAMS = logs.SampleParameters(
-    size=256, holdout=128, until=dt.datetime(2026, 1, 26, tzinfo=UTC), seed=0
+PARAMS = SamplingConfig(
+    calibration_size=224,
+    sensitivity_size=32,
+    holdout_size=128,
+    until=dt.datetime(2026, 1, 26, tzinfo=UTC),
+    seed=0,
 )
+FLATTENED = PromptRenderer()  # no tokenizer here: chat requests are flattened
 # The corpus hash of PARAMS over the shipped sample logs. It must be the same on every machine and
 # backend; it changes only when the shipped data or the sampling algorithm changes (then update it
 # deliberately, together with DIGEST_VERSION in calibration/sampling.py if the algorithm changed).
-GOLDEN_DIGEST = "8f28bcb5904224850575aaefcaf17b75a4722858a972b64a0a8c0456cad67834"
+GOLDEN_DIGEST = "1c3082657c40e1e7f861c817b80ef27c6b3e6ed7061868800c46c610e04307a6"
 
 
 def test_shipped_logs_import_sample_holdout_and_digest(
@@ -41,12 +48,18 @@ def test_shipped_logs_import_sample_holdout_and_digest(
     routes = {r for (r,) in _rows(migrated_db_url, sa.select(PromptLog.route).distinct())}
     assert routes == {"chat-support", "code-help", "summarize", "extract-json", "translate"}
 
-    first = logs.sample_and_store(PARAMS, migrated_db_url)
-    assert first.created and (first.size, first.holdout_size) == (256, 128)
+    first = logs.sample_and_store(PARAMS, FLATTENED, migrated_db_url)
+    assert first.created and (first.size, first.sensitivity_size, first.holdout_size) == (
+        224,
+        32,
+        128,
+    )
     assert first.digest == GOLDEN_DIGEST
     stored = store.load_calibration_set(first.digest, migrated_db_url)
     calibration, holdout = stored.role("calibration"), stored.role("holdout")
-    assert not {m.prompt_log_id for m in calibration} & {m.prompt_log_id for m in holdout}
+    sensitivity = stored.role("sensitivity")
+    roles = [{m.prompt_log_id for m in part} for part in (calibration, sensitivity, holdout)]
+    assert sum(map(len, roles)) == len(set().union(*roles)) == 384  # three disjoint roles
     texts = [_without_system_message(m.redacted_text) for m in stored.members]
     clusters = near_duplicate_clusters([normalize_text(t) for t in texts], 0.8)
     assert len(set(clusters)) == len(texts)  # no near-duplicate pair anywhere, across the split too
@@ -65,10 +78,10 @@ def test_shipped_logs_import_sample_holdout_and_digest(
     assert leaks == []
 
     # Helpers later flows use: texts in order, and an atomic audit export.
-    assert logs.calibration_texts(first.digest, migrated_db_url) == [
-        m.redacted_text for m in calibration
+    assert logs.calibration_prompts(first.digest, migrated_db_url) == [
+        RenderedPrompt(m.rendered_text, m.templated) for m in calibration
     ]
-    assert len(logs.calibration_texts(first.digest, migrated_db_url, role="holdout")) == 128
+    assert len(logs.calibration_prompts(first.digest, migrated_db_url, Role.HOLDOUT)) == 128
     exported = logs.export_calibration_set(first.digest, tmp_path / "set", migrated_db_url)
     header = json.loads((exported / "calibration_set.json").read_text())
     assert header["digest"] == first.digest and header["summary"] == stored.summary
@@ -84,7 +97,7 @@ def test_shipped_logs_import_sample_holdout_and_digest(
             row.messages = messages
         else:
             row.prompt_text += " (edited)"
-    assert logs.sample(PARAMS, migrated_db_url).digest != first.digest
+    assert logs.sample(PARAMS, FLATTENED, migrated_db_url).digest != first.digest
 
     # Drift: the last week of the same logs against the set is no drift.
     verdict = logs.check_drift(
