@@ -11,8 +11,13 @@ Time: ``timestamp`` / ``received_at`` / ``created_at`` / ``created`` (top level 
 becomes the import time (counted in the report). Files are read as streams; gzip is detected by its
 magic bytes, not the extension.
 
-A bad line (invalid JSON, not UTF-8, empty, over the size limit, wrong shape) is reported with
-``file:line`` and a reason, counted, and skipped; every valid line is stored. Re-importing adds nothing:
+A bad line (invalid JSON, not UTF-8, empty, over the size limit, wrong shape, a time that does not
+convert or lies more than ``MAX_FUTURE_SKEW`` after the import, anything else that fails while decoding
+it) is reported with ``file:line`` and a reason, counted, and skipped; every valid line is stored. One
+handler (``_Importer.take``) turns ANY exception raised while decoding one line or row into a bad line,
+so no input can abort an import. Reasons never quote the line's values (they may hold PII): they name
+the field and what is wrong with it. A batch the database refuses is retried row by row, so one
+unstorable row costs that row only. Re-importing adds nothing:
 each prompt has a ``content_digest`` = SHA-256 over canonical JSON of its content and route, unique in
 the table, inserted with ``INSERT … ON CONFLICT DO NOTHING``.
 
@@ -48,6 +53,9 @@ DEFAULT_MAX_LINE_BYTES = 1 << 20  # 1 MiB per JSONL line
 DEFAULT_BATCH_SIZE = 500
 MAX_REPORTED_BAD_LINES = 1000  # all are counted; this many are kept with file:line and reason
 DEFAULT_ROUTE = "default"
+# A line dated later than the import plus this skew is bad (clock skew between hosts is tolerated; a
+# line from the future would move every "recent window" with it).
+MAX_FUTURE_SKEW = dt.timedelta(minutes=5)
 MAX_ROUTE_CHARS = 128
 MAX_MODEL_CHARS = 256
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -229,9 +237,7 @@ def _normalise_messages(raw: Any) -> tuple[dict[str, str], ...]:
             raise PromptShapeError(f"messages[{index}] is not an object")
         role = message.get("role")
         if not isinstance(role, str) or role not in CHAT_ROLES:
-            raise PromptShapeError(
-                f"messages[{index}].role {role!r} is not one of {sorted(CHAT_ROLES)}"
-            )
+            raise PromptShapeError(f"messages[{index}].role is not one of {sorted(CHAT_ROLES)}")
         text = _check_text(_content_text(message.get("content"), index), f"messages[{index}]")
         messages.append({"role": role, "content": text})
     if not any(m["content"].strip() for m in messages):
@@ -239,32 +245,48 @@ def _normalise_messages(raw: Any) -> tuple[dict[str, str], ...]:
     return tuple(messages)
 
 
+_MAX_ISO_CHARS = 64  # longer strings are not timestamps (and are not parsed at all)
+
+
 def _parse_time(value: Any) -> dt.datetime:
+    """A UTC datetime from a datetime, Unix seconds/milliseconds or ISO 8601 text.
+
+    Raises ``PromptShapeError`` (never quoting the value) for anything that is not a representable
+    time: NaN/inf, negative, out of range, over-long or malformed text, a UTC offset that pushes the
+    time out of the calendar (``0001-01-01T00:00+01:00``).
+    """
     if isinstance(value, dt.datetime):
         moment = value
     elif isinstance(value, bool):
-        raise PromptShapeError(f"timestamp {value!r} is not a time")
+        raise PromptShapeError("timestamp is a boolean, not a time")
     elif isinstance(value, int | float):
-        if not math.isfinite(value) or value < 0:
-            raise PromptShapeError(f"timestamp {value!r} is not a valid Unix time")
-        seconds = value / 1000 if value > 1e12 else value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PromptShapeError("timestamp is not a finite number")
+        if value < 0:
+            raise PromptShapeError("timestamp is a negative Unix time")
         try:
+            seconds = value / 1000 if value > 1e12 else value
             return dt.datetime.fromtimestamp(seconds, tz=dt.timezone.utc)
         except (OverflowError, OSError, ValueError) as exc:
-            raise PromptShapeError(f"timestamp {value!r} is out of range") from exc
+            raise PromptShapeError("timestamp is out of the representable range") from exc
     elif isinstance(value, str):
         text = value.strip()
+        if len(text) > _MAX_ISO_CHARS:
+            raise PromptShapeError(f"timestamp text is longer than {_MAX_ISO_CHARS} characters")
         if text.endswith(("Z", "z")):
             text = text[:-1] + "+00:00"
         try:
             moment = dt.datetime.fromisoformat(text)
         except ValueError as exc:
-            raise PromptShapeError(f"timestamp {value[:40]!r} is not ISO 8601") from exc
+            raise PromptShapeError("timestamp is not ISO 8601") from exc
     else:
         raise PromptShapeError(f"timestamp of type {type(value).__name__} is not a time")
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)
-    return moment.astimezone(dt.timezone.utc)
+    try:
+        return moment.astimezone(dt.timezone.utc)
+    except (OverflowError, ValueError) as exc:
+        raise PromptShapeError("timestamp is out of the representable range in UTC") from exc
 
 
 def _first(obj: Mapping[str, Any], metadata: Mapping[str, Any], keys: Sequence[str]) -> Any:
@@ -276,7 +298,13 @@ def _first(obj: Mapping[str, Any], metadata: Mapping[str, Any], keys: Sequence[s
 
 
 def parse_prompt(obj: Any, *, now: dt.datetime | None = None) -> ParsedPrompt:
-    """Validate one decoded log line. Raises ``PromptShapeError`` with the reason."""
+    """Validate one decoded log line. Raises ``PromptShapeError`` with the reason (never a value).
+
+    ``now`` (default: the current time) stands in for a missing timestamp; a timestamp later than
+    ``now + MAX_FUTURE_SKEW`` is refused. Other exceptions may escape on hostile input: callers that
+    import many lines go through ``_Importer.take``, which turns any of them into a bad line.
+    """
+    now = now or dt.datetime.now(dt.timezone.utc)
     if not isinstance(obj, Mapping):
         raise PromptShapeError(f"expected a JSON object, got {type(obj).__name__}")
     metadata = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
@@ -304,7 +332,7 @@ def parse_prompt(obj: Any, *, now: dt.datetime | None = None) -> ParsedPrompt:
     if route is None:
         route = DEFAULT_ROUTE
     if not isinstance(route, str) or not route.strip():
-        raise PromptShapeError(f"route must be a non-empty string, got {route!r}")
+        raise PromptShapeError(f"route must be a non-empty string, not {type(route).__name__}")
     route = _check_text(route.strip(), "route")
     if len(route) > MAX_ROUTE_CHARS:
         raise PromptShapeError(f"route longer than {MAX_ROUTE_CHARS} characters")
@@ -317,7 +345,12 @@ def parse_prompt(obj: Any, *, now: dt.datetime | None = None) -> ParsedPrompt:
 
     raw_time = _first(obj, metadata, _TIME_KEYS)
     missing = raw_time is None
-    received_at = (now or dt.datetime.now(dt.timezone.utc)) if missing else _parse_time(raw_time)
+    received_at = now if missing else _parse_time(raw_time)
+    if received_at > now + MAX_FUTURE_SKEW:
+        raise PromptShapeError(
+            f"timestamp is more than {int(MAX_FUTURE_SKEW.total_seconds() // 60)} minutes "
+            "in the future"
+        )
 
     text = flatten_prompt(messages, prompt_text)
     return ParsedPrompt(
@@ -372,6 +405,25 @@ def _decode_line(raw: bytes, now: dt.datetime) -> ParsedPrompt:
     return parse_prompt(obj, now=now)
 
 
+def _error_name(exc: BaseException) -> str:
+    """The type name of a (database) error, unwrapping SQLAlchemy's DBAPIError; no message text."""
+    return type(getattr(exc, "orig", None) or exc).__name__
+
+
+def bad_line_reason(exc: BaseException) -> str:
+    """The reason reported for a line that raised ``exc``: never the line's values.
+
+    ``PromptShapeError`` messages are written to name fields, not values; any other exception is
+    reported by its type only, because its text may quote the input (``int()`` and ``json``
+    errors do).
+    """
+    if isinstance(exc, PromptShapeError):
+        return str(exc)
+    if isinstance(exc, RecursionError):
+        return "invalid JSON: nested too deeply"
+    return f"cannot decode the line ({type(exc).__name__})"
+
+
 # --------------------------------------------------------------------------------------------------
 # Import
 
@@ -386,6 +438,21 @@ class _Importer:
         self.lines = self.imported = self.duplicates = self.bad = self.missing_timestamps = 0
         self.bad_lines: list[BadLine] = []
         self.now = dt.datetime.now(dt.timezone.utc)
+
+    def take(self, source: str, line: int, decode: Callable[[], ParsedPrompt]) -> None:
+        """Count one line or row: ``decode()`` it and queue the result, or record it as bad.
+
+        THE per-line handler: whatever ``decode`` raises (a shape error, ``ValueError`` from a
+        5 000-digit number, ``OverflowError`` from a time, ``RecursionError``, ``MemoryError``,
+        ...) costs this one line and never the import.
+        """
+        self.lines += 1
+        try:
+            parsed = decode()
+        except Exception as exc:  # noqa: BLE001 - by design: any failure makes this one line bad
+            self.add_bad(source, line, bad_line_reason(exc))
+            return
+        self.add(parsed, source, line)
 
     def add_bad(self, source: str, line: int, reason: str) -> None:
         self.bad += 1
@@ -420,10 +487,25 @@ class _Importer:
         for row in self.batch:
             unique.setdefault(row["content_digest"], row)
         rows = list(unique.values())
-        inserted = insert_prompt_rows(self.engine, rows)
+        batch, self.batch = self.batch, []
+        try:
+            inserted = insert_prompt_rows(self.engine, rows)
+        except sa.exc.SQLAlchemyError:
+            # The database refused the batch (a value one backend cannot store, ...): store the
+            # rows one by one so only the refused ones are lost, each reported where it came from.
+            inserted = 0
+            for row in rows:
+                try:
+                    inserted += insert_prompt_rows(self.engine, [row])
+                except sa.exc.SQLAlchemyError as exc:
+                    self.add_bad(
+                        row["source"],
+                        row["source_line"],
+                        f"the database refused the row ({_error_name(exc)})",
+                    )
+                    batch.remove(row)
         self.imported += inserted
-        self.duplicates += len(self.batch) - inserted
-        self.batch = []
+        self.duplicates += len(batch) - inserted
 
     def report(self, sources: Sequence[str], started: float) -> ImportReport:
         self.flush()
@@ -497,23 +579,22 @@ def import_files(
         try:
             with raw, stream:
                 for line_no, content, error in _iter_raw_lines(stream, max_line_bytes):
-                    importer.lines += 1
                     if error is not None:
+                        importer.lines += 1
                         importer.add_bad(source, line_no, error)
                         continue
-                    try:
-                        parsed = _decode_line(content or b"", importer.now)
-                    except PromptShapeError as exc:
-                        importer.add_bad(source, line_no, str(exc))
-                        continue
-                    importer.add(parsed, source, line_no)
+                    importer.take(
+                        source, line_no, lambda c=content: _decode_line(c or b"", importer.now)
+                    )
                     if on_progress is not None and line_no % 256 == 0:
                         position = raw.tell()
                         if position != last_reported:
                             on_progress(source, position, total)
                             last_reported = position
         except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
-            importer.add_bad(source, line_no + 1, f"file is corrupt or truncated: {exc}")
+            importer.add_bad(
+                source, line_no + 1, f"file is corrupt or truncated ({type(exc).__name__})"
+            )
         if on_progress is not None:
             on_progress(source, total, total)
     report = importer.report(sources, started)
@@ -546,6 +627,10 @@ def parse_column_mapping(pairs: Iterable[str]) -> dict[str, str]:
     return mapping
 
 
+def _lenient_sqlite_text(dbapi_connection, _record) -> None:  # noqa: ANN001 - sqlite3 connection
+    dbapi_connection.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
+
+
 def import_sql(
     source_url: str | URL,
     table: str,
@@ -564,6 +649,11 @@ def import_sql(
     importer = _Importer(url, batch_size)
     source_url = make_url(source_url)
     source_engine = db.create_engine_for(source_url)
+    if source_engine.dialect.name == "sqlite":
+        # SQLite hands back whatever bytes a TEXT cell holds; invalid UTF-8 would otherwise raise
+        # inside the cursor and end the stream. Decoded with surrogate escapes, such a row fails
+        # ``_check_text`` and is reported as one bad row.
+        sa.event.listen(source_engine, "connect", _lenient_sqlite_text)
     schema_name, _, table_name = table.rpartition(".")
     # No credentials in the stored source label.
     source = f"sql:{source_url.get_backend_name()}/{source_url.database or ''}/{table}"
@@ -576,23 +666,35 @@ def import_sql(
             raise ValueError(
                 f"table {table!r} has no column(s) {missing}; it has {list(reflected.c.keys())}"
             )
-        columns = [reflected.c[c].label(f) for f, c in mapping.items()]
+        # Raw driver values (no SQLAlchemy result processing): a malformed DATETIME text in one
+        # row must be that row's bad time, not an exception that ends the stream.
+        columns = [
+            sa.type_coerce(reflected.c[c], sa.types.NullType()).label(f) for f, c in mapping.items()
+        ]
         total = 0
         with source_engine.connect() as conn:
             total = conn.execute(sa.select(sa.func.count()).select_from(reflected)).scalar_one()
             rows = conn.execution_options(stream_results=True, yield_per=batch_size).execute(
                 sa.select(*columns)
             )
-            for row_no, row in enumerate(rows, start=1):
-                importer.lines += 1
-                try:
-                    parsed = parse_prompt(dict(row._mapping), now=importer.now)
-                except PromptShapeError as exc:
-                    importer.add_bad(source, row_no, str(exc))
-                    continue
-                importer.add(parsed, source, row_no)
-                if on_progress is not None and row_no % 256 == 0:
-                    on_progress(source, row_no, total)
+            row_no = 0
+            try:
+                for row_no, row in enumerate(rows, start=1):
+                    importer.take(
+                        source,
+                        row_no,
+                        lambda r=row: parse_prompt(dict(r._mapping), now=importer.now),
+                    )
+                    if on_progress is not None and row_no % 256 == 0:
+                        on_progress(source, row_no, total)
+            except Exception as exc:  # noqa: BLE001 - the source broke; keep what was read
+                # The source itself failed mid-stream: what was read is kept, the rest reported.
+                importer.add_bad(
+                    source,
+                    row_no + 1,
+                    f"reading the source failed; rows from here on were not read "
+                    f"({_error_name(exc)})",
+                )
         if on_progress is not None:
             on_progress(source, total, total)
     finally:
@@ -791,6 +893,7 @@ __all__ = [
     "PromptShapeError",
     "StoredCalibrationSet",
     "approx_token_count",
+    "bad_line_reason",
     "content_digest",
     "count_prompts",
     "fetch_window",
