@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import time
 
 import sqlalchemy as sa
@@ -31,8 +32,9 @@ PARAMS = SamplingConfig(
 FLATTENED = PromptRenderer()  # no tokenizer here: chat requests are flattened
 # The corpus hash of PARAMS over the shipped sample logs. It must be the same on every machine and
 # backend; it changes only when the shipped data or the sampling algorithm changes (then update it
-# deliberately, together with DIGEST_VERSION in calibration/sampling.py if the algorithm changed).
-GOLDEN_DIGEST = "1c3082657c40e1e7f861c817b80ef27c6b3e6ed7061868800c46c610e04307a6"
+# deliberately, together with DIGEST_VERSION in calibration/sampling.py if the algorithm changed;
+# the redactor's output is part of it: calibration.redaction.REDACTOR_VERSION).
+GOLDEN_DIGEST = "c2d24073406f05026b842f2309a379de2d1fc9482d63ea7e86cf87b685e0ef48"
 
 
 def test_shipped_logs_import_sample_holdout_and_digest(
@@ -76,6 +78,15 @@ def test_shipped_logs_import_sample_holdout_and_digest(
     ]
     leaks = [(kind, span) for text in stored_texts for kind, span in find_pii(text)]
     assert leaks == []
+    # Independent oracle: the formats calibration/data/make_sample_logs.py plants (PII.email,
+    # .phone, .card, .api_key), written here from the generator, not from the redactor.
+    planted = [
+        (kind, m.group())
+        for text in stored_texts
+        for kind, pattern in PLANTED_FORMATS.items()
+        for m in re.finditer(pattern, text)
+    ]
+    assert planted == []
 
     # Helpers later flows use: texts in order, and an atomic audit export.
     assert logs.calibration_prompts(first.digest, migrated_db_url) == [
@@ -104,6 +115,15 @@ def test_shipped_logs_import_sample_holdout_and_digest(
         logs.DriftParameters(calibration_set=first.digest[:10]), migrated_db_url
     )
     assert not verdict.drifted and not verdict.inconclusive, verdict.reasons
+
+
+PLANTED_FORMATS = {
+    "email": r"[\w.]+@[\w-]+\.[a-z]{2,}",
+    "phone": r"\+1 415 555 \d{4}|\(\d{3}\) 555-\d{4}|\+49 30 \d{8}|\+33 6(?: \d\d){4}"
+    r"|\+44 20 7946 \d{4}|555\.\d{3}\.\d{4}",
+    "card": r"(?<![\d.])(?:4|5[15]|37)\d{2}([ -]?)\d{4}\1\d{4}\1\d{4}\b",
+    "api_key": r"sk-proj-[A-Za-z0-9]{40}|AKIA[A-Z0-9]{16}|ghp_[A-Za-z0-9]{36}",
+}
 
 
 def _without_system_message(text: str) -> str:
