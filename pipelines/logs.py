@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from calibration.config import SamplingConfig
 from calibration.drift import DriftThresholds, DriftVerdict, compare
@@ -235,3 +235,44 @@ def export_calibration_set(digest: str, out_dir: str | Path, db_url: str | None 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+class PurgeParameters(BaseModel):
+    """What ``purge_logs`` erases (filters combine with AND; at least one is required).
+
+    ``matching`` is a ``SecretStr``: the text to erase is usually the PII itself, so it never shows
+    in a repr, a log line or a Prefect parameter view.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    before: dt.datetime | None = Field(None, description="erase prompts received before this time")
+    routes: tuple[str, ...] | None = Field(None, description="erase prompts of these routes")
+    matching: SecretStr | None = Field(None, description="erase prompts whose text contains this")
+    regex: bool = Field(False, description="treat 'matching' as a regular expression")
+    dry_run: bool = Field(True, description="only count (the default); False erases")
+
+    @field_validator("before")
+    @classmethod
+    def _utc(cls, value: dt.datetime | None) -> dt.datetime | None:
+        return _aware(value)
+
+    @model_validator(mode="after")
+    def _some_filter(self) -> PurgeParameters:
+        if self.before is None and not self.routes and self.matching is None:
+            raise ValueError("give at least one filter: before, routes or matching")
+        return self
+
+
+def purge_logs(params: PurgeParameters, db_url: str | None = None) -> store.PurgeReport:
+    """Erase raw prompt text from the store (``registry.prompt_logs.purge_prompts``); calibration
+    sets keep their digests and redacted member texts."""
+    db.ensure_schema(db_url)
+    return store.purge_prompts(
+        db_url,
+        before=params.before,
+        routes=params.routes,
+        matching=params.matching.get_secret_value() if params.matching is not None else None,
+        regex=params.regex,
+        dry_run=params.dry_run,
+    )

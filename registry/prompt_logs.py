@@ -132,6 +132,11 @@ class LoggedPrompt:
     token_count: int
     source: str
     messages: tuple[Mapping[str, Any], ...] | None = None
+    # The stored redaction (``store_redactions``), None when missing; valid for ``redactor_version``.
+    redactor_version: str | None = None
+    redacted_text: str | None = None
+    redacted_messages: tuple[Mapping[str, Any], ...] | None = None
+    redaction_counts: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -703,6 +708,211 @@ def import_sql(
 
 
 # --------------------------------------------------------------------------------------------------
+# Stored redactions and purging
+
+RedactFn = Callable[
+    [str], Any
+]  # text -> object with ``.text`` and ``.counts`` (calibration.redaction)
+
+
+def redact_prompt(
+    messages: Sequence[Mapping[str, Any]] | None, prompt_text: str | None, redact: RedactFn
+) -> tuple[str, list[dict[str, str]] | None, dict[str, int]]:
+    """(redacted flattened text, redacted messages or None, counts): chat prompts message by
+    message, as ``calibration.sampling`` does, so the stored result can stand in for it."""
+    counts: dict[str, int] = {}
+
+    def one(text: str) -> str:
+        result = redact(text)
+        for kind, n in result.counts.items():
+            counts[kind] = counts.get(kind, 0) + n
+        return result.text
+
+    if messages is None:
+        return one(prompt_text or ""), None, counts
+    redacted = [
+        {"role": str(m.get("role", "user")), "content": one(str(m.get("content", "")))}
+        for m in messages
+    ]
+    return flatten_prompt(redacted, None), redacted, counts
+
+
+def store_redactions(
+    url: str | URL | None = None,
+    *,
+    redact: RedactFn,
+    version: str,
+    batch_size: int = 200,
+) -> int:
+    """Redact every unpurged prompt whose stored redaction is missing or from another ``version``
+    and store it beside the raw text. Returns how many prompts were redacted.
+
+    Run after an import (``fp4roll logs import`` does) so each prompt is redacted once, not on every
+    sampling or drift run; ``fetch_window`` returns the stored redaction with each prompt.
+    """
+    stale = (
+        sa.select(PromptLog.id)
+        .where(PromptLog.purged_at.is_(None))
+        .where(sa.or_(PromptLog.redactor_version.is_(None), PromptLog.redactor_version != version))
+        .order_by(PromptLog.id)
+    )
+    engine = db.get_engine(url)
+    with engine.connect() as conn:
+        ids = list(conn.execute(stale).scalars())
+    done = 0
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(PromptLog.id, PromptLog.messages, PromptLog.prompt_text).where(
+                    PromptLog.id.in_(chunk), PromptLog.purged_at.is_(None)
+                )
+            ).all()
+        updates = []
+        for row_id, messages, prompt_text in rows:
+            text, redacted_messages, counts = redact_prompt(messages, prompt_text, redact)
+            updates.append(
+                {
+                    "row_id": row_id,
+                    "redactor_version": version,
+                    "redacted_text": text,
+                    "redacted_messages": redacted_messages,
+                    "redaction_counts": counts,
+                }
+            )
+        if updates:
+            stmt = (
+                sa.update(PromptLog)
+                .where(PromptLog.id == sa.bindparam("row_id"), PromptLog.purged_at.is_(None))
+                .values(
+                    redactor_version=sa.bindparam("redactor_version"),
+                    redacted_text=sa.bindparam("redacted_text"),
+                    redacted_messages=sa.bindparam("redacted_messages"),
+                    redaction_counts=sa.bindparam("redaction_counts"),
+                )
+            )
+            with engine.begin() as conn:
+                conn.execute(stmt, updates)
+        done += len(updates)
+    if done:
+        logger.info("stored %d redactions (redactor %s)", done, version)
+    return done
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    """Outcome of ``purge_prompts`` (counts only: the matching text is never echoed)."""
+
+    selected: int  # unpurged prompts the filters select
+    already_purged: int  # prompts within the time/route filters erased by an earlier purge
+    purged: int  # erased now (0 on a dry run)
+    in_calibration_sets: int  # of the selected, members of a calibration set (kept: redacted)
+    dry_run: bool
+
+
+def _text_matcher(matching: str | None, regex: bool) -> Callable[[str], bool] | None:
+    if matching is None:
+        return None
+    if not matching.strip():
+        raise ValueError("the matching text is empty")
+    if regex:
+        try:
+            pattern = re.compile(matching, re.IGNORECASE)
+        except re.error as exc:
+            # The message names the position, never the pattern (it may be the PII itself).
+            raise ValueError(f"invalid regular expression (at position {exc.pos})") from None
+        return lambda text: pattern.search(text) is not None
+    needle = matching.casefold()
+    return lambda text: needle in text.casefold()
+
+
+def purge_prompts(
+    url: str | URL | None = None,
+    *,
+    before: dt.datetime | None = None,
+    routes: Sequence[str] | None = None,
+    matching: str | None = None,
+    regex: bool = False,
+    dry_run: bool = True,
+    batch_size: int = 500,
+) -> PurgeReport:
+    """Erase the raw text of stored prompts: received before ``before``, on ``routes``, and/or whose
+    text contains ``matching`` (case-insensitive substring, or a regular expression with
+    ``regex``). Filters combine with AND; at least one is required.
+
+    Erased: ``messages``, ``prompt_text`` and the stored redaction of each selected row, which is
+    stamped ``purged_at``. Kept: the row (digest, route, time, token count), calibration sets, their
+    digests and their members' REDACTED texts, so past versions stay explainable; a re-import of the
+    same prompt does not bring it back (its digest is taken). ``dry_run`` (the default) only counts.
+    Nothing here logs or reports the matching text.
+    """
+    if before is None and not routes and matching is None:
+        raise ValueError("give at least one filter: before, routes or matching text")
+    if before is not None and before.tzinfo is None:
+        raise ValueError("'before' must be timezone-aware")
+    matches = _text_matcher(matching, regex)
+    stmt = sa.select(
+        PromptLog.id, PromptLog.messages, PromptLog.prompt_text, PromptLog.purged_at
+    ).order_by(PromptLog.id)
+    if before is not None:
+        stmt = stmt.where(PromptLog.received_at < before)
+    if routes:
+        stmt = stmt.where(PromptLog.route.in_(list(routes)))
+    engine = db.get_engine(url)
+    selected: list[int] = []
+    already = 0
+    with engine.connect() as conn:
+        result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(stmt)
+        for row_id, messages, prompt_text, purged_at in result:
+            if purged_at is not None:
+                already += 1
+            elif matches is None or matches(flatten_prompt(messages, prompt_text)):
+                selected.append(row_id)
+    in_sets = 0
+    purged = 0
+    now = dt.datetime.now(dt.timezone.utc)
+    for start in range(0, len(selected), batch_size):
+        chunk = selected[start : start + batch_size]
+        with engine.begin() as conn:
+            in_sets += conn.execute(
+                sa.select(sa.func.count(sa.distinct(CalibrationSetMember.prompt_log_id))).where(
+                    CalibrationSetMember.prompt_log_id.in_(chunk)
+                )
+            ).scalar_one()
+            if not dry_run:
+                purged += conn.execute(
+                    sa.update(PromptLog)
+                    .where(PromptLog.id.in_(chunk), PromptLog.purged_at.is_(None))
+                    .values(
+                        messages=sa.null(),
+                        prompt_text=sa.null(),
+                        redacted_text=sa.null(),
+                        redacted_messages=sa.null(),
+                        redaction_counts=sa.null(),
+                        redactor_version=sa.null(),
+                        purged_at=now,
+                    )
+                ).rowcount
+    report = PurgeReport(
+        selected=len(selected),
+        already_purged=already,
+        purged=purged,
+        in_calibration_sets=in_sets,
+        dry_run=dry_run,
+    )
+    logger.info(
+        "purge%s: %d prompts selected (before=%s, routes=%s, text filter: %s), %d erased",
+        " (dry run)" if dry_run else "",
+        report.selected,
+        before.isoformat() if before else None,
+        list(routes) if routes else None,
+        "regex" if matching is not None and regex else ("substring" if matching else "none"),
+        report.purged,
+    )
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
 # Reading prompts and calibration sets
 
 
@@ -718,6 +928,12 @@ def _to_logged(row: PromptLog) -> LoggedPrompt:
         token_count=row.token_count,
         source=row.source,
         messages=messages,
+        redactor_version=row.redactor_version,
+        redacted_text=row.redacted_text,
+        redacted_messages=(
+            tuple(row.redacted_messages) if row.redacted_messages is not None else None
+        ),
+        redaction_counts=row.redaction_counts,
     )
 
 
@@ -729,8 +945,14 @@ def fetch_window(
     routes: Sequence[str] | None = None,
     batch_size: int = 1000,
 ) -> Iterator[LoggedPrompt]:
-    """Stream stored prompts with ``since <= received_at < until``, ordered by time then id."""
-    stmt = sa.select(PromptLog).order_by(PromptLog.received_at, PromptLog.id)
+    """Stream stored prompts with ``since <= received_at < until``, ordered by time then id.
+
+    Purged prompts (raw text erased) are left out."""
+    stmt = (
+        sa.select(PromptLog)
+        .where(PromptLog.purged_at.is_(None))
+        .order_by(PromptLog.received_at, PromptLog.id)
+    )
     if since is not None:
         stmt = stmt.where(PromptLog.received_at >= since)
     if until is not None:
@@ -742,16 +964,22 @@ def fetch_window(
             yield _to_logged(row)
 
 
-def count_prompts(url: str | URL | None = None) -> int:
+def count_prompts(url: str | URL | None = None, *, include_purged: bool = False) -> int:
+    """Stored prompts (by default those whose raw text is still there)."""
+    stmt = sa.select(sa.func.count()).select_from(PromptLog)
+    if not include_purged:
+        stmt = stmt.where(PromptLog.purged_at.is_(None))
     with db.get_engine(url).connect() as conn:
-        return conn.execute(sa.select(sa.func.count()).select_from(PromptLog)).scalar_one()
+        return conn.execute(stmt).scalar_one()
 
 
 def time_range(url: str | URL | None = None) -> tuple[dt.datetime | None, dt.datetime | None]:
-    """(earliest, latest) ``received_at`` in the store."""
+    """(earliest, latest) ``received_at`` of the stored, unpurged prompts."""
     with db.session_scope(url) as session:
         low, high = session.execute(
-            sa.select(sa.func.min(PromptLog.received_at), sa.func.max(PromptLog.received_at))
+            sa.select(sa.func.min(PromptLog.received_at), sa.func.max(PromptLog.received_at)).where(
+                PromptLog.purged_at.is_(None)
+            )
         ).one()
     utc = dt.timezone.utc
     if isinstance(low, str):  # SQLite aggregates bypass the column type
@@ -886,6 +1114,7 @@ def list_calibration_sets(url: str | URL | None = None) -> list[StoredCalibratio
 
 __all__ = [
     "BadLine",
+    "PurgeReport",
     "CalibrationMemberRow",
     "ImportReport",
     "LoggedPrompt",
@@ -905,6 +1134,9 @@ __all__ = [
     "load_calibration_set",
     "parse_column_mapping",
     "parse_prompt",
+    "purge_prompts",
+    "redact_prompt",
     "save_calibration_set",
+    "store_redactions",
     "time_range",
 ]
