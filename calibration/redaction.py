@@ -379,6 +379,19 @@ def _presidio(recognizer: Any, snippet: str, offset: int, kind: PiiKind) -> Iter
             yield _Span(offset + result.start, offset + result.end, kind)
 
 
+def _scan_snippets(
+    text: str, ranges: list[tuple[int, int]], limit: int, recognizer: Any, kind: PiiKind
+) -> Iterator[_Span]:
+    """Run a Presidio recognizer on the merged ``ranges`` (each <= ``_SNIPPET_CHARS``), at most
+    ``limit`` of them; the rest are redacted whole as ``unscanned``."""
+    budget = _Budget(limit)
+    for start, end in _merge_ranges(ranges, max_length=_SNIPPET_CHARS):
+        if budget.take():
+            yield from _presidio(recognizer, text[start:end], start, kind)
+        else:
+            yield _Span(start, end, PiiKind.unscanned)
+
+
 # --------------------------------------------------------------------------------------------------
 # Detector families
 
@@ -492,18 +505,13 @@ def _keyword_assignments(text: str, lowered: str, det: _Detectors) -> Iterator[_
 
 
 def _emails(text: str, det: _Detectors) -> Iterator[_Span]:
-    budget = _Budget(MAX_EMAIL_SNIPPETS)
     ranges = []
     position = text.find("@")
     while position >= 0:
         # Local part <= 64, domain <= 255 characters (RFC 5321); the regex cannot cross whitespace.
         ranges.append((max(0, position - 65), min(len(text), position + 256)))
         position = text.find("@", position + 1)
-    for start, end in _merge_ranges(ranges, max_length=_SNIPPET_CHARS):
-        if not budget.take():
-            yield _Span(start, end, PiiKind.unscanned)
-            continue
-        yield from _presidio(det.email, text[start:end], start, PiiKind.email)
+    yield from _scan_snippets(text, ranges, MAX_EMAIL_SNIPPETS, det.email, PiiKind.email)
 
 
 def _is_phone_grouping(raw: str) -> bool:
@@ -589,31 +597,21 @@ def _numbers(text: str, det: _Detectors) -> Iterator[_Span]:
 
 
 def _ipv6(text: str, det: _Detectors) -> Iterator[_Span]:
-    budget = _Budget(MAX_IPV6_SNIPPETS)
     ranges = [
         (max(0, m.start() - 1), min(len(text), m.end() + 8))
         for m in _IPV6_TRIGGER_RE.finditer(text)
         if "::" in m.group() or m.group().count(":") >= 3
         if any(c.isdigit() for c in m.group())
     ]
-    for start, end in _merge_ranges(ranges, max_length=_SNIPPET_CHARS):
-        if not budget.take():
-            yield _Span(start, end, PiiKind.unscanned)
-            continue
-        yield from _presidio(det.ip, text[start:end], start, PiiKind.ip)
+    yield from _scan_snippets(text, ranges, MAX_IPV6_SNIPPETS, det.ip, PiiKind.ip)
 
 
 def _ibans(text: str, det: _Detectors) -> Iterator[_Span]:
-    budget = _Budget(MAX_IBAN_SNIPPETS)
     ranges = [
         (max(0, m.start() - 1), min(len(text), m.start() + 48))
         for m in _IBAN_TRIGGER_RE.finditer(text)
     ]
-    for start, end in _merge_ranges(ranges, max_length=_SNIPPET_CHARS):
-        if not budget.take():
-            yield _Span(start, end, PiiKind.unscanned)
-            continue
-        yield from _presidio(det.iban, text[start:end], start, PiiKind.iban)
+    yield from _scan_snippets(text, ranges, MAX_IBAN_SNIPPETS, det.iban, PiiKind.iban)
 
 
 def _kept_ip(value: str) -> bool:
