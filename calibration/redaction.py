@@ -88,7 +88,8 @@ MAX_EMAIL_SNIPPETS = 64
 MAX_KEYWORD_SNIPPETS = 128
 MAX_IPV6_SNIPPETS = 32
 MAX_IBAN_SNIPPETS = 32
-MAX_SECRET_LINE_CHARS = 16 * 1024  # characters of candidate lines given to the secret plugins
+# Candidate-line characters given to the secret plugins (chunks overlap, hence twice the cap).
+MAX_SECRET_LINE_CHARS = 2 * MAX_REDACT_CHARS
 
 _SNIPPET_CHARS = 512  # longest snippet the e-mail, IBAN and IPv6 detectors are given
 _NUMBER_WINDOW = 48  # digit runs longer than this are checked in overlapping windows
@@ -345,7 +346,7 @@ def _widen_secret(text: str, start: int, end: int) -> tuple[int, int]:
 
 
 def _merge_ranges(
-    ranges: Iterable[tuple[int, int]], max_length: int | None = None
+    ranges: Iterable[tuple[int, int]], max_length: int | None = None, gap: int = 0
 ) -> list[tuple[int, int]]:
     """Overlapping ranges merged, but never into one longer than ``max_length`` (then they are
     kept as separate, overlapping snippets: a detector's work per snippet stays bounded)."""
@@ -353,7 +354,7 @@ def _merge_ranges(
     for start, end in sorted(ranges):
         if (
             merged
-            and start <= merged[-1][1]
+            and start <= merged[-1][1] + gap
             and (max_length is None or max(end, merged[-1][1]) - merged[-1][0] <= max_length)
         ):
             merged[-1][1] = max(merged[-1][1], end)
@@ -420,7 +421,7 @@ def _secret_lines(text: str, lowered: str) -> list[tuple[int, int]]:
         newline = text.find("\n", match.end())
         ranges.append((start, len(text) if newline < 0 else newline))
     chunks = []
-    for start, end in _merge_ranges(ranges):
+    for start, end in _merge_ranges(ranges, gap=1):  # consecutive lines form one range
         # Overlapping chunks: a token up to 256 characters long lies whole in one of them.
         position = start
         while True:
