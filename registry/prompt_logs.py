@@ -653,7 +653,8 @@ def import_sql(
     started = time.perf_counter()
     importer = _Importer(url, batch_size)
     source_url = make_url(source_url)
-    source_engine = db.create_engine_for(source_url)
+    # A plain engine: the source is not ours (no WAL switch, no chmod, never created if missing).
+    source_engine = sa.create_engine(db.resolve_url(source_url))
     if source_engine.dialect.name == "sqlite":
         # SQLite hands back whatever bytes a TEXT cell holds; invalid UTF-8 would otherwise raise
         # inside the cursor and end the stream. Decoded with surrogate escapes, such a row fails

@@ -245,3 +245,22 @@ def test_migration_downgrade_and_upgrade_again(db_url) -> None:
         command.downgrade(db._alembic_config(connection), "0001")
     assert db.current_revision(db_url) == "0001"
     assert db.upgrade(db_url) == db.head_revision()
+
+
+def test_import_sql_leaves_the_source_database_alone(migrated_db_url, tmp_path) -> None:
+    source = tmp_path / "app.db"
+    engine = sa.create_engine(f"sqlite:///{source}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (body TEXT)")
+        conn.exec_driver_sql("INSERT INTO t VALUES ('hello from the app')")
+    engine.dispose()
+    os.chmod(source, 0o644)
+    report = store.import_sql(f"sqlite:///{source}", "t", {"prompt": "body"}, migrated_db_url)
+    assert report.imported == 1
+    assert _mode(source) == 0o644  # not our file: no chmod
+    assert not (tmp_path / "app.db-wal").exists()  # and no switch to WAL
+    with pytest.raises(sa.exc.OperationalError):
+        store.import_sql(
+            f"sqlite:///{tmp_path / 'missing' / 'x.db'}", "t", {"prompt": "body"}, migrated_db_url
+        )
+    assert not (tmp_path / "missing").exists()
