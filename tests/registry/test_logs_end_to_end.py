@@ -34,7 +34,7 @@ FLATTENED = PromptRenderer()  # no tokenizer here: chat requests are flattened
 # backend; it changes only when the shipped data or the sampling algorithm changes (then update it
 # deliberately, together with DIGEST_VERSION in calibration/sampling.py if the algorithm changed;
 # the redactor's output is part of it: calibration.redaction.REDACTOR_VERSION).
-GOLDEN_DIGEST = "c2d24073406f05026b842f2309a379de2d1fc9482d63ea7e86cf87b685e0ef48"
+GOLDEN_DIGEST = "06f26d4e3071be46cc34e79059cd8686474dc2c980abb02fe33881da9f9cd06b"
 
 
 def test_shipped_logs_import_sample_holdout_and_digest(

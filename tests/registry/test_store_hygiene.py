@@ -242,8 +242,8 @@ def test_migration_downgrade_and_upgrade_again(db_url) -> None:
 
     db.upgrade(db_url)
     with db.get_engine(db_url).begin() as connection:
-        command.downgrade(db._alembic_config(connection), "0001")
-    assert db.current_revision(db_url) == "0001"
+        command.downgrade(db._alembic_config(connection), "0002")
+    assert db.current_revision(db_url) == "0002"
     assert db.upgrade(db_url) == db.head_revision()
 
 

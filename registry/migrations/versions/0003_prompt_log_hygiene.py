@@ -1,7 +1,7 @@
 """Prompt-log hygiene: erasable raw text (``purged_at``) and a stored redaction per prompt.
 
-Revision ID: 0002_prompt_log_hygiene
-Revises: 0001
+Revision ID: 0003_prompt_log_hygiene
+Revises: 0002
 
 * ``purged_at``: ``fp4roll logs purge`` erases ``messages`` / ``prompt_text`` and stamps the row, so
   the "has a prompt" check now also accepts a purged row.
@@ -19,8 +19,8 @@ from sqlalchemy.dialects import postgresql
 
 JSON_TYPE = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
-revision: str = "0002_prompt_log_hygiene"
-down_revision: str | Sequence[str] | None = "0001"
+revision: str = "0003_prompt_log_hygiene"
+down_revision: str | Sequence[str] | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
