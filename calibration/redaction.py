@@ -47,9 +47,11 @@ import string
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from calibration.prompts import flatten_messages
 
 REDACTOR_VERSION = "fp4roll-redactor-2"
 MAX_REDACT_CHARS = 64 * 1024  # longer input is truncated before detection (and marked)
@@ -702,9 +704,41 @@ __all__ = [
     "PHONE_REGIONS",
     "PLACEHOLDERS",
     "REDACTOR_VERSION",
+    "RedactedPrompt",
+    "redact_prompt",
     "PiiKind",
     "RedactionResult",
     "find_pii",
     "redact",
     "redact_with_counts",
 ]
+
+
+@dataclass(frozen=True)
+class RedactedPrompt:
+    """A logged prompt redacted: chat messages one by one (``messages``), or its plain ``text``."""
+
+    text: str  # flattened "role: content" blocks for chat, the plain prompt otherwise
+    messages: tuple[dict[str, str], ...] | None
+    counts: dict[str, int]
+
+
+def redact_prompt(
+    messages: Sequence[Mapping[str, Any]] | None, prompt_text: str | None
+) -> RedactedPrompt:
+    """Redact a logged prompt: chat messages one by one (roles kept), or the plain text. The one
+    implementation behind sampling and the store's once-per-prompt redaction."""
+    counts: Counter[str] = Counter()
+
+    def one(text: str) -> str:
+        result = redact_with_counts(text)
+        counts.update(result.counts)
+        return result.text
+
+    if messages is None:
+        return RedactedPrompt(one(prompt_text or ""), None, dict(counts))
+    redacted = tuple(
+        {"role": str(m.get("role", "user")), "content": one(str(m.get("content", "")))}
+        for m in messages
+    )
+    return RedactedPrompt(flatten_messages(redacted), redacted, dict(counts))

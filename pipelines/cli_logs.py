@@ -141,11 +141,11 @@ def import_cmd(
     _print_report(report)
     if redact and report.imported:
         # Redact each new prompt once, now, and keep the result beside it (see store_redactions).
-        from calibration.redaction import REDACTOR_VERSION, redact_with_counts
-        from registry.prompt_logs import store_redactions
+        from calibration.redaction import REDACTOR_VERSION
+        from pipelines.logs import store_redactions
 
         with err_console.status("redacting the new prompts"):
-            done = store_redactions(db, redact=redact_with_counts, version=REDACTOR_VERSION)
+            done = store_redactions(db)
         console.print(f"stored redactions of {done:,} prompts ({REDACTOR_VERSION})")
     raise typer.Exit(report.exit_code)
 

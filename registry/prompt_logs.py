@@ -138,6 +138,13 @@ class LoggedPrompt:
     redacted_messages: tuple[Mapping[str, Any], ...] | None = None
     redaction_counts: Mapping[str, int] | None = None
 
+    @property
+    def content_intact(self) -> bool:
+        """The raw content still hashes to its ``content_digest`` (not edited since the import), so
+        a stored redaction of it still applies."""
+        text = None if self.messages is not None else self.text
+        return content_digest(self.route, self.messages, text) == self.content_digest
+
 
 @dataclass(frozen=True)
 class CalibrationMemberRow:
@@ -711,37 +718,15 @@ def import_sql(
 # --------------------------------------------------------------------------------------------------
 # Stored redactions and purging
 
-RedactFn = Callable[
-    [str], Any
-]  # text -> object with ``.text`` and ``.counts`` (calibration.redaction)
-
-
-def redact_prompt(
-    messages: Sequence[Mapping[str, Any]] | None, prompt_text: str | None, redact: RedactFn
-) -> tuple[str, list[dict[str, str]] | None, dict[str, int]]:
-    """(redacted flattened text, redacted messages or None, counts): chat prompts message by
-    message, as ``calibration.sampling`` does, so the stored result can stand in for it."""
-    counts: dict[str, int] = {}
-
-    def one(text: str) -> str:
-        result = redact(text)
-        for kind, n in result.counts.items():
-            counts[kind] = counts.get(kind, 0) + n
-        return result.text
-
-    if messages is None:
-        return one(prompt_text or ""), None, counts
-    redacted = [
-        {"role": str(m.get("role", "user")), "content": one(str(m.get("content", "")))}
-        for m in messages
-    ]
-    return flatten_prompt(redacted, None), redacted, counts
+#: (messages or None, plain text or None) -> object with ``.text`` (flattened), ``.messages`` (or
+#: None) and ``.counts``: ``calibration.redaction.redact_prompt``, passed in by the pipelines.
+RedactPromptFn = Callable[[Sequence[Mapping[str, Any]] | None, str | None], Any]
 
 
 def store_redactions(
     url: str | URL | None = None,
     *,
-    redact: RedactFn,
+    redact_prompt: RedactPromptFn,
     version: str,
     batch_size: int = 200,
 ) -> int:
@@ -771,14 +756,16 @@ def store_redactions(
             ).all()
         updates = []
         for row_id, messages, prompt_text in rows:
-            text, redacted_messages, counts = redact_prompt(messages, prompt_text, redact)
+            redacted = redact_prompt(messages, prompt_text)
             updates.append(
                 {
                     "row_id": row_id,
                     "redactor_version": version,
-                    "redacted_text": text,
-                    "redacted_messages": redacted_messages,
-                    "redaction_counts": counts,
+                    "redacted_text": redacted.text,
+                    "redacted_messages": None
+                    if redacted.messages is None
+                    else [dict(m) for m in redacted.messages],
+                    "redaction_counts": dict(redacted.counts),
                 }
             )
         if updates:
@@ -1136,7 +1123,6 @@ __all__ = [
     "parse_column_mapping",
     "parse_prompt",
     "purge_prompts",
-    "redact_prompt",
     "save_calibration_set",
     "store_redactions",
     "time_range",

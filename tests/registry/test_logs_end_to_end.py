@@ -136,3 +136,50 @@ def _without_system_message(text: str) -> str:
 def _rows(url: str, stmt) -> list:
     with db.get_engine(url).connect() as conn:
         return list(conn.execute(stmt))
+
+
+def test_sampling_reuses_the_stored_redaction_of_unchanged_prompts(migrated_db_url, tmp_path):
+    """Each prompt is redacted once (at import) and sampling reuses that result; a stale version
+    or a raw text changed since import is redacted again."""
+    from calibration.redaction import REDACTOR_VERSION, RedactedPrompt
+
+    words = [
+        "alpha",
+        "beta",
+        "gamma",
+        "delta",
+        "epsilon",
+        "zeta",
+        "eta",
+        "theta",
+        "iota",
+        "kappa",
+        "lambda",
+        "mu",
+        "nu",
+        "xi",
+    ]
+    lines = [
+        json.dumps(
+            {"prompt": f"question about {words[i]} and {words[-i - 1]} please", "route": "r"}
+        )
+        for i in range(12)
+    ]
+    path = tmp_path / "logs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    store.import_files([path], migrated_db_url)
+
+    def marker(messages, text):  # stands in for the real redactor: its output is recognisable
+        return RedactedPrompt(f"[STORED] {text}", None, {"stored": 1})
+
+    assert store.store_redactions(migrated_db_url, redact_prompt=marker, version=REDACTOR_VERSION)
+    config = SamplingConfig(calibration_size=8, sensitivity_size=0, holdout_size=4)
+    sample = logs.sample(config, FLATTENED, migrated_db_url)
+    assert all(m.text.startswith("[STORED] question") for m in sample.members)
+    assert sample.summary["redactions"] == {"stored": 12}
+
+    stale = "fp4roll-redactor-0"
+    assert store.store_redactions(migrated_db_url, redact_prompt=marker, version=stale) == 12
+    again = logs.sample(config, FLATTENED, migrated_db_url)  # redacted again, and stored
+    assert not any(m.text.startswith("[STORED]") for m in again.members)
+    assert {p.redactor_version for p in store.fetch_window(migrated_db_url)} == {REDACTOR_VERSION}

@@ -216,24 +216,27 @@ def test_redactions_are_stored_once_per_prompt_and_version(migrated_db_url, tmp_
     store.import_files([_jsonl(tmp_path, ["mail bob@example.com", "plain text"])], migrated_db_url)
     calls = []
 
-    class Result:
-        def __init__(self, text):
-            self.text = text.replace("bob@example.com", "[EMAIL]")
-            self.counts = {"email": 1} if "bob@" in text else {}
+    def fake_redact(messages, text):
+        from calibration.redaction import RedactedPrompt
 
-    def fake_redact(text):
-        calls.append(text)
-        return Result(text)
+        calls.append(messages)
+        redacted = tuple(
+            {"role": m["role"], "content": m["content"].replace("bob@example.com", "[EMAIL]")}
+            for m in messages
+        )
+        counts = {"email": 1} if "bob@" in messages[0]["content"] else {}
+        flat = "\n\n".join(f"{m['role']}: {m['content']}" for m in redacted)
+        return RedactedPrompt(flat, redacted, counts)
 
-    assert store.store_redactions(migrated_db_url, redact=fake_redact, version="v1") == 2
-    assert store.store_redactions(migrated_db_url, redact=fake_redact, version="v1") == 0
+    assert store.store_redactions(migrated_db_url, redact_prompt=fake_redact, version="v1") == 2
+    assert store.store_redactions(migrated_db_url, redact_prompt=fake_redact, version="v1") == 0
     assert len(calls) == 2  # once per prompt
     prompts = {p.text: p for p in store.fetch_window(migrated_db_url)}
     mail = prompts["user: mail bob@example.com"]
     assert mail.redacted_text == "user: mail [EMAIL]" and mail.redactor_version == "v1"
     assert mail.redacted_messages == ({"role": "user", "content": "mail [EMAIL]"},)
     assert mail.redaction_counts == {"email": 1}
-    assert store.store_redactions(migrated_db_url, redact=fake_redact, version="v2") == 2
+    assert store.store_redactions(migrated_db_url, redact_prompt=fake_redact, version="v2") == 2
     assert {p.redactor_version for p in store.fetch_window(migrated_db_url)} == {"v2"}
 
 
