@@ -108,7 +108,9 @@ def quantize_nvfp4_torch(
     for start in range(0, out_features, chunk_rows):
         rows = slice(start, start + chunk_rows)
         blocks = (
-            weight[rows].to(torch.float32, copy=True).reshape(-1, blocks_per_row, FP4_BLOCK_SIZE)
+            weight[rows]
+            .to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+            .reshape(-1, blocks_per_row, FP4_BLOCK_SIZE)
         )
         if block_scale is None:
             chunk_scale, scale_eff = block_scales_reference(blocks.abs().amax(dim=-1), gs)
