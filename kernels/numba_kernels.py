@@ -457,12 +457,13 @@ def _search_rows(x, mode, f16_table, gs, fp8_decode, weights, offsets, out, row0
 
     ``weights`` float64 [K] (per-column importance), ``offsets`` int64 [C]: the candidates in
     trial order (``ScaleCandidates.order()``). Same float32/float64 arithmetic and order as
-    ``kernels.reference.search_nvfp4_block_scales_reference``. Returns the number of blocks
-    holding NaN/Inf."""
+    ``kernels.reference.search_nvfp4_block_scales_reference``. The float32 decode of a block
+    and its float64 error are two loops (the first vectorizes; measured 1.5x faster than one
+    fused loop). Returns the number of blocks holding NaN/Inf."""
     k = x.shape[1]
     n_blocks = k // FP4_BLOCK_SIZE
     row = np.empty(k, dtype=np.float32)
-    terms = np.empty(FP4_BLOCK_SIZE, dtype=np.float64)
+    decoded = np.zeros(FP4_BLOCK_SIZE, dtype=np.float32)
     bad = 0
     for r in range(row0, row1):
         _load_row(x, r, mode, f16_table, row)
@@ -487,18 +488,14 @@ def _search_rows(x, mode, f16_table, gs, fp8_decode, weights, offsets, out, row0
                         continue
                 scale_eff = fp8_decode[byte] / gs
                 if scale_eff == _F32_ZERO:
-                    for i in range(FP4_BLOCK_SIZE):
-                        diff = np.float64(row[base + i])
-                        terms[i] = (diff * diff) * weights[base + i]
+                    decoded[:] = _F32_ZERO
                 else:
                     for i in range(FP4_BLOCK_SIZE):
-                        value = row[base + i]
-                        decoded = _e2m1_round(value / scale_eff) * scale_eff
-                        diff = np.float64(value) - np.float64(decoded)
-                        terms[i] = (diff * diff) * weights[base + i]
+                        decoded[i] = _e2m1_round(row[base + i] / scale_eff) * scale_eff
                 error = 0.0
                 for i in range(FP4_BLOCK_SIZE):  # sequential, as the reference
-                    error += terms[i]
+                    diff = np.float64(row[base + i]) - np.float64(decoded[i])
+                    error += (diff * diff) * weights[base + i]
                 if j == 0 or error < best_error:
                     best_error = error
                     best_byte = byte
