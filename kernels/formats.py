@@ -87,14 +87,7 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
 def check_weight_layout(weight: torch.Tensor, name: str = "weight") -> None:
     """:func:`check_weight` without the finiteness check (for kernels that count non-finite
     values in their own pass and then raise :func:`non_finite_error`)."""
-    if not isinstance(weight, torch.Tensor):
-        raise NVFP4Error(f"{name}: expected a torch.Tensor, got {type(weight).__name__}")
-    if not weight.is_floating_point():
-        raise NVFP4Error(f"{name}: expected a floating-point tensor, got {weight.dtype}")
-    if weight.ndim != 2:
-        raise NVFP4ShapeError(
-            f"{name}: expected a 2-D weight [out, in], got shape {tuple(weight.shape)}"
-        )
+    check_matrix_layout(weight, name)
     check_block_dim(weight.shape[-1], name)
 
 
@@ -186,10 +179,11 @@ def as_global_scale(global_scale: torch.Tensor | float, device: torch.device) ->
 
 
 def check_block_scale(
-    block_scale: torch.Tensor, out_features: int, in_features: int, name: str = "weight"
+    block_scale: torch.Tensor, weight: torch.Tensor, name: str = "weight"
 ) -> torch.Tensor:
-    """Validate caller-given NVFP4 block scales for a weight [out, in]; return them as
-    float8_e4m3fn ``[out, in/16]`` (a uint8 tensor is viewed as E4M3 bytes).
+    """Validate caller-given NVFP4 block scales for ``weight`` [out, in]; return them as
+    float8_e4m3fn ``[out, in/16]`` on the weight's device (a uint8 tensor is viewed as E4M3
+    bytes).
 
     Every byte must be a finite, non-negative E4M3 value (0x00..0x7E): no NaN (0x7F/0xFF) and
     no sign bit (vLLM's Marlin path assumes scales >= 0).
@@ -198,6 +192,7 @@ def check_block_scale(
         raise NVFP4Error(f"{name}: block_scale must be a torch.Tensor")
     if block_scale.dtype not in (torch.float8_e4m3fn, torch.uint8):
         raise NVFP4Error(f"{name}: block_scale must be float8_e4m3fn, got {block_scale.dtype}")
+    out_features, in_features = weight.shape
     expected = (out_features, in_features // FP4_BLOCK_SIZE)
     if tuple(block_scale.shape) != expected:
         raise NVFP4ShapeError(
@@ -210,7 +205,7 @@ def check_block_scale(
             f"{name}: block_scale holds {n_bad} negative or NaN FP8 value(s); block scales must "
             "be finite and >= 0"
         )
-    return block_scale.view(torch.float8_e4m3fn)
+    return block_scale.view(torch.float8_e4m3fn).to(weight.device)
 
 
 def check_float_matrix(weight: torch.Tensor, name: str = "weight") -> None:

@@ -816,9 +816,7 @@ _NO_GIVEN_SCALES = np.empty((0, 0), dtype=np.uint8)
 def _given_scales(block_scale: torch.Tensor | None, weight: torch.Tensor, name: str) -> np.ndarray:
     if block_scale is None:
         return _NO_GIVEN_SCALES
-    out_features, in_features = weight.shape
-    block_scale = check_block_scale(block_scale, out_features, in_features, name)
-    return block_scale.view(torch.uint8).contiguous().numpy()
+    return check_block_scale(block_scale, weight, name).view(torch.uint8).contiguous().numpy()
 
 
 @torch.no_grad()

@@ -154,8 +154,7 @@ def quantize_nvfp4_reference(
     check_weight(weight, name)
     out_features, in_features = weight.shape
     if block_scale is not None:
-        block_scale = check_block_scale(block_scale, out_features, in_features, name)
-        block_scale = block_scale.to(weight.device)
+        block_scale = check_block_scale(block_scale, weight, name)
     gs = _resolve_global_scale(weight, global_scale)
     blocks = (
         weight.detach()
@@ -209,13 +208,21 @@ def round_to_nvfp4_grid_reference(values: torch.Tensor, scale_eff: torch.Tensor)
     Bit-identical with ``dequantize_nvfp4(*quantize_nvfp4(w, gs, block_scale=S), float32)``
     where ``scale_eff = S.float() / gs`` (GPTQ rounds one column at a time with it).
     """
+    scaled, scale_eff, zero = grid_inputs(values, scale_eff)
+    scaled = torch.where(zero, torch.zeros_like(scaled), scaled)
+    decoded = E2M1_SIGNED_VALUES.to(scaled.device)[e2m1_codes_reference(scaled).long()]
+    return decoded * scale_eff
+
+
+def grid_inputs(
+    values: torch.Tensor, scale_eff: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 ``(values / scale_eff, scale_eff, scale_eff == 0)`` (dividing by 1 where the
+    scale is 0) for the grid-rounding ops."""
     values = values.to(torch.float32)
     scale_eff = scale_eff.to(device=values.device, dtype=torch.float32)
     zero = scale_eff == 0
-    scaled = values / torch.where(zero, torch.ones_like(scale_eff), scale_eff)
-    scaled = torch.where(zero, torch.zeros_like(scaled), scaled)
-    decoded = E2M1_SIGNED_VALUES.to(values.device)[e2m1_codes_reference(scaled).long()]
-    return decoded * scale_eff
+    return values / torch.where(zero, torch.ones_like(scale_eff), scale_eff), scale_eff, zero
 
 
 def _fp8_values(scale_bytes: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from kernels.reference import (
     fake_quantize_fp8_activation_per_token_reference,
     fake_quantize_fp8_weight_reference,
     fake_quantize_nvfp4_activation_reference,
+    grid_inputs,
     nvfp4_w4a16_matmul_reference,
     quantize_fp8_per_channel_reference,
     search_nvfp4_block_scales_reference,
@@ -95,8 +96,7 @@ def quantize_nvfp4_torch(
     out_features, in_features = weight.shape
     blocks_per_row = in_features // FP4_BLOCK_SIZE
     if block_scale is not None:
-        block_scale = check_block_scale(block_scale, out_features, in_features, name)
-        block_scale = block_scale.to(weight.device)
+        block_scale = check_block_scale(block_scale, weight, name)
     gs = _resolve_global_scale(weight, global_scale)
     boundaries = _BOUNDARIES.to(weight.device)
     code_of_bucket = _CODE_OF_BUCKET.to(weight.device)
@@ -148,11 +148,8 @@ def fake_quantize_nvfp4_weight_torch(
 def round_to_nvfp4_grid_torch(values: torch.Tensor, scale_eff: torch.Tensor) -> torch.Tensor:
     """Same contract and bits as ``round_to_nvfp4_grid_reference`` (one bucketize and one
     gather instead of 7 comparisons and two gathers)."""
-    values = values.to(torch.float32)
-    scale_eff = scale_eff.to(device=values.device, dtype=torch.float32)
-    zero = scale_eff == 0
-    scaled = values / torch.where(zero, torch.ones_like(scale_eff), scale_eff)
-    buckets = torch.bucketize(scaled, _BOUNDARIES.to(values.device), out_int32=True)
-    decoded = _VALUE_OF_BUCKET.to(values.device)[buckets]
+    scaled, scale_eff, zero = grid_inputs(values, scale_eff)
+    buckets = torch.bucketize(scaled, _BOUNDARIES.to(scaled.device), out_int32=True)
+    decoded = _VALUE_OF_BUCKET.to(scaled.device)[buckets]
     # scale_eff == 0: E2M1 * 0 is ±0; the codec gives +0 (codes 0)
     return torch.where(zero, torch.zeros_like(decoded), decoded * scale_eff)

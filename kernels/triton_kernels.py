@@ -396,8 +396,7 @@ def quantize_nvfp4_triton(
     scale = torch.empty(out_features, blocks_per_row, dtype=torch.uint8, device=weight.device)
     given = scale  # not read unless HAS_GIVEN
     if block_scale is not None:
-        checked = check_block_scale(block_scale, out_features, in_features, name)
-        given = checked.view(torch.uint8).to(weight.device)
+        given = check_block_scale(block_scale, weight, name).view(torch.uint8)
     block_b = block_b or DEFAULT_BLOCK_B
     if n_blocks:
         quantize_pack_kernel[_grid_blocks(n_blocks, block_b)](
