@@ -430,3 +430,17 @@ def test_search_input_errors_name_the_tensor(force_backend):
             kernels.search_nvfp4_block_scales(
                 torch.randn(4, 32), importance=-torch.ones(32), name="v_proj"
             )
+
+
+def test_search_and_given_scale_quantize_never_modify_inputs(force_backend):
+    weight = search_weight(torch.bfloat16, (17, 48), seed=51)
+    importance = _importance(48)
+    before = (weight.clone(), importance.clone())
+    for backend in BACKENDS:
+        force_backend(backend)
+        scales = kernels.search_nvfp4_block_scales(weight, importance=importance)
+        scale_copy = scales.clone()
+        kernels.quantize_nvfp4(weight, block_scale=scales)
+        kernels.fake_quantize_nvfp4_weight(weight, block_scale=scales)
+        assert torch.equal(_bytes(scales), _bytes(scale_copy)), backend
+    assert torch.equal(_bits(weight), _bits(before[0])) and torch.equal(importance, before[1])
