@@ -7,6 +7,14 @@ FP8 E4M3 encode with integer ops (RNE, subnormals), ``scale_eff = fp32(fp8) / gs
 ``x / scale_eff`` and E2M1 rounding by comparisons. Outputs are written straight into torch-owned
 buffers (numpy views); fp32 -> bf16/fp16 stores round to nearest even with integer ops, as torch.
 
+Given block scales (``block_scale=``) replace the amax scales of each row before encoding. The
+block-scale search evaluates each candidate of a block like quantize + dequantize in float32,
+then its float64 error sequentially over k = 0..15 (``fastmath=False``: LLVM neither
+reassociates nor contracts it into FMAs), as ``kernels.reference`` defines it. The FP8 ops: the
+weight in float32 (``x / scale + 0``, clamp, E4M3 RNE by integer ops); the per-token activation
+rounds every intermediate to x's dtype (bf16/fp16 RNE by integer ops), as torch computes
+compressed-tensors' steps in that dtype.
+
 Blocks holding NaN/Inf are flagged in the same pass, so ``quantize`` needs no separate
 ``isfinite`` pass (a second read-only pass computes the tensor amax when no global scale is given).
 Activation blocks holding NaN decode to NaN as in the reference; NaN payload bits are not matched.

@@ -6,6 +6,10 @@ float32 division uses ``tl.div_rn`` (IEEE round-to-nearest; plain ``/`` is appro
 
 Each program handles ``BLOCK_B`` quantization blocks of 16 elements, loaded as the 8 even and the
 8 odd elements of each block (the two nibbles of one output byte), so no interleaving is needed.
+Quantize+pack optionally encodes under given block scales (``HAS_GIVEN``). The block-scale search
+holds a [blocks, candidates] tile, accumulates the float64 error over k = 0..15 in order and is
+launched with ``enable_fp_fusion=False`` (no FMA contraction, so the GPU rounds like the
+reference); the first minimum in trial order is found with exact min/compare reductions.
 Importing this module raises ImportError when Triton is missing; ``kernels.dispatch`` imports it
 lazily.
 """
