@@ -1057,3 +1057,7 @@ def warm_up() -> None:
                 packed = quantize_nvfp4_numba(weight)
                 dequantize_nvfp4_numba(*packed, dtype=dtype)
                 fake_quantize_nvfp4_weight_numba(weight)
+                scales = search_nvfp4_block_scales_numba(weight[: max(1, rows // 16)])
+                quantize_nvfp4_numba(weight[: scales.shape[0]], block_scale=scales)
+                fake_quantize_fp8_weight_numba(weight)
+                fake_quantize_fp8_activation_per_token_numba(weight)
