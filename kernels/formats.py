@@ -284,8 +284,8 @@ class ScaleCandidates:
 #: SmolLM2-135M's 210 Linear weights (fused groups sharing a global scale; importance = E[x^2]
 #: over 32 chat prompts), mean over layers of the change in input-weighted squared error vs
 #: round-to-nearest: [-8, +8] -22.8 % (unweighted objective) / -49.1 % (importance-weighted);
-#: [-16, +16] -22.8 / -49.2 % at ~1.5x the time; [-4, +8] -22.8 / -48.1 %; above only
-#: [0, +8] (the range llm-compressor's ``nvfp4_expanded_mse`` searches) -19.7 / -41.8 %;
+#: [-16, +16] -22.8 / -49.2 % at ~1.5x the time; [-3, +7] (about the 0.8x..1.8x range of
+#: llm-compressor's ``nvfp4_expanded_mse``) -22.8 / -47.6 %; above only [0, +8] -19.7 / -41.8 %;
 #: Four Over Six -12.4 / -25.0 %. Headroom 1.25..1.75 moves any of them by < 0.5 point.
 DEFAULT_SCALE_CANDIDATES = ScaleCandidates()
 
