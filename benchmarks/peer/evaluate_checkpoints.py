@@ -10,7 +10,8 @@ and scored against the unquantized model on the held-out texts (one ``{"text": .
 KL(P_base ‖ P_quant), top-1 agreement and the perplexity ratio over every real token. Both models run
 in float32 (the dequantized weights are exact there). A checkpoint the loader refuses is reported with
 the loader's message, and the others are still scored. ``peer_run.json`` beside a checkpoint (written by
-``llmcompressor_oneshot.py``) adds its recipe, wall time and peak RSS to the table.
+``llmcompressor_oneshot.py``) adds its recipe, wall time and peak RSS to the table. MB = tensor bytes as
+served (:func:`served_bytes`: unquantized tensors counted in bf16).
 """
 
 from __future__ import annotations
@@ -42,10 +43,52 @@ def checkpoint_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
+#: Tensors whose stored dtype is what is served (packed codes, FP8 block scales, FP32 global scales).
+_SERVED_AS_STORED = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
+
+
+def served_bytes(path: Path) -> int:
+    """Tensor bytes as served: NVFP4 tensors as stored, every other floating tensor in bf16 (a
+    checkpoint written from an fp32 model would otherwise count its embeddings and norms twice)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                piece = fh.get_slice(name)
+                dtype = piece.get_dtype()  # safetensors names: F32, BF16, F8_E4M3, U8, ...
+                numel = 1
+                for dim in piece.get_shape():
+                    numel *= dim
+                if name.endswith(_SERVED_AS_STORED) or dtype not in ("F32", "F16", "BF16"):
+                    total += numel * _DTYPE_BYTES[dtype]
+                else:
+                    total += numel * 2
+    return total
+
+
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "U8": 1,
+    "I8": 1,
+    "I64": 8,
+    "I32": 4,
+}
+
+
 def evaluate_checkpoint(path: Path, baseline: Baseline) -> dict[str, Any]:
     """Load ``path`` with fp4roll's loader and score it against ``baseline``; never raises for a
     checkpoint the loader refuses (the row then carries ``error``)."""
     row: dict[str, Any] = {"checkpoint": str(path), "bytes": checkpoint_bytes(path)}
+    if not path.is_dir():
+        row["error"] = "no such checkpoint folder"
+        return row
+    row["served_bytes"] = served_bytes(path)
     peer = path / "peer_run.json"
     if peer.is_file():
         run = json.loads(peer.read_text())
@@ -113,7 +156,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{name:<28} {row['scheme']:<9} {_num(row, 'mean_kl', '8.4f')} {_num(row, 'p99_kl', '7.3f')} "
             f"{_num(row, 'top1_agreement', '6.3f')} {_num(row, 'perplexity_ratio', '6.3f')} "
-            f"{row['bytes'] / 1e6:6.1f} {_num(row, 'wall_seconds', '7.1f')} {_num(row, 'peak_rss_mb', '7.0f')}"
+            f"{row['served_bytes'] / 1e6:6.1f} {_num(row, 'wall_seconds', '7.1f')} {_num(row, 'peak_rss_mb', '7.0f')}"
         )
     return "\n".join(lines)
 
@@ -127,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--logprob-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--json", type=Path, help="write the rows here too")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        help="seconds to wait for each checkpoint folder to appear (a oneshot run still writing "
+        "it; its folder appears atomically when complete)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -148,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = []
     for path in args.checkpoints:
+        deadline = time.monotonic() + args.wait
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(min(30.0, args.wait))
         row = evaluate_checkpoint(path, baseline)
         logger.info("%s", json.dumps(row))
         rows.append(row)

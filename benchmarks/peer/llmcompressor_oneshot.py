@@ -91,6 +91,11 @@ def versions() -> dict[str, str]:
     return out
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -173,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": args.dtype,
             "wall_seconds": round(finished - started, 2),
             "oneshot_seconds": round(calibrated - loaded, 2),
+            "save_seconds": round(finished - calibrated, 2),  # compressed-tensors packing
+            "cpu_seconds": round(cpu_seconds(), 1),  # user + system (the machine may be shared)
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "torch_threads": torch.get_num_threads(),
             "versions": versions(),
