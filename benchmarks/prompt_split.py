@@ -3,16 +3,18 @@
     python benchmarks/prompt_split.py --model DIR --out DIR [--logs FILE] [--calibration 128]
         [--holdout 64] [--seed 0]
 
-Writes ``calibration.jsonl`` and ``holdout.jsonl`` (one ``{"text": ..., "route": ...}`` per line, the
-text ready to tokenize) and ``split.json`` (sizes, digests, token lengths under the model's tokenizer).
-Every quality benchmark (fp4roll's candidates and the llm-compressor peer) reads the same two files, so
-both sides calibrate and are judged on identical prompts.
+Writes ``calibration.jsonl`` and ``holdout.jsonl`` (one ``{"text": ..., "templated": ..., "route": ...}``
+per line: the rendered text, and whether it came out of the chat template, which decides whether the
+tokenizer adds special tokens, ``calibration.prompts.encode_prompt``) and ``split.json`` (sizes, digests,
+token lengths under the model's tokenizer). Every quality benchmark (fp4roll's candidates and the
+llm-compressor peer) reads the same two files, so both sides calibrate and are judged on identical
+prompts.
 
 The selection is the project's own sampler (``calibration.sampling.sample_calibration_set``: redaction,
 exact and near-duplicate removal, stratification by route and length, disjoint hold-out, seeded
-SHA-256 ranking), fed straight from the log file instead of the store. Chat requests are rendered with
-the tokenizer's chat template and the generation prompt (``calibration.evaluate.render_prompt``), each
-message redacted first; plain ``prompt`` entries stay as they are (redacted). A line that cannot be
+SHA-256 ranking) with the project's one prompt renderer (``calibration.prompts.PromptRenderer``: chat
+requests through the tokenizer's chat template with the generation prompt, plain prompts as they are),
+fed straight from the log file instead of the store. No sensitivity slice is drawn. A line that cannot be
 parsed is reported with file:line and skipped; it never stops the split.
 """
 
@@ -25,18 +27,18 @@ import json
 import logging
 import os
 import sys
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from calibration.atomic import write_json, write_text
+from calibration.config import SamplingConfig
 from calibration.data import SAMPLE_PROMPT_LOGS
-from calibration.evaluate import render_prompt
-from calibration.redaction import redact
-from calibration.sampling import PromptRecord, SamplingConfig, sample_calibration_set
+from calibration.prompts import PromptRenderer, RenderedPrompt, encode_prompt
+from calibration.sampling import PromptRecord, SampledPrompt, sample_calibration_set
 from registry.prompt_logs import PromptShapeError, flatten_prompt, parse_prompt
 
 logger = logging.getLogger(__name__)
@@ -46,21 +48,17 @@ HOLDOUT_FILE = "holdout.jsonl"
 SPLIT_FILE = "split.json"
 #: Sequence lengths whose truncation counts ``split.json`` reports.
 REPORTED_LENGTHS = (128, 256, 512, 768, 1024, 2048)
-
-
-@dataclass(frozen=True)
-class RenderedPrompt:
-    route: str
-    text: str  # redacted, rendered (chat template + generation prompt for chat requests)
+#: No prompt of the shipped logs is this long in SmolLM2 tokens (max 1441): lengths are measured whole.
+_LENGTH_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)
 class PromptSplit:
-    """Calibration and held-out prompts (disjoint), in the sampler's order."""
+    """Calibration and held-out prompts (disjoint, redacted, rendered), in the sampler's order."""
 
-    calibration: tuple[RenderedPrompt, ...]
-    holdout: tuple[RenderedPrompt, ...]
-    sample_digest: str  # the sampler's digest over the (redacted, flattened) members
+    calibration: tuple[SampledPrompt, ...]
+    holdout: tuple[SampledPrompt, ...]
+    sample_digest: str  # the sampler's digest over the members
     seed: int
     source: str
     bad_lines: tuple[str, ...] = ()
@@ -96,14 +94,6 @@ def read_prompt_records(path: str | os.PathLike) -> tuple[list[PromptRecord], li
     return records, bad
 
 
-def _render(tokenizer: Any, record: PromptRecord, redacted_text: str) -> str:
-    if not record.messages:
-        return redacted_text  # a plain prompt: as it is (the sampler already redacted it)
-    messages = [{"role": m["role"], "content": redact(str(m["content"]))} for m in record.messages]
-    text, _ = render_prompt(tokenizer, messages)
-    return text
-
-
 def build_prompt_split(
     tokenizer: Any,
     logs: str | os.PathLike = SAMPLE_PROMPT_LOGS,
@@ -117,20 +107,13 @@ def build_prompt_split(
     records, bad = read_prompt_records(logs)
     if bad:
         logger.warning("%d line(s) of %s skipped, e.g. %s", len(bad), logs, bad[0])
-    sample = sample_calibration_set(
-        records, SamplingConfig(size=calibration_size, holdout_size=holdout_size, seed=seed)
+    config = SamplingConfig(
+        calibration_size=calibration_size, sensitivity_size=0, holdout_size=holdout_size, seed=seed
     )
-    by_id = {r.id: r for r in records}
-
-    def rendered(members) -> tuple[RenderedPrompt, ...]:
-        return tuple(
-            RenderedPrompt(route=m.route, text=_render(tokenizer, by_id[m.prompt_id], m.text))
-            for m in members
-        )
-
+    sample = sample_calibration_set(records, config, render=PromptRenderer(tokenizer))
     return PromptSplit(
-        calibration=rendered(sample.calibration),
-        holdout=rendered(sample.holdout),
+        calibration=sample.calibration,
+        holdout=sample.holdout,
         sample_digest=sample.digest,
         seed=seed,
         source=Path(logs).name,
@@ -139,9 +122,9 @@ def build_prompt_split(
     )
 
 
-def token_lengths(tokenizer: Any, texts: Sequence[str]) -> list[int]:
-    """Token count of each text as the project tokenizes it (``calibration.observers``)."""
-    return [len(tokenizer(t)["input_ids"]) for t in texts]
+def token_lengths(tokenizer: Any, prompts: Sequence[RenderedPrompt]) -> list[int]:
+    """Token count of each prompt as the project encodes it (``calibration.prompts.encode_prompt``)."""
+    return [len(encode_prompt(tokenizer, p, _LENGTH_LIMIT).input_ids) for p in prompts]
 
 
 def length_report(lengths: Sequence[int]) -> dict[str, Any]:
@@ -164,20 +147,6 @@ def _digest(texts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, lines: Iterator[str]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for line in lines:
-                fh.write(line + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_prompt_split(
     split: PromptSplit, out_dir: str | os.PathLike, tokenizer: Any = None
 ) -> dict[str, Any]:
@@ -192,24 +161,37 @@ def write_prompt_split(
         "bad_lines": len(split.bad_lines),
         "sampler": {k: split.summary[k] for k in ("input_prompts", "unique_prompts")},
     }
-    for name, prompts in ((CALIBRATION_FILE, split.calibration), (HOLDOUT_FILE, split.holdout)):
-        texts = [p.text for p in prompts]
-        _write_atomic(
-            out / name,
-            (json.dumps({"text": p.text, "route": p.route}, ensure_ascii=False) for p in prompts),
+    for name, members in ((CALIBRATION_FILE, split.calibration), (HOLDOUT_FILE, split.holdout)):
+        prompts = [m.rendered for m in members]
+        lines = (
+            json.dumps(
+                {"text": m.rendered.text, "templated": m.rendered.templated, "route": m.route},
+                ensure_ascii=False,
+            )
+            for m in members
         )
-        entry: dict[str, Any] = {"count": len(texts), "text_digest": _digest(texts)}
+        write_text(out / name, "".join(line + "\n" for line in lines))
+        entry: dict[str, Any] = {
+            "count": len(prompts),
+            "templated": sum(p.templated for p in prompts),
+            "text_digest": _digest([p.text for p in prompts]),
+        }
         if tokenizer is not None:
-            entry["token_lengths"] = length_report(token_lengths(tokenizer, texts))
+            entry["token_lengths"] = length_report(token_lengths(tokenizer, prompts))
         meta[name.removesuffix(".jsonl")] = entry
-    _write_atomic(out / SPLIT_FILE, iter([json.dumps(meta, indent=2, sort_keys=True)]))
+    write_json(out / SPLIT_FILE, meta)
     return meta
 
 
-def read_texts(path: str | os.PathLike) -> list[str]:
-    """The ``text`` of every line of a split file."""
+def read_prompts(path: str | os.PathLike) -> list[RenderedPrompt]:
+    """The rendered prompts of a split file (``templated`` defaults to false: a plain prompt)."""
+    prompts = []
     with open(path, encoding="utf-8") as fh:
-        return [json.loads(line)["text"] for line in fh if line.strip()]
+        for line in fh:
+            if line.strip():
+                obj = json.loads(line)
+                prompts.append(RenderedPrompt(obj["text"], bool(obj.get("templated", False))))
+    return prompts
 
 
 def main(argv: Sequence[str] | None = None) -> int:

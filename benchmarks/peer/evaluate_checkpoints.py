@@ -4,7 +4,7 @@
         [--max-seq-len 2048] [--json OUT.json] CKPT [CKPT ...]
 
 One evaluator for every candidate: each checkpoint is read by ``calibration.checkpoint.
-load_nvfp4_checkpoint`` (W4A4 with its activation fake-quant on, under the stored input global scales)
+load_checkpoint`` (W4A4 with its activation fake-quant on, under the stored input global scales)
 and scored against the unquantized model on the held-out texts (one ``{"text": ...}`` per line, e.g.
 ``benchmarks/prompt_split.py``'s ``holdout.jsonl``) with the KL sweep's scorer: mean and p99 token
 KL(P_base ‖ P_quant), top-1 agreement and the perplexity ratio over every real token. Both models run
@@ -28,13 +28,14 @@ from typing import Any
 
 import torch
 
-from calibration.checkpoint import ACTIVATION_HOOKS_ATTR, NVFP4Scheme, load_nvfp4_checkpoint
+from calibration.checkpoint import ACTIVATION_HOOKS_ATTR, load_checkpoint
 from calibration.models import load_causal_lm, load_tokenizer
 from calibration.observers import tokenize_batches
-from calibration.sensitivity import Baseline, compute_baseline, score_quantized
+from calibration.precision import Tier
+from calibration.sensitivity import Baseline, compute_baseline, score_emulation
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prompt_split import read_texts  # noqa: E402  (benchmarks/ is not a package)
+from prompt_split import read_prompts  # noqa: E402  (benchmarks/ is not a package)
 
 logger = logging.getLogger(__name__)
 
@@ -100,29 +101,33 @@ def evaluate_checkpoint(path: Path, baseline: Baseline) -> dict[str, Any]:
         )
     started = time.perf_counter()
     try:
-        model, _, info = load_nvfp4_checkpoint(path, dtype=torch.float32)
+        model, _, info = load_checkpoint(path, dtype=torch.float32)
     except Exception as exc:  # report what the loader refused, keep scoring the others
         row["error"] = f"{type(exc).__name__}: {exc}"
         return row
     hooks = len(getattr(model, ACTIVATION_HOOKS_ATTR, []))
+    tiers = sorted({t.value for t in info.tiers.values()})
     row.update(
-        scheme=info.scheme.value,
+        scheme="+".join(tiers),
         quantized_layers=len(info.quantized_layers),
         ignored_layers=list(info.ignored_layers),
         activation_hooks=hooks,
         input_global_scales=len(info.input_global_scales),
         weight_global_scale_range=[
-            min(info.weight_global_scales.values()),
-            max(info.weight_global_scales.values()),
+            min(info.weight_global_scales.values(), default=None),
+            max(info.weight_global_scales.values(), default=None),
         ],
     )
-    if info.scheme is NVFP4Scheme.W4A4 and hooks != len(info.quantized_layers):
+    quantizing = [n for n, t in info.tiers.items() if t.quantizes_activations]
+    w4a4 = [n for n, t in info.tiers.items() if t is Tier.NVFP4]
+    if hooks != len(quantizing) or len(info.input_global_scales) != len(w4a4):
         row["error"] = (
-            f"W4A4 but only {hooks} of {len(info.quantized_layers)} inputs fake-quantized"
+            f"{len(quantizing)} layers quantize their inputs ({len(w4a4)} W4A4), but {hooks} input "
+            f"fake-quant hooks and {len(info.input_global_scales)} input global scales"
         )
         return row
-    # the loaded model already emulates NVFP4 (and W4A4 inputs): score it as it is
-    score = score_quantized(model, baseline, [], None, NVFP4Scheme.W4A16, use_block_cache=False)
+    # the loaded model already computes as the checkpoint serves: score it as it is
+    score = score_emulation(model, baseline, [], use_block_cache=False)
     row.update(
         mean_kl=score.mean_kl,
         p99_kl=score.p99_kl,
@@ -180,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    texts = read_texts(args.holdout)
+    prompts = read_prompts(args.holdout)
     tokenizer = load_tokenizer(args.base)
     batches = tokenize_batches(
-        tokenizer, texts, max_length=args.max_seq_len, batch_size=args.batch_size
+        tokenizer, prompts, max_length=args.max_seq_len, batch_size=args.batch_size
     )
     base = load_causal_lm(args.base, dtype="float32").model
     baseline = compute_baseline(

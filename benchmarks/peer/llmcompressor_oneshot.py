@@ -7,9 +7,9 @@ Runs INSIDE the venv made by ``setup_llmcompressor_venv.sh`` and imports nothing
         --recipe gptq-nvfp4a16-mse --max-seq-len 2048 --out DIR
 
 ``--prompts``: one ``{"text": ...}`` per line, already rendered (chat template applied), e.g. the
-``calibration.jsonl`` of ``benchmarks/prompt_split.py``. Each text is tokenized as fp4roll tokenizes
-calibration text (``tokenizer(text, truncation=True, max_length=N)``), one prompt per sample, no
-padding. Writes the compressed checkpoint (``save_pretrained(save_compressed=True)``) and
+``calibration.jsonl`` of ``benchmarks/prompt_split.py``. Each text is tokenized as fp4roll encodes a
+rendered prompt (``calibration.prompts.encode_prompt``: special tokens added only when the line's
+``templated`` is false, cut at ``--max-seq-len``), one prompt per sample, no padding. Writes the compressed checkpoint (``save_pretrained(save_compressed=True)``) and
 ``peer_run.json`` (recipe, wall seconds, peak RSS, versions, token counts) into ``--out``, atomically.
 
 Recipes (``lm_head`` always ignored; everything else is llm-compressor's default):
@@ -63,19 +63,21 @@ def build_recipe(name: str):
     return cls(**kwargs)
 
 
-def read_prompts(path: Path) -> list[str]:
+def read_prompts(path: Path) -> list[tuple[str, bool]]:
+    """(text, templated) of every line."""
     texts = []
     with open(path, encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                obj = json.loads(line)
+                text, templated = obj["text"], bool(obj.get("templated", False))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
                 raise SystemExit(f"{path}:{line_no}: not a {{'text': ...}} line ({exc})") from None
             if not isinstance(text, str) or not text:
                 raise SystemExit(f"{path}:{line_no}: 'text' must be a non-empty string")
-            texts.append(text)
+            texts.append((text, templated))
     if not texts:
         raise SystemExit(f"{path}: no prompts")
     return texts
@@ -131,17 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     model.eval()
 
-    encoded = [tokenizer(t, truncation=True, max_length=args.max_seq_len) for t in texts]
-    lengths = [len(e["input_ids"]) for e in encoded]
-    truncated = sum(len(tokenizer(t)["input_ids"]) > args.max_seq_len for t in texts)
+    full = [tokenizer(t, add_special_tokens=not templated)["input_ids"] for t, templated in texts]
+    encoded = [ids[: args.max_seq_len] for ids in full]
+    lengths = [len(ids) for ids in encoded]
+    truncated = sum(len(ids) > args.max_seq_len for ids in full)
     recipe = build_recipe(args.recipe)
     needs_data = RECIPES[args.recipe][0] == "GPTQModifier" or RECIPES[args.recipe][1] == "NVFP4"
     loaded = time.perf_counter()
     if needs_data:
         dataset = Dataset.from_dict(
             {
-                "input_ids": [e["input_ids"] for e in encoded],
-                "attention_mask": [e["attention_mask"] for e in encoded],
+                "input_ids": encoded,
+                "attention_mask": [[1] * len(ids) for ids in encoded],
             }
         )
         oneshot(

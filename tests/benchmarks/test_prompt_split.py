@@ -13,7 +13,7 @@ from benchmarks.prompt_split import (
     HOLDOUT_FILE,
     SPLIT_FILE,
     build_prompt_split,
-    read_texts,
+    read_prompts,
     write_prompt_split,
 )
 
@@ -58,8 +58,8 @@ class TemplateTokenizer:
         body = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
         return body + ("<assistant>" if add_generation_prompt else "")
 
-    def __call__(self, text, truncation=False, max_length=None):
-        return {"input_ids": list(range(len(text.split())))}
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [0] * add_special_tokens + list(range(len(text.split())))}
 
 
 def _prompt_text(i: int) -> str:
@@ -101,17 +101,19 @@ def test_split_is_disjoint_deterministic_and_rendered(logs):
     other_seed = build_prompt_split(tok, logs, calibration_size=12, holdout_size=6, seed=4)
 
     assert len(split.calibration) == 12 and len(split.holdout) == 6
-    calib = {p.text for p in split.calibration}
-    hold = {p.text for p in split.holdout}
+    calib = {p.rendered.text for p in split.calibration}
+    hold = {p.rendered.text for p in split.holdout}
     assert len(calib) == 12 and len(hold) == 6 and not calib & hold
     assert split == again
-    assert [p.text for p in other_seed.calibration] != [p.text for p in split.calibration]
+    assert [p.prompt_id for p in other_seed.calibration] != [p.prompt_id for p in split.calibration]
     assert len(split.bad_lines) == 1 and split.bad_lines[0].startswith("logs.jsonl.gz:8: ")
 
-    texts = [p.text for p in split.calibration + split.holdout]
-    chat = [t for t in texts if t.startswith("<system>")]
-    plain = [t for t in texts if not t.startswith("<")]
+    rendered = [p.rendered for p in split.calibration + split.holdout]
+    texts = [r.text for r in rendered]
+    chat = [r.text for r in rendered if r.templated]
+    plain = [r.text for r in rendered if not r.templated]
     assert chat and plain and len(chat) + len(plain) == len(texts)
+    assert all(t.startswith("<system>") for t in chat) and not any(t.startswith("<") for t in plain)
     assert all(t.endswith("<assistant>") and "<user>" in t for t in chat)
     assert all("user:" not in t and "system:" not in t for t in texts)  # never flattened
     assert not any("jane.doe@example.com" in t for t in texts)
@@ -123,10 +125,11 @@ def test_write_and_read_back(logs, tmp_path):
     meta = write_prompt_split(split, tmp_path / "out", tok)
 
     out = tmp_path / "out"
-    assert read_texts(out / CALIBRATION_FILE) == [p.text for p in split.calibration]
-    assert read_texts(out / HOLDOUT_FILE) == [p.text for p in split.holdout]
+    assert read_prompts(out / CALIBRATION_FILE) == [p.rendered for p in split.calibration]
+    assert read_prompts(out / HOLDOUT_FILE) == [p.rendered for p in split.holdout]
     assert json.loads((out / SPLIT_FILE).read_text()) == meta
-    lengths = [len(p.text.split()) for p in split.calibration]
+    # templated text gets no special token added, plain text one (the fake tokenizer's 0)
+    lengths = [len(p.rendered.text.split()) + (not p.rendered.templated) for p in split.calibration]
     report = meta["calibration"]["token_lengths"]
     assert report["max"] == max(lengths) and report["tokens"] == sum(lengths)
     assert report["truncated_at"]["128"] == sum(n > 128 for n in lengths)
