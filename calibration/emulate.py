@@ -33,9 +33,12 @@ from torch import nn
 from calibration.groups import LinearGroup, TargetSelection
 from calibration.precision import Tier
 from kernels import (
+    dequantize_fp8,
     dequantize_nvfp4,
+    fake_quantize_fp8_activation_per_token,
     fake_quantize_nvfp4_activation,
     global_scale_from_amax,
+    quantize_fp8_per_channel,
     quantize_nvfp4,
 )
 
@@ -69,8 +72,6 @@ class QuantizedLinear:
                 t[WEIGHT_PACKED], t[WEIGHT_SCALE], t[WEIGHT_GLOBAL_SCALE], dtype=dtype
             )
         if self.tier is Tier.FP8:
-            from kernels import dequantize_fp8
-
             return dequantize_fp8(t[WEIGHT], t[WEIGHT_SCALE], dtype=dtype)
         return t[WEIGHT].to(dtype)
 
@@ -166,10 +167,8 @@ def quantize_group(
                 tensors[INPUT_GLOBAL_SCALE] = igs.clone()
             members.append(QuantizedLinear(member, tier, _cpu(tensors)))
     elif tier is Tier.FP8:
-        from kernels import quantize_fp8_per_channel
-
         for member in group.members:
-            weight_fp8, scale = quantize_fp8_per_channel(source[member])
+            weight_fp8, scale = quantize_fp8_per_channel(source[member], name=member)
             members.append(
                 QuantizedLinear(member, tier, _cpu({WEIGHT: weight_fp8, WEIGHT_SCALE: scale}))
             )
@@ -213,8 +212,6 @@ def input_quantizer(
         scale = input_global_scale.reshape(1).to(torch.float32)
         return lambda x: fake_quantize_nvfp4_activation(x, scale.to(x.device))
     if tier is Tier.FP8:
-        from kernels import fake_quantize_fp8_activation_per_token
-
         return fake_quantize_fp8_activation_per_token
     return None
 
