@@ -28,6 +28,7 @@ experts of one MoE layer with one compressed-tensors scheme
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import re
@@ -78,12 +79,12 @@ class MoeLayer:
     ]  # checkpoint module name -> slot, by expert, gate_up before down
     routers: tuple[str, ...]  # checkpoint names of the routers beside it (never quantized)
 
-    def members(self, expert: int, param: str) -> tuple[str, ...]:
-        """Checkpoint names of ``param`` of ``expert``, in row order (gate before up)."""
-        found = [
-            (s.start, m) for m, s in self.slots.items() if (s.expert, s.param) == (expert, param)
-        ]
-        return tuple(m for _, m in sorted(found))
+    def members(self) -> dict[tuple[int, str], tuple[str, ...]]:
+        """``(expert, param)`` -> its checkpoint names in row order (gate before up)."""
+        out: dict[tuple[int, str], list[tuple[int, str]]] = {}
+        for member, slot in self.slots.items():
+            out.setdefault((slot.expert, slot.param), []).append((slot.start, member))
+        return {key: tuple(m for _, m in sorted(found)) for key, found in out.items()}
 
 
 @dataclass(frozen=True)
@@ -142,39 +143,58 @@ def _revert(model: nn.Module, probes: dict[str, torch.Tensor]) -> dict[str, torc
     return revert_weight_conversion(model, probes)
 
 
-def _expert_slots(model: nn.Module, name: str, gate_up: torch.Tensor, down: torch.Tensor):
-    """Per-expert checkpoint names of one fused experts module: probe each fused parameter with its
-    flat row index (``[E, R, 1]``), revert, and read back which rows every output tensor holds."""
-    experts, rows_gu, rows_down = gate_up.shape[0], gate_up.shape[1], down.shape[1]
-    offset = experts * rows_gu
-    probes = {
-        f"{name}.{GATE_UP}": torch.arange(offset, dtype=torch.float64).view(experts, rows_gu, 1),
-        f"{name}.{DOWN}": (offset + torch.arange(experts * rows_down, dtype=torch.float64)).view(
-            experts, rows_down, 1
-        ),
-    }
-    slots: list[tuple[tuple[int, int, int], str, ExpertSlot]] = []
-    covered = 0
-    for key, probe in _revert(model, probes).items():
-        index = probe.reshape(-1).to(torch.long)
-        first = int(index[0])
-        param, base, rows = (GATE_UP, 0, rows_gu) if first < offset else (DOWN, offset, rows_down)
-        expert, start = divmod(first - base, rows)
-        contiguous = torch.equal(index, torch.arange(first, first + index.numel()))
-        if (
-            not key.endswith(_WEIGHT)
-            or probe.dim() != 2
-            or probe.shape[1] != 1
-            or not contiguous
-            or start + index.numel() > rows
-        ):
-            return None, f"transformers saves it as {key!r} {tuple(probe.shape)}, not per expert"
-        slot = ExpertSlot(name, param, expert, start, start + index.numel())
-        slots.append(((expert, param != GATE_UP, start), key[: -len(_WEIGHT)], slot))
-        covered += index.numel()
-    if covered != experts * (rows_gu + rows_down):
-        return None, "transformers' conversion does not cover every expert row"
-    return {member: slot for _, member, slot in sorted(slots)}, None
+#: Probe values per ``revert_weight_conversion`` call (float64: 32 MB); each call costs ~0.1 s of setup.
+_PROBE_BATCH = 1 << 22
+
+
+def _probe_experts(
+    model: nn.Module, fused: Mapping[str, tuple[int, int, int]]
+) -> dict[str, dict[str, ExpertSlot] | str]:
+    """Per-expert checkpoint names of fused experts modules (name -> ``(experts, gate_up rows, down
+    rows)``): probe every fused parameter with its flat row index (``[E, R, 1]``), revert, and read back
+    which rows each output tensor holds. Per module: member -> slot in expert order, or why
+    transformers does not save it per expert."""
+    regions: list[tuple[int, str, str, int]] = []  # (first value, module, param, rows), ascending
+    batches: list[dict[str, torch.Tensor]] = [{}]
+    total = 0
+    for name, (experts, rows_gu, rows_down) in fused.items():
+        if batches[-1] and total + experts * (rows_gu + rows_down) > _PROBE_BATCH * len(batches):
+            batches.append({})
+        for param, rows in ((GATE_UP, rows_gu), (DOWN, rows_down)):
+            values = total + torch.arange(experts * rows, dtype=torch.float64)
+            batches[-1][f"{name}.{param}"] = values.view(experts, rows, 1)
+            regions.append((total, name, param, rows))
+            total += experts * rows
+    firsts = [r[0] for r in regions]
+    base_of = {name: first for first, name, _, _ in reversed(regions)}
+    pieces: dict[str, list[tuple[int, torch.Tensor, str, ExpertSlot]]] = {n: [] for n in fused}
+    failed: dict[str, str] = {}
+    for batch in batches:
+        for key, probe in _revert(model, batch).items():
+            values = probe.reshape(-1)
+            first = int(values[0].item())
+            base, name, param, rows = regions[bisect.bisect_right(firsts, first) - 1]
+            if not key.endswith(_WEIGHT) or probe.dim() != 2 or probe.shape[1] != 1:
+                failed.setdefault(name, f"transformers saves {key!r} {tuple(probe.shape)}")
+                continue
+            expert, start = divmod(first - base, rows)
+            slot = ExpertSlot(name, param, expert, start, start + values.numel())
+            pieces[name].append((first, values, key[: -len(_WEIGHT)], slot))
+    out: dict[str, dict[str, ExpertSlot] | str] = {}
+    for name, (experts, rows_gu, rows_down) in fused.items():
+        items = sorted(pieces[name], key=lambda item: item[0])
+        # every output one run of consecutive rows within one expert, together each row once
+        expected = base_of[name] + torch.arange(
+            experts * (rows_gu + rows_down), dtype=torch.float64
+        )
+        tiled = bool(items) and torch.equal(torch.cat([i[1] for i in items]), expected)
+        inside = all(s.stop <= (rows_gu if s.param == GATE_UP else rows_down) for *_, s in items)
+        if name in failed or not (tiled and inside):
+            out[name] = failed.get(name, "transformers' conversion does not split it per expert")
+            continue
+        ordered = sorted(items, key=lambda i: (i[3].expert, i[3].param != GATE_UP, i[3].start))
+        out[name] = {member: slot for _, _, member, slot in ordered}
+    return out
 
 
 def _router_names(
@@ -232,16 +252,20 @@ def checkpoint_layout(model: nn.Module) -> CheckpointLayout:
             f"transformers renames Linear layers on save ({renamed[:3]}); unsupported"
         )
 
-    layers: list[MoeLayer] = []
     unsupported: dict[str, str] = {}
+    shapes: dict[str, tuple[int, int, int]] = {}
     for name, (gate_up, down) in fused.items():
         why = _unsupported(model.get_submodule(name), gate_up, down)
-        slots = None
         if why is None:
-            slots, why = _expert_slots(model, name, gate_up, down)
-        if slots is None:
-            unsupported[name] = why or "unsupported"
+            shapes[name] = (gate_up.shape[0], gate_up.shape[1], down.shape[1])
+        else:
+            unsupported[name] = why
+    layers: list[MoeLayer] = []
+    for name, slots in _probe_experts(model, shapes).items() if shapes else ():
+        if isinstance(slots, str):
+            unsupported[name] = slots
             continue
+        gate_up = fused[name][0]
         routers = _router_names(model, name, gate_up.shape[0], gate_up.shape[2], names)
         layers.append(MoeLayer(name, gate_up.shape[0], slots, routers))
     layout = CheckpointLayout(names, tuple(layers), unsupported)
@@ -355,9 +379,10 @@ def expert_targets(
                 )
             continue
         block = _BLOCK_INDEX.search(layer.experts)
+        by_projection = layer.members()
         for expert in range(layer.num_experts):
             for param in (GATE_UP, DOWN):
-                members = layer.members(expert, param)
+                members = by_projection[(expert, param)]
                 slots = tuple(layer.slots[m] for m in members)
                 parents = {m.rpartition(".")[0] for m in members}
                 if len(parents) != 1:
