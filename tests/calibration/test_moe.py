@@ -485,3 +485,60 @@ def test_loader_refuses_a_checkpoint_missing_an_expert(tmp_path):
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="per-expert tensors missing"):
         load_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_fallback_takes_its_whole_moe_layer_along():
+    from calibration.plan import FallbackPolicy, build_fallback_plan
+    from calibration.sensitivity import GroupSensitivity
+
+    selection = select_targets(tiny_mixtral(num_layers=2))
+    hot = "model.layers.1.block_sparse_moe.experts.2.w2"
+    kls = {
+        g.name: 0.2 if g.name in (hot, "model.layers.0.self_attn.qkv") else 0.0
+        for g in selection.groups
+    }
+    records = [
+        GroupSensitivity(
+            g.name, g.kind.value, g.block_index, g.members, g.num_params, kls[g.name], 0, 1, 0, 9
+        )
+        for g in selection.groups
+    ]
+    plan = build_fallback_plan(selection, records, FallbackPolicy(threshold=0.05))
+    layer1 = {g.name for g in selection.groups if g.tier_unit == "model.layers.1.mlp.experts"}
+    fallen = {f.name for f in plan.fallbacks if f.members[0] in selection.quantized_layers}
+    assert fallen == layer1 | {"model.layers.0.self_attn.qkv"}
+    assert {g.name for g in plan.quantized_groups} == {g.name for g in selection.groups} - fallen
+    tagged = next(
+        f for f in plan.fallbacks if f.name.endswith("experts.0.gate_up") and "layers.1" in f.name
+    )
+    assert "one scheme per MoE layer" in tagged.detail
+    # a budget counts the whole layer: too small for it, the layer stays quantized and is recorded
+    layer_params = sum(g.num_params for g in selection.groups if g.name in layer1)
+    qkv_params = selection.group_of("model.layers.0.self_attn.q_proj").num_params
+    total = sum(g.num_params for g in selection.groups)
+    tight = FallbackPolicy(threshold=0.05, max_fallback_param_fraction=(layer_params - 1) / total)
+    assert qkv_params < layer_params
+    plan = build_fallback_plan(selection, records, tight)
+    assert {f.name for f in plan.fallbacks if f.members[0] in selection.quantized_layers} == {
+        "model.layers.0.self_attn.qkv"
+    }
+    assert hot in plan.over_threshold_kept_quantized
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_a_model_loaded_from_its_checkpoint_has_the_same_layout(family, tmp_path):
+    """from_pretrained records the conversions it applied; the layout must come out the same."""
+    from calibration.models import load_causal_lm
+
+    model = BUILDERS[family](num_layers=1)
+    model.save_pretrained(tmp_path / "src")
+    char_tokenizer().save_pretrained(tmp_path / "src")
+    loaded = load_causal_lm(tmp_path / "src", dtype="fp32").model
+    fresh, reloaded = moe.checkpoint_layout(model), moe.checkpoint_layout(loaded)
+    assert [layer.slots for layer in reloaded.moe_layers] == [
+        layer.slots for layer in fresh.moe_layers
+    ]
+    assert dict(reloaded.names) == dict(fresh.names)
+    assert [g.name for g in select_targets(loaded).groups] == [
+        g.name for g in select_targets(model).groups
+    ]
