@@ -43,7 +43,7 @@ import numpy as np
 
 from calibration.config import DEFAULT_LENGTH_EDGES, SamplingConfig
 from calibration.prompts import Prompt, RenderedPrompt, flatten_messages
-from calibration.redaction import redact_with_counts
+from calibration.redaction import RedactedPrompt, redact_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class PromptRecord:
     token_count: int
     source: str
     messages: tuple[Mapping[str, Any], ...] | None = None
+    redaction: RedactedPrompt | None = None  # stored by the current redactor: used as is
 
 
 class Role(str, Enum):
@@ -132,20 +133,17 @@ class _Candidate:
 def _redact_record(record: PromptRecord, counts: Counter[str]) -> tuple[Prompt, str, str]:
     """(redacted prompt as logged, its flattened text, the text used for duplicate detection).
 
-    Chat prompts are redacted message by message; duplicate detection ignores system messages (a
-    route's shared system prompt would otherwise make all of its requests look alike).
+    The stored redaction when the record carries one, else :func:`calibration.redaction.redact_prompt`.
+    Duplicate detection ignores system messages (a route's shared system prompt would otherwise make
+    all of its requests look alike).
     """
-    if not record.messages:
-        result = redact_with_counts(record.text)
-        counts.update(result.counts)
-        return result.text, result.text, result.text
-    redacted_messages = []
-    for message in record.messages:
-        result = redact_with_counts(str(message.get("content", "")))
-        counts.update(result.counts)
-        redacted_messages.append({"role": message.get("role", "user"), "content": result.text})
-    dedup_source = "\n\n".join(m["content"] for m in redacted_messages if m["role"] != "system")
-    return redacted_messages, flatten_messages(redacted_messages), dedup_source
+    redacted = record.redaction or redact_prompt(record.messages or None, record.text)
+    counts.update(redacted.counts)
+    if redacted.messages is None:
+        return redacted.text, redacted.text, redacted.text
+    messages = [dict(m) for m in redacted.messages]
+    dedup_source = "\n\n".join(m["content"] for m in messages if m["role"] != "system")
+    return messages, redacted.text, dedup_source
 
 
 def plain_renderer(prompt: Prompt) -> RenderedPrompt:

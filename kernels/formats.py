@@ -6,10 +6,15 @@ Conventions (DESIGN.md, bit-compatible with compressed-tensors ``nvfp4-pack-quan
 * ``weight_global_scale = 448 * 6 / amax(W)`` in float32, shape ``[1]``.
 * E2M1 code: bit 3 = sign (set iff the scaled value is ``< 0``), low 3 bits index ``E2M1_VALUES``.
 * ``byte = code[2i] | code[2i + 1] << 4`` (even element in the low nibble).
+
+Also here: the candidate set of the MSE block-scale search (:class:`ScaleCandidates`, shared by
+every backend so that all of them try the same FP8 codes in the same order) and the FP8 (W8A8)
+weight record.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -17,6 +22,8 @@ import torch
 FP4_BLOCK_SIZE = 16
 FP8_E4M3_MAX = 448.0
 FP4_E2M1_MAX = 6.0
+#: The largest finite positive FP8 E4M3 byte (0x7E = 448); 0x7F is NaN.
+FP8_E4M3_MAX_BYTE = 0x7E
 
 #: Magnitudes of the 8 non-negative E2M1 codes, indexed by the low 3 bits of a code.
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float32)
@@ -54,6 +61,13 @@ class NonFiniteWeightError(NVFP4Error):
     """A tensor to quantize contains NaN or Inf."""
 
 
+class FP8Weight(NamedTuple):
+    """One FP8 (W8A8 tier) weight in compressed-tensors ``float-quantized`` names and dtypes."""
+
+    weight: torch.Tensor  # float8_e4m3fn [out, in]
+    weight_scale: torch.Tensor  # float32 [out, 1]
+
+
 class NVFP4Weight(NamedTuple):
     """One quantized weight in compressed-tensors' tensor names and dtypes."""
 
@@ -73,14 +87,7 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
 def check_weight_layout(weight: torch.Tensor, name: str = "weight") -> None:
     """:func:`check_weight` without the finiteness check (for kernels that count non-finite
     values in their own pass and then raise :func:`non_finite_error`)."""
-    if not isinstance(weight, torch.Tensor):
-        raise NVFP4Error(f"{name}: expected a torch.Tensor, got {type(weight).__name__}")
-    if not weight.is_floating_point():
-        raise NVFP4Error(f"{name}: expected a floating-point tensor, got {weight.dtype}")
-    if weight.ndim != 2:
-        raise NVFP4ShapeError(
-            f"{name}: expected a 2-D weight [out, in], got shape {tuple(weight.shape)}"
-        )
+    check_matrix_layout(weight, name)
     check_block_dim(weight.shape[-1], name)
 
 
@@ -129,12 +136,23 @@ def check_packed(
     return out_features, in_features
 
 
-def global_scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
-    """``448 * 6 / amax`` as float32 shape ``[1]``, exactly as compressed-tensors' ``generate_gparam``.
+def global_scale_from_amax(amax: torch.Tensor | float, *, headroom: float = 1.0) -> torch.Tensor:
+    """``(448 * 6 / headroom) / amax`` as float32 shape ``[1]``; with ``headroom == 1`` exactly
+    compressed-tensors' ``generate_gparam``.
+
+    ``headroom >= 1``: under round-to-nearest the block holding the tensor's amax gets FP8 scale
+    ``448 / headroom`` instead of 448, so a block-scale search (or Four Over Six, which needs
+    ``>= 1.5``; llm-compressor's Four Over Six observer uses 448 / 256 = 1.75) can go up to
+    ``headroom`` times above round-to-nearest on every block. Computed as torch evaluates
+    ``(2688 / headroom) / amax`` with a Python-float numerator (``reciprocal(amax) *
+    numerator`` in float32, like compressed-tensors). vLLM loads any positive global scale (it
+    only takes ``1 / weight_global_scale``).
 
     ``amax == 0`` (an all-zero tensor) and amax so small that the quotient overflows give 1.0,
     as compressed-tensors does; every block scale is then 0 (see ``quantize_nvfp4``).
     """
+    if not headroom >= 1.0 or headroom == float("inf"):
+        raise NVFP4Error(f"headroom must be finite and >= 1, got {headroom}")
     amax_t = torch.as_tensor(amax, dtype=torch.float32).detach()
     if amax_t.numel() != 1:
         raise NVFP4ShapeError(f"amax: expected one value, got shape {tuple(amax_t.shape)}")
@@ -142,7 +160,9 @@ def global_scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
     if not bool(torch.isfinite(amax_t).all()):
         raise NonFiniteWeightError(f"amax: {float(amax_t)} is not finite")
     amax_t = torch.clamp(amax_t, min=torch.finfo(torch.float32).tiny)
-    global_scale = (FP8_E4M3_MAX * FP4_E2M1_MAX) / amax_t
+    # a Python-float numerator, as compressed-tensors: torch computes float / tensor as
+    # reciprocal(tensor) * float, which differs from a float32 division in the last bit
+    global_scale = (FP8_E4M3_MAX * FP4_E2M1_MAX / headroom) / amax_t
     return torch.nan_to_num(global_scale, nan=1.0, posinf=1.0, neginf=1.0)
 
 
@@ -156,3 +176,119 @@ def as_global_scale(global_scale: torch.Tensor | float, device: torch.device) ->
     if not (value > 0.0 and value != float("inf")):
         raise NVFP4Error(f"global_scale must be finite and > 0, got {value}")
     return gs
+
+
+def check_block_scale(
+    block_scale: torch.Tensor, weight: torch.Tensor, name: str = "weight"
+) -> torch.Tensor:
+    """Validate caller-given NVFP4 block scales for ``weight`` [out, in]; return them as
+    float8_e4m3fn ``[out, in/16]`` on the weight's device (a uint8 tensor is viewed as E4M3
+    bytes).
+
+    Every byte must be a finite, non-negative E4M3 value (0x00..0x7E): no NaN (0x7F/0xFF) and
+    no sign bit (vLLM's Marlin path assumes scales >= 0).
+    """
+    if not isinstance(block_scale, torch.Tensor):
+        raise NVFP4Error(f"{name}: block_scale must be a torch.Tensor")
+    if block_scale.dtype not in (torch.float8_e4m3fn, torch.uint8):
+        raise NVFP4Error(f"{name}: block_scale must be float8_e4m3fn, got {block_scale.dtype}")
+    out_features, in_features = weight.shape
+    expected = (out_features, in_features // FP4_BLOCK_SIZE)
+    if tuple(block_scale.shape) != expected:
+        raise NVFP4ShapeError(
+            f"{name}: block_scale must have shape {expected}, got {tuple(block_scale.shape)}"
+        )
+    scale_bytes = block_scale.view(torch.uint8)
+    if bool((scale_bytes > FP8_E4M3_MAX_BYTE).any()):
+        n_bad = int((scale_bytes > FP8_E4M3_MAX_BYTE).sum())
+        raise NVFP4Error(
+            f"{name}: block_scale holds {n_bad} negative or NaN FP8 value(s); block scales must "
+            "be finite and >= 0"
+        )
+    return block_scale.view(torch.float8_e4m3fn).to(weight.device)
+
+
+def check_float_matrix(weight: torch.Tensor, name: str = "weight") -> None:
+    """Raise unless ``weight`` is a finite 2-D float tensor (any K: the FP8 tier has no blocks)."""
+    check_matrix_layout(weight, name)
+    if not bool(torch.isfinite(weight).all()):
+        raise non_finite_error(weight, name)
+
+
+def check_matrix_layout(weight: torch.Tensor, name: str = "weight") -> None:
+    """:func:`check_float_matrix` without the finiteness check."""
+    if not isinstance(weight, torch.Tensor):
+        raise NVFP4Error(f"{name}: expected a torch.Tensor, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise NVFP4Error(f"{name}: expected a floating-point tensor, got {weight.dtype}")
+    if weight.ndim != 2:
+        raise NVFP4ShapeError(
+            f"{name}: expected a 2-D weight [out, in], got shape {tuple(weight.shape)}"
+        )
+
+
+#: Marker in :meth:`ScaleCandidates.order` for the Four Over Six candidate
+#: ``fp8(min(gs * (amax / 4), 448))`` (the block max mapped to E2M1 4 instead of 6).
+FOUR_OVER_SIX_CANDIDATE = 1 << 20
+
+
+@dataclass(frozen=True)
+class ScaleCandidates:
+    """Which FP8 E4M3 block scales the MSE block-scale search tries for each 16-block.
+
+    Candidates are E4M3 *bytes*. With ``rtn = fp8(min(gs * (amax / 6), 448))`` (the
+    round-to-nearest scale byte of the block), the search tries ``rtn`` itself, then (with
+    ``four_over_six``) the byte of ``fp8(min(gs * (amax / 4), 448))``, then ``rtn - 1, rtn + 1,
+    rtn - 2, rtn + 2, ...`` down to ``rtn - codes_below`` and up to ``rtn + codes_above``. A
+    neighbour outside 0x01..0x7E (scale 0, or above 448) is skipped; ``rtn`` is always tried
+    (an all-zero block keeps scale 0).
+
+    Positive E4M3 bytes are ordered like their values; in the normal range 8 codes are one
+    octave (a step is a factor 1.0625..1.125), so ``codes_below = codes_above = 8`` spans
+    0.5x..2x of the round-to-nearest scale. The block holding the tensor's amax sits at 448
+    (byte 0x7E) and cannot go above unless the global scale leaves headroom
+    (``global_scale_from_amax(..., headroom=...)``).
+
+    Tie-breaking: the first candidate in :meth:`order` with the smallest error wins (a later
+    candidate must be strictly better), so round-to-nearest wins every tie, then Four Over
+    Six, then the nearer neighbour, the lower one first.
+
+    ``ScaleCandidates(codes_below=0, codes_above=0, four_over_six=True)`` is Four Over Six.
+    """
+
+    codes_below: int = 8
+    codes_above: int = 8
+    four_over_six: bool = False
+
+    def __post_init__(self) -> None:
+        for field_name in ("codes_below", "codes_above"):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or not 0 <= value <= FP8_E4M3_MAX_BYTE:
+                raise NVFP4Error(f"{field_name} must be an int in 0..126, got {value!r}")
+
+    def order(self) -> tuple[int, ...]:
+        """Byte offsets from ``rtn`` in trial order (:data:`FOUR_OVER_SIX_CANDIDATE` marks the
+        Four Over Six candidate); the first entry is always 0."""
+        offsets = [0]
+        if self.four_over_six:
+            offsets.append(FOUR_OVER_SIX_CANDIDATE)
+        for step in range(1, max(self.codes_below, self.codes_above) + 1):
+            if step <= self.codes_below:
+                offsets.append(-step)
+            if step <= self.codes_above:
+                offsets.append(step)
+        return tuple(offsets)
+
+
+#: The search's default candidate set: 0.5x..2x of the round-to-nearest scale. Measured on
+#: SmolLM2-135M's 210 Linear weights (fused groups sharing a global scale; importance = E[x^2]
+#: over 32 chat prompts), mean over layers of the change in input-weighted squared error vs
+#: round-to-nearest: [-8, +8] -22.8 % (unweighted objective) / -49.1 % (importance-weighted);
+#: [-16, +16] -22.8 / -49.2 % at ~1.5x the time; [-3, +7] (about the 0.8x..1.8x range of
+#: llm-compressor's ``nvfp4_expanded_mse``) -22.8 / -47.6 %; above only [0, +8] -19.7 / -41.8 %;
+#: Four Over Six -12.4 / -25.0 %. Headroom 1.25..1.75 moves any of them by < 0.5 point.
+DEFAULT_SCALE_CANDIDATES = ScaleCandidates()
+
+#: Four Over Six (Cook et al., arXiv:2512.02010): per block, the block max mapped to 6 or to 4,
+#: whichever gives the smaller error. Needs ``headroom >= 1.5`` to be open to every block.
+FOUR_OVER_SIX = ScaleCandidates(codes_below=0, codes_above=0, four_over_six=True)

@@ -7,6 +7,14 @@ FP8 E4M3 encode with integer ops (RNE, subnormals), ``scale_eff = fp32(fp8) / gs
 ``x / scale_eff`` and E2M1 rounding by comparisons. Outputs are written straight into torch-owned
 buffers (numpy views); fp32 -> bf16/fp16 stores round to nearest even with integer ops, as torch.
 
+Given block scales (``block_scale=``) replace the amax scales of each row before encoding. The
+block-scale search evaluates each candidate of a block like quantize + dequantize in float32,
+then its float64 error sequentially over k = 0..15 (``fastmath=False``: LLVM neither
+reassociates nor contracts it into FMAs), as ``kernels.reference`` defines it. The FP8 ops: the
+weight in float32 (``x / scale + 0``, clamp, E4M3 RNE by integer ops); the per-token activation
+rounds every intermediate to x's dtype (bf16/fp16 RNE by integer ops), as torch computes
+compressed-tensors' steps in that dtype.
+
 Blocks holding NaN/Inf are flagged in the same pass, so ``quantize`` needs no separate
 ``isfinite`` pass (a second read-only pass computes the tensor amax when no global scale is given).
 Activation blocks holding NaN decode to NaN as in the reference; NaN payload bits are not matched.
@@ -42,18 +50,30 @@ from numba import prange, types
 from numba.extending import intrinsic
 
 from kernels.formats import (
+    DEFAULT_SCALE_CANDIDATES,
     E2M1_SIGNED_VALUES,
+    FOUR_OVER_SIX_CANDIDATE,
     FP4_BLOCK_SIZE,
+    FP8_E4M3_MAX_BYTE,
+    FP8Weight,
     NVFP4Error,
     NVFP4Weight,
+    ScaleCandidates,
     as_global_scale,
     check_block_dim,
+    check_block_scale,
+    check_matrix_layout,
     check_packed,
     check_weight_layout,
     global_scale_from_amax,
     non_finite_error,
 )
-from kernels.reference import check_matmul_shapes
+from kernels.reference import (
+    check_fp8_weight,
+    check_matmul_shapes,
+    fake_quantize_fp8_activation_per_token_reference,
+    resolve_importance,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +102,9 @@ _F32_ZERO = np.float32(0.0)
 _F32_HALF = np.float32(0.5)
 _F32_ONE = np.float32(1.0)
 _F32_TWO = np.float32(2.0)
+_F32_FOUR = np.float32(4.0)
 _F32_SIX = np.float32(6.0)
+_F32_EPS = np.float32(np.finfo(np.float32).eps)  # compressed-tensors' zero-scale replacement
 _F32_FP8_MAX = np.float32(448.0)
 _F32_INF = np.float32(np.inf)
 _F32_NAN = np.float32(np.nan)
@@ -332,9 +354,21 @@ def _amax_rows(x, mode, f16_table, row0, row1):
     return _f32_from_bits(amax_bits), 0
 
 
+@_jit(inline=True)
+def _use_given_scales(given, r, gs, fp8_decode, scale_bytes, scale_eff):
+    """Replace the row's amax scales by the caller's bytes ``given[r]`` when ``given`` has
+    rows (an empty [0, 0] array means "no block scales given")."""
+    if given.shape[0] > 0:
+        for b in range(scale_bytes.shape[0]):
+            byte = np.int64(given[r, b])
+            scale_bytes[b] = byte
+            scale_eff[b] = fp8_decode[byte] / gs
+
+
 @_jit()
-def _quantize_rows(x, mode, f16_table, gs, fp8_decode, packed, scale, row0, row1):
-    """Quantize+pack rows [row0, row1): packed uint8 [R, K/2], scale bytes uint8 [R, K/16].
+def _quantize_rows(x, mode, f16_table, gs, fp8_decode, given, packed, scale, row0, row1):
+    """Quantize+pack rows [row0, row1): packed uint8 [R, K/2], scale bytes uint8 [R, K/16]
+    (``given`` uint8 [R, K/16]: use these block scales; [0, 0]: amax scales).
     Returns the number of blocks holding NaN/Inf (their outputs are meaningless)."""
     k = x.shape[1]
     n_blocks = k // FP4_BLOCK_SIZE
@@ -346,6 +380,7 @@ def _quantize_rows(x, mode, f16_table, gs, fp8_decode, packed, scale, row0, row1
     for r in range(row0, row1):
         _load_row(x, r, mode, f16_table, row)
         bad += _row_block_scales(row, gs, fp8_decode, scale_bytes, scale_eff)
+        _use_given_scales(given, r, gs, fp8_decode, scale_bytes, scale_eff)
         for b in range(n_blocks):
             scale[r, b] = scale_bytes[b]
             divisor = scale_eff[b]
@@ -362,9 +397,10 @@ def _quantize_rows(x, mode, f16_table, gs, fp8_decode, packed, scale, row0, row1
 
 
 @_jit()
-def _fake_quantize_rows(x, mode, f16_table, gs, fp8_decode, out, row0, row1):
-    """dequant(quant(x)) for rows [row0, row1) into out (same mode as x). A block holding NaN
-    decodes to NaN, ±Inf saturates (as the reference); returns the number of such blocks."""
+def _fake_quantize_rows(x, mode, f16_table, gs, fp8_decode, given, out, row0, row1):
+    """dequant(quant(x)) for rows [row0, row1) into out (same mode as x; ``given`` as in
+    ``_quantize_rows``). A block holding NaN decodes to NaN, ±Inf saturates (as the
+    reference); returns the number of such blocks."""
     k = x.shape[1]
     n_blocks = k // FP4_BLOCK_SIZE
     row = np.empty(k, dtype=np.float32)
@@ -374,6 +410,7 @@ def _fake_quantize_rows(x, mode, f16_table, gs, fp8_decode, out, row0, row1):
     for r in range(row0, row1):
         _load_row(x, r, mode, f16_table, row)
         bad += _row_block_scales(row, gs, fp8_decode, scale_bytes, scale_eff)
+        _use_given_scales(given, r, gs, fp8_decode, scale_bytes, scale_eff)
         for b in range(n_blocks):
             factor = scale_eff[b]
             base = b * FP4_BLOCK_SIZE
@@ -403,6 +440,157 @@ def _dequantize_rows(packed, scale, gs, fp8_decode, e2m1_values, out, mode, row0
         _store_row(row, out, r, mode)
 
 
+@_jit(inline=True)
+def _block_amax_bits(row, base):
+    """max of ``bits & 0x7FFFFFFF`` over row[base:base+16] (>= 0x7F800000: NaN/Inf inside)."""
+    amax_bits = 0
+    for j in range(FP4_BLOCK_SIZE):
+        amax_bits = max(amax_bits, _f32_bits(row[base + j]) & 0x7FFFFFFF)
+    return amax_bits
+
+
+@_jit(inline=True)
+def _amax_scale_byte(amax, gs, divisor):
+    """``fp8(min(gs * (amax / divisor), 448))`` as an E4M3 byte (divisor 6: round-to-nearest,
+    4: Four Over Six)."""
+    scale_f32 = gs * (amax / divisor)
+    if scale_f32 > _F32_FP8_MAX:
+        scale_f32 = _F32_FP8_MAX
+    return _fp8_e4m3_encode(scale_f32)
+
+
+@_jit()
+def _search_rows(x, mode, f16_table, gs, fp8_decode, weights, offsets, out, row0, row1):
+    """MSE block-scale search for rows [row0, row1) -> out uint8 [R, K/16] (chosen bytes).
+
+    ``weights`` float64 [K] (per-column importance), ``offsets`` int64 [C]: the candidates in
+    trial order (``ScaleCandidates.order()``). Same float32/float64 arithmetic and order as
+    ``kernels.reference.search_nvfp4_block_scales_reference``. The float32 decode of a block
+    and its float64 error are two loops (the first vectorizes; measured 1.5x faster than one
+    fused loop). Returns the number of blocks holding NaN/Inf."""
+    k = x.shape[1]
+    n_blocks = k // FP4_BLOCK_SIZE
+    row = np.empty(k, dtype=np.float32)
+    decoded = np.zeros(FP4_BLOCK_SIZE, dtype=np.float32)
+    bad = 0
+    for r in range(row0, row1):
+        _load_row(x, r, mode, f16_table, row)
+        for b in range(n_blocks):
+            base = b * FP4_BLOCK_SIZE
+            amax_bits = _block_amax_bits(row, base)
+            if amax_bits >= 0x7F800000:
+                bad += 1
+                out[r, b] = 0
+                continue
+            amax = _f32_from_bits(amax_bits)
+            rtn = _amax_scale_byte(amax, gs, _F32_SIX)
+            best_byte = rtn
+            best_error = np.inf
+            for j in range(offsets.shape[0]):
+                offset = offsets[j]
+                if offset == FOUR_OVER_SIX_CANDIDATE:
+                    byte = _amax_scale_byte(amax, gs, _F32_FOUR)
+                else:
+                    byte = rtn + offset
+                    if offset != 0 and (byte < 1 or byte > FP8_E4M3_MAX_BYTE):
+                        continue
+                scale_eff = fp8_decode[byte] / gs
+                if scale_eff == _F32_ZERO:
+                    decoded[:] = _F32_ZERO
+                else:
+                    for i in range(FP4_BLOCK_SIZE):
+                        decoded[i] = _e2m1_round(row[base + i] / scale_eff) * scale_eff
+                error = 0.0
+                for i in range(FP4_BLOCK_SIZE):  # sequential, as the reference
+                    diff = np.float64(row[base + i]) - np.float64(decoded[i])
+                    error += (diff * diff) * weights[base + i]
+                if j == 0 or error < best_error:
+                    best_error = error
+                    best_byte = byte
+            out[r, b] = best_byte
+    return bad
+
+
+@_jit(inline=True)
+def _fp8_e4m3_encode_signed(value):
+    """float32 -> E4M3 byte as torch's ``clamp(v, -448, 448).to(float8_e4m3fn)`` (NaN -> 0x7F,
+    a negative that rounds to zero -> 0x80)."""
+    if value != value:
+        return 0x7F
+    magnitude = abs(value)
+    if magnitude > _F32_FP8_MAX:
+        magnitude = _F32_FP8_MAX
+    byte = _fp8_e4m3_encode(magnitude)
+    return byte | 0x80 if value < _F32_ZERO else byte
+
+
+@_jit(inline=True)
+def _round_to_mode(value, mode, f16_table):
+    """float32 -> the nearest value of the row dtype (bf16/fp16 RNE, as torch), as float32."""
+    if mode == MODE_BF16:
+        return _f32_from_bits(np.int64(_bf16_bits(value)) << 16)
+    if mode == MODE_F16:
+        return f16_table[np.int64(_f16_bits(value))]
+    return value
+
+
+@_jit()
+def _fp8_weight_rows(x, mode, f16_table, q, scales, row0, row1):
+    """FP8 per-channel quantization of rows [row0, row1): q uint8 [R, K] (E4M3 bytes),
+    scales float32 [R]. Returns the number of rows holding NaN/Inf."""
+    k = x.shape[1]
+    row = np.empty(k, dtype=np.float32)
+    bad = 0
+    for r in range(row0, row1):
+        _load_row(x, r, mode, f16_table, row)
+        amax_bits = 0
+        for c in range(k):
+            amax_bits = max(amax_bits, _f32_bits(row[c]) & 0x7FFFFFFF)
+        if amax_bits >= 0x7F800000:
+            bad += 1
+            continue
+        scale = _f32_from_bits(amax_bits) / _F32_FP8_MAX
+        if scale == _F32_ZERO:
+            scale = _F32_EPS
+        scales[r] = scale
+        for c in range(k):
+            q[r, c] = _fp8_e4m3_encode_signed(row[c] / scale + _F32_ZERO)
+    return bad
+
+
+@_jit()
+def _fp8_dequantize_rows(q, scales, fp8_decode, out, mode, row0, row1):
+    """E4M3 bytes q uint8 [R, K] * scales float32 [R] -> out rows [row0, row1)."""
+    k = q.shape[1]
+    row = np.empty(k, dtype=np.float32)
+    for r in range(row0, row1):
+        scale = scales[r]
+        for c in range(k):
+            row[c] = fp8_decode[np.int64(q[r, c])] * scale
+        _store_row(row, out, r, mode)
+
+
+@_jit()
+def _fp8_activation_rows(x, mode, f16_table, fp8_decode, eps, out, row0, row1):
+    """Per-token FP8 fake-quant of rows [row0, row1) into out (same mode as x), every step
+    rounded to x's dtype as torch does (``fake_quantize_fp8_activation_per_token_reference``)."""
+    k = x.shape[1]
+    row = np.empty(k, dtype=np.float32)
+    for r in range(row0, row1):
+        _load_row(x, r, mode, f16_table, row)
+        amax_bits = 0
+        for c in range(k):
+            amax_bits = max(amax_bits, _f32_bits(row[c]) & 0x7FFFFFFF)  # NaN sorts above Inf
+        scale = _round_to_mode(_f32_from_bits(amax_bits) / _F32_FP8_MAX, mode, f16_table)
+        if scale == _F32_ZERO:
+            scale = eps
+        for c in range(k):
+            scaled = _round_to_mode(row[c] / scale, mode, f16_table) + _F32_ZERO
+            byte = _fp8_e4m3_encode_signed(scaled)
+            row[c] = _round_to_mode(fp8_decode[byte] * scale, mode, f16_table)
+        _store_row(row, out, r, mode)
+
+
 # --------------------------------------------------------------------------- parallel drivers
 
 
@@ -421,7 +609,7 @@ def _amax_parallel(x, mode, f16_table, n_chunks):
 
 
 @_jit(parallel=True)
-def _quantize_parallel(x, mode, f16_table, gs, fp8_decode, packed, scale, n_chunks):
+def _quantize_parallel(x, mode, f16_table, gs, fp8_decode, given, packed, scale, n_chunks):
     rows = x.shape[0]
     bad = 0
     for c in prange(n_chunks):
@@ -431,6 +619,7 @@ def _quantize_parallel(x, mode, f16_table, gs, fp8_decode, packed, scale, n_chun
             f16_table,
             gs,
             fp8_decode,
+            given,
             packed,
             scale,
             c * rows // n_chunks,
@@ -440,7 +629,7 @@ def _quantize_parallel(x, mode, f16_table, gs, fp8_decode, packed, scale, n_chun
 
 
 @_jit(parallel=True)
-def _fake_quantize_parallel(x, mode, f16_table, gs, fp8_decode, out, n_chunks):
+def _fake_quantize_parallel(x, mode, f16_table, gs, fp8_decode, given, out, n_chunks):
     rows = x.shape[0]
     bad = 0
     for c in prange(n_chunks):
@@ -450,6 +639,7 @@ def _fake_quantize_parallel(x, mode, f16_table, gs, fp8_decode, out, n_chunks):
             f16_table,
             gs,
             fp8_decode,
+            given,
             out,
             c * rows // n_chunks,
             (c + 1) * rows // n_chunks,
@@ -469,6 +659,62 @@ def _dequantize_parallel(packed, scale, gs, fp8_decode, e2m1_values, out, mode, 
             e2m1_values,
             out,
             mode,
+            c * rows // n_chunks,
+            (c + 1) * rows // n_chunks,
+        )
+
+
+@_jit(parallel=True)
+def _search_parallel(x, mode, f16_table, gs, fp8_decode, weights, offsets, out, n_chunks):
+    rows = x.shape[0]
+    bad = 0
+    for c in prange(n_chunks):
+        bad += _search_rows(
+            x,
+            mode,
+            f16_table,
+            gs,
+            fp8_decode,
+            weights,
+            offsets,
+            out,
+            c * rows // n_chunks,
+            (c + 1) * rows // n_chunks,
+        )
+    return bad
+
+
+@_jit(parallel=True)
+def _fp8_weight_parallel(x, mode, f16_table, q, scales, n_chunks):
+    rows = x.shape[0]
+    bad = 0
+    for c in prange(n_chunks):
+        bad += _fp8_weight_rows(
+            x, mode, f16_table, q, scales, c * rows // n_chunks, (c + 1) * rows // n_chunks
+        )
+    return bad
+
+
+@_jit(parallel=True)
+def _fp8_dequantize_parallel(q, scales, fp8_decode, out, mode, n_chunks):
+    rows = q.shape[0]
+    for c in prange(n_chunks):
+        _fp8_dequantize_rows(
+            q, scales, fp8_decode, out, mode, c * rows // n_chunks, (c + 1) * rows // n_chunks
+        )
+
+
+@_jit(parallel=True)
+def _fp8_activation_parallel(x, mode, f16_table, fp8_decode, eps, out, n_chunks):
+    rows = x.shape[0]
+    for c in prange(n_chunks):
+        _fp8_activation_rows(
+            x,
+            mode,
+            f16_table,
+            fp8_decode,
+            eps,
+            out,
             c * rows // n_chunks,
             (c + 1) * rows // n_chunks,
         )
@@ -559,12 +805,35 @@ def _tensor_amax(x: np.ndarray, mode: int) -> tuple[np.float32, int]:
         return _amax_rows(x, mode, _F16_TABLE, 0, rows)
 
 
+def _weight_global_scale(
+    x: np.ndarray, mode: int, weight: torch.Tensor, global_scale, name: str
+) -> torch.Tensor:
+    """The caller's global scale, or ``448*6/amax`` from one read-only pass (raising on NaN/Inf)."""
+    if global_scale is not None:
+        return as_global_scale(global_scale, weight.device)
+    amax, bad = _tensor_amax(x, mode)
+    if bad:
+        raise non_finite_error(weight, name)
+    return global_scale_from_amax(torch.tensor(float(amax), dtype=torch.float32))
+
+
+#: "No block scales given" for the kernels' ``given`` argument.
+_NO_GIVEN_SCALES = np.empty((0, 0), dtype=np.uint8)
+
+
+def _given_scales(block_scale: torch.Tensor | None, weight: torch.Tensor, name: str) -> np.ndarray:
+    if block_scale is None:
+        return _NO_GIVEN_SCALES
+    return check_block_scale(block_scale, weight, name).view(torch.uint8).contiguous().numpy()
+
+
 @torch.no_grad()
 def quantize_nvfp4_numba(
     weight: torch.Tensor,
     global_scale: torch.Tensor | float | None = None,
     *,
     name: str = "weight",
+    block_scale: torch.Tensor | None = None,
 ) -> NVFP4Weight:
     """Same contract and bytes as ``quantize_nvfp4_reference``: a finite 2-D CPU float weight
     [out, in] (in % 16 == 0, any float dtype/strides) -> packed triple."""
@@ -572,17 +841,12 @@ def quantize_nvfp4_numba(
     out_features, in_features = weight.shape
     x_t = _native_2d(weight, in_features)
     x, mode = _as_numpy(x_t)
-    if global_scale is None:
-        amax, bad = _tensor_amax(x, mode)
-        if bad:
-            raise non_finite_error(weight, name)
-        gs = global_scale_from_amax(torch.tensor(float(amax), dtype=torch.float32))
-    else:
-        gs = as_global_scale(global_scale, weight.device)
+    given = _given_scales(block_scale, weight, name)
+    gs = _weight_global_scale(x, mode, weight, global_scale, name)
     gs_value = np.float32(gs.item())
     packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
     scale = torch.empty(out_features, in_features // FP4_BLOCK_SIZE, dtype=torch.uint8)
-    args = (x, mode, _F16_TABLE, gs_value, _FP8_DECODE, packed.numpy(), scale.numpy())
+    args = (x, mode, _F16_TABLE, gs_value, _FP8_DECODE, given, packed.numpy(), scale.numpy())
     with _Launch(out_features, x.size) as launch:
         if launch.parallel:
             bad = _quantize_parallel(*args, launch.n_chunks)
@@ -593,12 +857,14 @@ def quantize_nvfp4_numba(
     return NVFP4Weight(packed, scale.view(torch.float8_e4m3fn), gs)
 
 
-def _fake_quantize_2d(x_t: torch.Tensor, gs_value: np.float32) -> tuple[torch.Tensor, int]:
+def _fake_quantize_2d(
+    x_t: torch.Tensor, gs_value: np.float32, given: np.ndarray = _NO_GIVEN_SCALES
+) -> tuple[torch.Tensor, int]:
     """x_t contiguous [R, K] native dtype -> (fake-quantized [R, K] same dtype, non-finite count)."""
     x, mode = _as_numpy(x_t)
     out_t = torch.empty_like(x_t)
     out, _ = _as_numpy(out_t)
-    args = (x, mode, _F16_TABLE, gs_value, _FP8_DECODE, out)
+    args = (x, mode, _F16_TABLE, gs_value, _FP8_DECODE, given, out)
     with _Launch(x.shape[0], x.size) as launch:
         if launch.parallel:
             bad = _fake_quantize_parallel(*args, launch.n_chunks)
@@ -613,19 +879,15 @@ def fake_quantize_nvfp4_weight_numba(
     global_scale: torch.Tensor | float | None = None,
     *,
     name: str = "weight",
+    block_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dequantize(quantize(weight))`` in ``weight``'s dtype and shape, fused in one pass."""
     check_weight_layout(weight, name)
     in_features = weight.shape[1]
     x_t = _native_2d(weight, in_features)
-    if global_scale is None:
-        amax, bad = _tensor_amax(*_as_numpy(x_t))
-        if bad:
-            raise non_finite_error(weight, name)
-        gs = global_scale_from_amax(torch.tensor(float(amax), dtype=torch.float32))
-    else:
-        gs = as_global_scale(global_scale, weight.device)
-    out, bad = _fake_quantize_2d(x_t, np.float32(gs.item()))
+    given = _given_scales(block_scale, weight, name)
+    gs = _weight_global_scale(*_as_numpy(x_t), weight, global_scale, name)
+    out, bad = _fake_quantize_2d(x_t, np.float32(gs.item()), given)
     if bad:
         raise non_finite_error(weight, name)
     return out.to(weight.dtype).reshape(weight.shape)
@@ -685,6 +947,106 @@ def nvfp4_w4a16_matmul_numba(
     return (x.to(torch.float32) @ weight.T).to(x.dtype)
 
 
+#: The search evaluates every candidate: it goes parallel on inputs this many times smaller.
+SEARCH_PARALLEL_DISCOUNT = 16
+
+
+@torch.no_grad()
+def search_nvfp4_block_scales_numba(
+    weight: torch.Tensor,
+    global_scale: torch.Tensor | float | None = None,
+    *,
+    importance: torch.Tensor | None = None,
+    candidates: ScaleCandidates = DEFAULT_SCALE_CANDIDATES,
+    name: str = "weight",
+) -> torch.Tensor:
+    """Same contract and bytes as ``search_nvfp4_block_scales_reference`` (CPU tensors)."""
+    check_weight_layout(weight, name)
+    out_features, in_features = weight.shape
+    x_t = _native_2d(weight, in_features)
+    x, mode = _as_numpy(x_t)
+    gs = _weight_global_scale(x, mode, weight, global_scale, name)
+    weights = resolve_importance(importance, in_features, torch.device("cpu"), name).numpy()
+    offsets = np.asarray(candidates.order(), dtype=np.int64)
+    out = torch.empty(out_features, in_features // FP4_BLOCK_SIZE, dtype=torch.uint8)
+    args = (x, mode, _F16_TABLE, np.float32(gs.item()), _FP8_DECODE, weights, offsets, out.numpy())
+    with _Launch(out_features, x.size * SEARCH_PARALLEL_DISCOUNT) as launch:
+        if launch.parallel:
+            bad = _search_parallel(*args, launch.n_chunks)
+        else:
+            bad = _search_rows(*args, 0, out_features)
+    if bad:
+        raise non_finite_error(weight, name)
+    return out.view(torch.float8_e4m3fn)
+
+
+@torch.no_grad()
+def quantize_fp8_per_channel_numba(weight: torch.Tensor, *, name: str = "weight") -> FP8Weight:
+    """Same contract and bytes as ``quantize_fp8_per_channel_reference`` (CPU tensors)."""
+    check_matrix_layout(weight, name)  # finiteness is counted by the kernel
+    out_features, in_features = weight.shape
+    x, mode = _as_numpy(_native_2d(weight, in_features))
+    q = torch.empty(out_features, in_features, dtype=torch.uint8)
+    scales = torch.empty(out_features, 1, dtype=torch.float32)
+    args = (x, mode, _F16_TABLE, q.numpy(), scales.numpy().reshape(-1))
+    with _Launch(out_features, x.size) as launch:
+        if launch.parallel:
+            bad = _fp8_weight_parallel(*args, launch.n_chunks)
+        else:
+            bad = _fp8_weight_rows(*args, 0, out_features)
+    if bad:
+        raise non_finite_error(weight, name)
+    return FP8Weight(q.view(torch.float8_e4m3fn), scales)
+
+
+@torch.no_grad()
+def dequantize_fp8_numba(
+    weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Same contract and bits as ``dequantize_fp8_reference`` (CPU tensors)."""
+    out_features, in_features = check_fp8_weight(weight, weight_scale)
+    if weight.device.type != "cpu":
+        raise _not_cpu(weight)
+    q = weight.view(torch.uint8).contiguous().numpy()
+    scales = weight_scale.detach().to(torch.float32).reshape(-1).contiguous().numpy()
+    native = dtype if dtype in _NATIVE_MODES else torch.float32
+    out_t = torch.empty(out_features, in_features, dtype=native)
+    out, mode = _as_numpy(out_t)
+    args = (q, scales, _FP8_DECODE, out, mode)
+    with _Launch(out_features, out.size) as launch:
+        if launch.parallel:
+            _fp8_dequantize_parallel(*args, launch.n_chunks)
+        else:
+            _fp8_dequantize_rows(*args, 0, out_features)
+    return out_t if native == dtype else out_t.to(dtype)
+
+
+@torch.no_grad()
+def fake_quantize_fp8_weight_numba(weight: torch.Tensor, *, name: str = "weight") -> torch.Tensor:
+    """``dequantize_fp8(quantize_fp8_per_channel(weight))`` in ``weight``'s dtype and shape."""
+    return dequantize_fp8_numba(*quantize_fp8_per_channel_numba(weight, name=name), weight.dtype)
+
+
+@torch.no_grad()
+def fake_quantize_fp8_activation_per_token_numba(x: torch.Tensor) -> torch.Tensor:
+    """Same contract and bits as ``fake_quantize_fp8_activation_per_token_reference`` for a
+    CPU float32/bf16/fp16 ``x`` (other dtypes: the reference)."""
+    if x.dtype not in _NATIVE_MODES or x.ndim < 1 or x.shape[-1] == 0:
+        return fake_quantize_fp8_activation_per_token_reference(x)
+    x_t = _native_2d(x, x.shape[-1])
+    x_np, mode = _as_numpy(x_t)
+    out_t = torch.empty_like(x_t)
+    out, _ = _as_numpy(out_t)
+    eps = np.float32(torch.finfo(x.dtype).eps)
+    args = (x_np, mode, _F16_TABLE, _FP8_DECODE, eps, out)
+    with _Launch(x_np.shape[0], x_np.size) as launch:
+        if launch.parallel:
+            _fp8_activation_parallel(*args, launch.n_chunks)
+        else:
+            _fp8_activation_rows(*args, 0, x_np.shape[0])
+    return out_t.reshape(x.shape)
+
+
 def warm_up() -> None:
     """Compile (or load from the cache) every kernel specialization; a no-op when done once."""
     with warnings.catch_warnings():
@@ -695,3 +1057,7 @@ def warm_up() -> None:
                 packed = quantize_nvfp4_numba(weight)
                 dequantize_nvfp4_numba(*packed, dtype=dtype)
                 fake_quantize_nvfp4_weight_numba(weight)
+                scales = search_nvfp4_block_scales_numba(weight[: max(1, rows // 16)])
+                quantize_nvfp4_numba(weight[: scales.shape[0]], block_scale=scales)
+                fake_quantize_fp8_weight_numba(weight)
+                fake_quantize_fp8_activation_per_token_numba(weight)

@@ -6,6 +6,10 @@ float32 division uses ``tl.div_rn`` (IEEE round-to-nearest; plain ``/`` is appro
 
 Each program handles ``BLOCK_B`` quantization blocks of 16 elements, loaded as the 8 even and the
 8 odd elements of each block (the two nibbles of one output byte), so no interleaving is needed.
+Quantize+pack optionally encodes under given block scales (``HAS_GIVEN``). The block-scale search
+holds a [blocks, candidates] tile, accumulates the float64 error over k = 0..15 in order and is
+launched with ``enable_fp_fusion=False`` (no FMA contraction, so the GPU rounds like the
+reference); the first minimum in trial order is found with exact min/compare reductions.
 Importing this module raises ImportError when Triton is missing; ``kernels.dispatch`` imports it
 lazily.
 """
@@ -19,14 +23,18 @@ import triton
 import triton.language as tl
 
 from kernels.formats import (
+    DEFAULT_SCALE_CANDIDATES,
+    FOUR_OVER_SIX_CANDIDATE,
     FP4_BLOCK_SIZE,
     NVFP4Weight,
+    ScaleCandidates,
     as_global_scale,
     check_block_dim,
+    check_block_scale,
     check_packed,
     check_weight,
 )
-from kernels.reference import _resolve_global_scale, check_matmul_shapes
+from kernels.reference import _resolve_global_scale, check_matmul_shapes, resolve_importance
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: Quantization blocks per program: the interpreter's speed depends on the program count.
@@ -100,18 +108,32 @@ def _to_store_dtype(value, out_ptr):
 
 
 @triton.jit
-def _block_codes(x_even, x_odd, global_scale):
-    """x_even/x_odd float32 [BB, 8] -> (codes_even, codes_odd int32 [BB, 8], scale byte int32
-    [BB], scale_eff float32 [BB])."""
-    amax = tl.maximum(tl.max(tl.abs(x_even), axis=1), tl.max(tl.abs(x_odd), axis=1))
-    scale_f32 = tl.minimum(global_scale * tl.div_rn(amax, 6.0), 448.0)
-    scale_byte = _fp8_e4m3_encode(scale_f32)
+def _amax_scale_byte(amax, global_scale, divisor: tl.constexpr):
+    """``fp8(min(gs * (amax / divisor), 448))`` as an E4M3 byte (int32); divisor 6 is
+    round-to-nearest, 4 is Four Over Six."""
+    return _fp8_e4m3_encode(tl.minimum(global_scale * tl.div_rn(amax, divisor), 448.0))
+
+
+@triton.jit
+def _codes_under_scale(x_even, x_odd, scale_byte, global_scale):
+    """x_even/x_odd float32 [BB, 8] under E4M3 bytes [BB] -> (codes_even, codes_odd int32
+    [BB, 8], scale_eff float32 [BB]); a zero scale gives codes 0."""
     scale_eff = tl.div_rn(_fp8_e4m3_decode(scale_byte), global_scale)
     zero = scale_eff == 0.0
     safe = tl.where(zero, 1.0, scale_eff)[:, None]
     scaled_even = tl.where(zero[:, None], 0.0, tl.div_rn(x_even, safe))
     scaled_odd = tl.where(zero[:, None], 0.0, tl.div_rn(x_odd, safe))
-    return _e2m1_encode(scaled_even), _e2m1_encode(scaled_odd), scale_byte, scale_eff
+    return _e2m1_encode(scaled_even), _e2m1_encode(scaled_odd), scale_eff
+
+
+@triton.jit
+def _block_codes(x_even, x_odd, global_scale):
+    """x_even/x_odd float32 [BB, 8] -> (codes_even, codes_odd int32 [BB, 8], scale byte int32
+    [BB], scale_eff float32 [BB])."""
+    amax = tl.maximum(tl.max(tl.abs(x_even), axis=1), tl.max(tl.abs(x_odd), axis=1))
+    scale_byte = _amax_scale_byte(amax, global_scale, 6.0)
+    code_even, code_odd, scale_eff = _codes_under_scale(x_even, x_odd, scale_byte, global_scale)
+    return code_even, code_odd, scale_byte, scale_eff
 
 
 @triton.jit
@@ -135,18 +157,28 @@ def quantize_pack_kernel(
     packed_ptr,
     scale_ptr,
     global_scale_ptr,
+    given_ptr,
     stride_r,
     stride_c,
+    stride_gr,
+    stride_gc,
     n_blocks,
     blocks_per_row,
+    HAS_GIVEN: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
-    """x [R, K] (any strides) -> packed uint8 [R, K/2] contiguous, scale bytes uint8 [R, K/16]."""
+    """x [R, K] (any strides) -> packed uint8 [R, K/2] contiguous, scale bytes uint8 [R, K/16].
+    ``HAS_GIVEN``: encode under the E4M3 bytes at ``given_ptr`` [R, K/16] (any strides)."""
     block, valid, row, group, pair, col_even, x_even, x_odd = _load_blocks(
         x_ptr, stride_r, stride_c, n_blocks, blocks_per_row, BLOCK_B
     )
     global_scale = tl.load(global_scale_ptr)
-    code_even, code_odd, scale_byte, _ = _block_codes(x_even, x_odd, global_scale)
+    if HAS_GIVEN:
+        given = given_ptr + row.to(tl.int64) * stride_gr + group * stride_gc
+        scale_byte = tl.load(given, mask=valid, other=0).to(tl.int32)
+        code_even, code_odd, _ = _codes_under_scale(x_even, x_odd, scale_byte, global_scale)
+    else:
+        code_even, code_odd, scale_byte, _ = _block_codes(x_even, x_odd, global_scale)
     packed = (code_even | (code_odd << 4)).to(tl.uint8)
     out_offsets = row[:, None].to(tl.int64) * (blocks_per_row * 8) + group[:, None] * 8 + pair
     tl.store(packed_ptr + out_offsets, packed, mask=valid[:, None])
@@ -176,6 +208,64 @@ def fake_quantize_activation_kernel(
     mask = valid[:, None]
     tl.store(out_base, _to_store_dtype(value_even, out_ptr), mask=mask)
     tl.store(out_base + 1, _to_store_dtype(value_odd, out_ptr), mask=mask)
+
+
+@triton.jit
+def search_block_scales_kernel(
+    x_ptr,
+    weights_ptr,
+    offsets_ptr,
+    out_ptr,
+    global_scale_ptr,
+    stride_r,
+    stride_c,
+    n_blocks,
+    blocks_per_row,
+    n_candidates,
+    FOUR_OVER_SIX: tl.constexpr,
+    CANDIDATES: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """MSE block-scale search: x [R, K] (any strides), weights float64 [K], offsets int32
+    [CANDIDATES] (``ScaleCandidates.order()`` padded past ``n_candidates``) -> chosen E4M3 bytes
+    uint8 [R * K/16]. Every candidate of a block is a column of a [BB, CANDIDATES] tile; the
+    error sums k = 0..15 in order in float64 (as the reference), and the first minimum in trial
+    order wins."""
+    block = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB]
+    valid = block < n_blocks
+    row = block // blocks_per_row
+    group = block % blocks_per_row
+    base = x_ptr + row.to(tl.int64) * stride_r + (group * 16).to(tl.int64) * stride_c  # [BB]
+    lanes = tl.arange(0, 16)
+    tile = tl.load(base[:, None] + lanes[None, :] * stride_c, mask=valid[:, None], other=0.0)
+    amax = tl.max(tl.abs(tile.to(tl.float32)), axis=1)  # [BB]
+    global_scale = tl.load(global_scale_ptr)
+    rtn = _amax_scale_byte(amax, global_scale, 6.0)
+    four = _amax_scale_byte(amax, global_scale, 4.0)
+    slot = tl.arange(0, CANDIDATES)  # [C]
+    offset = tl.load(offsets_ptr + slot)
+    is_four = offset == FOUR_OVER_SIX
+    byte = tl.where(is_four[None, :], four[:, None], rtn[:, None] + offset[None, :])  # [BB, C]
+    usable = (is_four[None, :] | (offset[None, :] == 0) | ((byte >= 1) & (byte <= 126))) & (
+        slot < n_candidates
+    )[None, :]
+    byte = tl.where(usable, byte, 0)
+    scale_eff = tl.div_rn(_fp8_e4m3_decode(byte), global_scale)  # [BB, C]
+    zero = scale_eff == 0.0
+    safe = tl.where(zero, 1.0, scale_eff)
+    error = tl.zeros((BLOCK_B, CANDIDATES), dtype=tl.float64)
+    for k in tl.static_range(16):
+        value = tl.load(base + k * stride_c, mask=valid, other=0.0).to(tl.float32)[:, None]
+        scaled = tl.where(zero, 0.0, tl.div_rn(value, safe))
+        decoded = _e2m1_decode(_e2m1_encode(scaled)) * scale_eff
+        diff = value.to(tl.float64) - decoded.to(tl.float64)
+        weight = tl.load(weights_ptr + group * 16 + k, mask=valid, other=0.0)  # [BB] f64
+        error = error + (diff * diff) * weight[:, None]
+    error = tl.where(usable, error, float("inf"))
+    best_error = tl.min(error, axis=1)
+    first = tl.min(tl.where(error == best_error[:, None], slot[None, :], CANDIDATES), axis=1)
+    best = tl.sum(tl.where(slot[None, :] == first[:, None], byte, 0), axis=1)
+    tl.store(out_ptr + block, best.to(tl.uint8), mask=valid)
 
 
 @triton.jit
@@ -296,9 +386,11 @@ def quantize_nvfp4_triton(
     global_scale: torch.Tensor | float | None = None,
     *,
     name: str = "weight",
+    block_scale: torch.Tensor | None = None,
     block_b: int | None = None,
 ) -> NVFP4Weight:
-    """Triton quantize+pack of a finite 2-D weight [out, in] (in % 16 == 0, any strides)."""
+    """Triton quantize+pack of a finite 2-D weight [out, in] (in % 16 == 0, any strides);
+    ``block_scale`` as in ``quantize_nvfp4_reference``."""
     check_weight(weight, name)
     out_features, in_features = weight.shape
     gs = _resolve_global_scale(weight, global_scale)
@@ -306,6 +398,9 @@ def quantize_nvfp4_triton(
     n_blocks = out_features * blocks_per_row
     packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=weight.device)
     scale = torch.empty(out_features, blocks_per_row, dtype=torch.uint8, device=weight.device)
+    given = scale  # not read unless HAS_GIVEN
+    if block_scale is not None:
+        given = check_block_scale(block_scale, weight, name).view(torch.uint8)
     block_b = block_b or DEFAULT_BLOCK_B
     if n_blocks:
         quantize_pack_kernel[_grid_blocks(n_blocks, block_b)](
@@ -313,13 +408,65 @@ def quantize_nvfp4_triton(
             packed,
             scale,
             gs,
+            given,
+            weight.stride(0),
+            weight.stride(1),
+            given.stride(0),
+            given.stride(1),
+            n_blocks,
+            blocks_per_row,
+            HAS_GIVEN=block_scale is not None,
+            BLOCK_B=block_b,
+        )
+    return NVFP4Weight(packed, scale.view(torch.float8_e4m3fn), gs)
+
+
+#: Blocks per program of the search (its tile is [BLOCK_B, candidates] float64).
+SEARCH_BLOCK_B = 4096 if INTERPRETER else 32
+
+
+def search_nvfp4_block_scales_triton(
+    weight: torch.Tensor,
+    global_scale: torch.Tensor | float | None = None,
+    *,
+    importance: torch.Tensor | None = None,
+    candidates: ScaleCandidates = DEFAULT_SCALE_CANDIDATES,
+    name: str = "weight",
+    block_b: int | None = None,
+) -> torch.Tensor:
+    """Triton MSE block-scale search; same contract and bytes as
+    ``search_nvfp4_block_scales_reference``. Launched with ``enable_fp_fusion=False``: the
+    float64 error must not be contracted into FMAs (the reference rounds every product)."""
+    check_weight(weight, name)
+    out_features, in_features = weight.shape
+    gs = _resolve_global_scale(weight, global_scale)
+    weights = resolve_importance(importance, in_features, weight.device, name).contiguous()
+    order = candidates.order()
+    slots = triton.next_power_of_2(len(order))
+    offsets = torch.zeros(slots, dtype=torch.int32)
+    offsets[: len(order)] = torch.tensor(order, dtype=torch.int32)
+    blocks_per_row = in_features // FP4_BLOCK_SIZE
+    n_blocks = out_features * blocks_per_row
+    out = torch.empty(out_features, blocks_per_row, dtype=torch.uint8, device=weight.device)
+    block_b = block_b or SEARCH_BLOCK_B
+    if n_blocks:
+        search_block_scales_kernel[_grid_blocks(n_blocks, block_b)](
+            weight,
+            weights,
+            offsets.to(weight.device),
+            out,
+            gs,
             weight.stride(0),
             weight.stride(1),
             n_blocks,
             blocks_per_row,
+            len(order),
+            FOUR_OVER_SIX=FOUR_OVER_SIX_CANDIDATE,
+            CANDIDATES=slots,
             BLOCK_B=block_b,
+            enable_fp_fusion=False,
         )
-    return NVFP4Weight(packed, scale.view(torch.float8_e4m3fn), gs)
+    return out.view(torch.float8_e4m3fn)
 
 
 def dequantize_nvfp4_triton(

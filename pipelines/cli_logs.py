@@ -5,6 +5,7 @@ Exit codes:
 * ``logs import`` / ``logs import-sql``: 0 every line valid; 2 partial success (some bad lines,
   every valid line stored); 1 nothing valid.
 * ``logs drift``: 0 no drift; 3 drift detected; 4 inconclusive (too few prompts).
+* ``logs purge``: 0 (a dry run unless ``--yes``); 1 on bad filters.
 * any command: 1 on bad input (unknown digest, empty window, ...), with the reason.
 """
 
@@ -116,6 +117,10 @@ def import_cmd(
     max_line_bytes: Annotated[
         int, typer.Option(help="Lines longer than this are reported as bad.", min=1)
     ] = 1 << 20,
+    redact: Annotated[
+        bool,
+        typer.Option(help="Redact the new prompts once and store the result beside them."),
+    ] = True,
 ) -> None:
     """Import prompt logs (OpenAI chat requests or {"prompt": ...} lines); re-imports add nothing."""
     from pipelines.logs import import_logs
@@ -134,6 +139,14 @@ def import_cmd(
         except SchemaOutdatedError as exc:
             _fail(str(exc))
     _print_report(report)
+    if redact and report.imported:
+        # Redact each new prompt once, now, and keep the result beside it (see store_redactions).
+        from calibration.redaction import REDACTOR_VERSION
+        from pipelines.logs import store_redactions
+
+        with err_console.status("redacting the new prompts"):
+            done = store_redactions(db)
+        console.print(f"stored redactions of {done:,} prompts ({REDACTOR_VERSION})")
     raise typer.Exit(report.exit_code)
 
 
@@ -304,6 +317,64 @@ def drift_cmd(
         )
         console.print(f"verdict: [bold]{label}[/bold]")
     raise typer.Exit(4 if verdict.inconclusive else (3 if verdict.drifted else 0))
+
+
+@logs_app.command("purge")
+def purge_cmd(
+    before: Annotated[
+        str | None, typer.Option(help="Erase prompts received before this time (ISO 8601).")
+    ] = None,
+    route: Annotated[
+        list[str] | None, typer.Option("--route", help="Erase prompts of this route (repeatable).")
+    ] = None,
+    matching: Annotated[
+        str | None,
+        typer.Option(
+            "--matching",
+            help="Erase prompts whose text contains this (case-insensitive; never printed or logged).",
+            show_default=False,
+        ),
+    ] = None,
+    regex: Annotated[
+        bool, typer.Option("--regex", help="--matching is a regular expression.")
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Erase (without it: a dry run that counts).")
+    ] = False,
+    db: DbOption = None,
+) -> None:
+    """Erase raw prompt text (filters combine with AND). Calibration sets keep their digests and
+    redacted members. Without --yes nothing changes: the counts of what would be erased."""
+    from pydantic import ValidationError
+
+    from pipelines.logs import PurgeParameters, purge_logs
+    from registry.db import SchemaOutdatedError
+
+    try:
+        params = PurgeParameters(
+            before=_parse_time(before, "--before"),
+            routes=tuple(route) if route else None,
+            matching=matching,
+            regex=regex,
+            dry_run=not yes,
+        )
+        report = purge_logs(params, db)
+    except ValidationError as exc:
+        _fail("; ".join(error["msg"] for error in exc.errors()))  # messages only, never the input
+    except (ValueError, SchemaOutdatedError) as exc:
+        _fail(str(exc))
+    table = Table(
+        title="Purge (dry run: nothing erased)" if report.dry_run else "Purge", show_header=False
+    )
+    table.add_row("prompts selected", f"{report.selected:,}")
+    table.add_row(
+        "  of which in calibration sets (redacted copies kept)", f"{report.in_calibration_sets:,}"
+    )
+    table.add_row("already purged", f"{report.already_purged:,}")
+    table.add_row("erased now", f"{report.purged:,}")
+    console.print(table)
+    if report.dry_run and report.selected:
+        console.print("run again with [bold]--yes[/bold] to erase the raw text of these prompts")
 
 
 @db_app.command("upgrade")

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from calibration.config import SamplingConfig
 from calibration.drift import DriftThresholds, DriftVerdict, compare
 from calibration.prompts import PromptRenderer, RenderedPrompt
+from calibration.redaction import REDACTOR_VERSION, RedactedPrompt, redact_prompt
 from calibration.sampling import CalibrationSample, PromptRecord, Role, sample_calibration_set
 from registry import db
 from registry import prompt_logs as store
@@ -62,6 +63,16 @@ class SampleOutcome:
 
 
 def to_prompt_record(prompt: store.LoggedPrompt) -> PromptRecord:
+    """A stored prompt for sampling, with its stored redaction when the current redactor made it
+    from the content as it is now."""
+    redaction = None
+    current = prompt.redactor_version == REDACTOR_VERSION and prompt.redacted_text is not None
+    if current and prompt.content_intact:
+        redaction = RedactedPrompt(
+            prompt.redacted_text,
+            None if prompt.redacted_messages is None else tuple(prompt.redacted_messages),
+            dict(prompt.redaction_counts or {}),
+        )
     return PromptRecord(
         id=prompt.id,
         received_at=prompt.received_at,
@@ -71,7 +82,14 @@ def to_prompt_record(prompt: store.LoggedPrompt) -> PromptRecord:
         token_count=prompt.token_count,
         source=prompt.source,
         messages=prompt.messages,
+        redaction=redaction,
     )
+
+
+def store_redactions(db_url: str | None = None) -> int:
+    """Redact every stored prompt that lacks the current redactor's result, once, and keep it
+    beside the raw text (sampling and drift then reuse it). Returns how many were redacted."""
+    return store.store_redactions(db_url, redact_prompt=redact_prompt, version=REDACTOR_VERSION)
 
 
 def import_logs(paths: Iterable[str | Path], db_url: str | None = None, **kwargs: Any):
@@ -83,8 +101,10 @@ def import_logs(paths: Iterable[str | Path], db_url: str | None = None, **kwargs
 def sample(
     config: SamplingConfig, renderer: PromptRenderer, db_url: str | None = None
 ) -> CalibrationSample:
-    """Sample (without storing) from the store's window, rendering with ``renderer``."""
+    """Sample (without storing) from the store's window, rendering with ``renderer``. Prompts
+    imported without their redaction are redacted (and stored) first."""
     db.ensure_schema(db_url)
+    store_redactions(db_url)
     records = (
         to_prompt_record(p)
         for p in store.fetch_window(
@@ -148,6 +168,10 @@ class _Member:
     token_count: int
 
 
+def _redacted(record: PromptRecord) -> RedactedPrompt:
+    return record.redaction or redact_prompt(record.messages or None, record.text)
+
+
 def reference_samples(calibration_set: store.StoredCalibrationSet) -> Sequence[_Member]:
     """All members (calibration and hold-out) of a stored set, as drift reference samples."""
     return [_Member(m.redacted_text, m.route, m.token_count) for m in calibration_set.members]
@@ -161,13 +185,17 @@ def check_drift(params: DriftParameters, db_url: str | None = None) -> DriftVerd
         _, newest = store.time_range(db_url)
         end = until or newest
         since = end - dt.timedelta(days=params.window_days) if end else None
-    recent = [to_prompt_record(p) for p in store.fetch_window(db_url, since=since, until=until)]
+    recent = [
+        _Member(_redacted(record).text, record.route, record.token_count)
+        for record in map(to_prompt_record, store.fetch_window(db_url, since=since, until=until))
+    ]
     verdict = compare(
         reference_samples(calibration_set),
         recent,
         DriftThresholds(
             js=params.js_threshold, psi=params.psi_threshold, min_samples=params.min_samples
         ),
+        redact_recent=False,  # redacted above: the stored redaction, or now
     )
     logger.info(
         "drift of %d recent prompts vs set %s: drifted=%s %s",
@@ -235,3 +263,44 @@ def export_calibration_set(digest: str, out_dir: str | Path, db_url: str | None 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+class PurgeParameters(BaseModel):
+    """What ``purge_logs`` erases (filters combine with AND; at least one is required).
+
+    ``matching`` is a ``SecretStr``: the text to erase is usually the PII itself, so it never shows
+    in a repr, a log line or a Prefect parameter view.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    before: dt.datetime | None = Field(None, description="erase prompts received before this time")
+    routes: tuple[str, ...] | None = Field(None, description="erase prompts of these routes")
+    matching: SecretStr | None = Field(None, description="erase prompts whose text contains this")
+    regex: bool = Field(False, description="treat 'matching' as a regular expression")
+    dry_run: bool = Field(True, description="only count (the default); False erases")
+
+    @field_validator("before")
+    @classmethod
+    def _utc(cls, value: dt.datetime | None) -> dt.datetime | None:
+        return _aware(value)
+
+    @model_validator(mode="after")
+    def _some_filter(self) -> PurgeParameters:
+        if self.before is None and not self.routes and self.matching is None:
+            raise ValueError("give at least one filter: before, routes or matching")
+        return self
+
+
+def purge_logs(params: PurgeParameters, db_url: str | None = None) -> store.PurgeReport:
+    """Erase raw prompt text from the store (``registry.prompt_logs.purge_prompts``); calibration
+    sets keep their digests and redacted member texts."""
+    db.ensure_schema(db_url)
+    return store.purge_prompts(
+        db_url,
+        before=params.before,
+        routes=params.routes,
+        matching=params.matching.get_secret_value() if params.matching is not None else None,
+        regex=params.regex,
+        dry_run=params.dry_run,
+    )

@@ -1,7 +1,9 @@
 """Engines, sessions and migrations for the fp4roll store.
 
 Default: a SQLite file ``$FP4ROLL_HOME/fp4roll.db`` (FP4ROLL_HOME defaults to ``~/.fp4roll``) in WAL
-mode with a busy timeout, so a CLI, a flow and a reader can share it. Production: PostgreSQL by URL,
+mode with a busy timeout, so a CLI, a flow and a reader can share it. The store holds raw prompts:
+FP4ROLL_HOME is created 0700 and the SQLite file and its side files 0600; looser existing modes are
+tightened with a warning. Production: PostgreSQL by URL,
 through the argument or ``FP4ROLL_DB_URL`` (``postgresql://`` is mapped to the psycopg 3 driver).
 
 Schema changes go through Alembic (``upgrade(url)``, CLI ``fp4roll db upgrade``); the migration scripts
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,9 +33,59 @@ _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
 
 
-def fp4roll_home() -> Path:
-    """``$FP4ROLL_HOME`` or ``~/.fp4roll`` (not created here)."""
+PRIVATE_DIR_MODE = 0o700  # FP4ROLL_HOME: raw prompts, MLflow runs and checkpoints live below it
+PRIVATE_FILE_MODE = 0o600  # the SQLite store and its -wal / -shm / -journal side files
+SQLITE_SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
+_tightened: set[str] = set()
+
+
+def tighten_permissions(path: Path, mode: int) -> bool:
+    """Remove every permission bit of ``path`` outside ``mode`` (group/other access), with a
+    warning naming the path and both modes. Missing paths are ignored. Returns True if changed."""
+    try:
+        current = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return False
+    if not current & ~mode:
+        return False
+    tightened = current & mode
+    os.chmod(path, tightened)
+    if str(path) not in _tightened:
+        _tightened.add(str(path))
+        logger.warning(
+            "%s was readable by others (mode %o): tightened to %o", path, current, tightened
+        )
+    return True
+
+
+def secure_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) private to the owner, or tighten it if it exists."""
+    if not path.exists():
+        path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+        os.chmod(path, PRIVATE_DIR_MODE)  # mkdir's mode is filtered by the umask
+    else:
+        tighten_permissions(path, PRIVATE_DIR_MODE)
+    return path
+
+
+def _home_path() -> Path:
     return Path(os.environ.get("FP4ROLL_HOME") or Path.home() / ".fp4roll").expanduser()
+
+
+def fp4roll_home() -> Path:
+    """``$FP4ROLL_HOME`` or ``~/.fp4roll``, created 0700 (an existing looser one is tightened)."""
+    return secure_dir(_home_path())
+
+
+def secure_sqlite_file(database: str | Path) -> None:
+    """Create the SQLite file 0600 before SQLite opens it (it would use the umask, usually 0644)
+    and tighten it and its side files if they exist with looser modes. SQLite gives the -wal and
+    -shm files it creates the mode of the database file."""
+    path = Path(database)
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, PRIVATE_FILE_MODE))
+    for candidate in (path, *(Path(f"{path}{suffix}") for suffix in SQLITE_SIDE_SUFFIXES)):
+        tighten_permissions(candidate, PRIVATE_FILE_MODE)
 
 
 def default_db_url() -> str:
@@ -40,7 +93,7 @@ def default_db_url() -> str:
     env_url = os.environ.get("FP4ROLL_DB_URL")
     if env_url:
         return env_url
-    return f"sqlite:///{fp4roll_home() / 'fp4roll.db'}"
+    return f"sqlite:///{_home_path() / 'fp4roll.db'}"
 
 
 def resolve_url(url: str | URL | None = None) -> URL:
@@ -76,10 +129,17 @@ def create_engine_for(url: str | URL | None = None) -> Engine:
     resolved = resolve_url(url)
     if resolved.drivername.startswith("sqlite"):
         database = resolved.database
-        if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        on_disk = database and database != ":memory:" and not database.startswith("file:")
+        if on_disk:
+            path = Path(database).expanduser()
+            if path.parent == _home_path() or not path.parent.exists():
+                secure_dir(path.parent)  # never chmod a folder the user chose (e.g. /tmp)
+            secure_sqlite_file(path)
         engine = sa.create_engine(resolved, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         sa.event.listen(engine, "connect", _configure_sqlite)
+        if on_disk:
+            # WAL mode creates -wal/-shm on the first connection: check them then too.
+            sa.event.listen(engine, "connect", lambda *_: secure_sqlite_file(path))
     else:
         engine = sa.create_engine(resolved, pool_pre_ping=True)
     logger.debug("engine for %s", resolved.render_as_string(hide_password=True))

@@ -11,8 +11,13 @@ Time: ``timestamp`` / ``received_at`` / ``created_at`` / ``created`` (top level 
 becomes the import time (counted in the report). Files are read as streams; gzip is detected by its
 magic bytes, not the extension.
 
-A bad line (invalid JSON, not UTF-8, empty, over the size limit, wrong shape) is reported with
-``file:line`` and a reason, counted, and skipped; every valid line is stored. Re-importing adds nothing:
+A bad line (invalid JSON, not UTF-8, empty, over the size limit, wrong shape, a time that does not
+convert or lies more than ``MAX_FUTURE_SKEW`` after the import, anything else that fails while decoding
+it) is reported with ``file:line`` and a reason, counted, and skipped; every valid line is stored. One
+handler (``_Importer.take``) turns ANY exception raised while decoding one line or row into a bad line,
+so no input can abort an import. Reasons never quote the line's values (they may hold PII): they name
+the field and what is wrong with it. A batch the database refuses is retried row by row, so one
+unstorable row costs that row only. Re-importing adds nothing:
 each prompt has a ``content_digest`` = SHA-256 over canonical JSON of its content and route, unique in
 the table, inserted with ``INSERT … ON CONFLICT DO NOTHING``.
 
@@ -48,6 +53,9 @@ DEFAULT_MAX_LINE_BYTES = 1 << 20  # 1 MiB per JSONL line
 DEFAULT_BATCH_SIZE = 500
 MAX_REPORTED_BAD_LINES = 1000  # all are counted; this many are kept with file:line and reason
 DEFAULT_ROUTE = "default"
+# A line dated later than the import plus this skew is bad (clock skew between hosts is tolerated; a
+# line from the future would move every "recent window" with it).
+MAX_FUTURE_SKEW = dt.timedelta(minutes=5)
 MAX_ROUTE_CHARS = 128
 MAX_MODEL_CHARS = 256
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -124,6 +132,18 @@ class LoggedPrompt:
     token_count: int
     source: str
     messages: tuple[Mapping[str, Any], ...] | None = None
+    # The stored redaction (``store_redactions``), None when missing; valid for ``redactor_version``.
+    redactor_version: str | None = None
+    redacted_text: str | None = None
+    redacted_messages: tuple[Mapping[str, Any], ...] | None = None
+    redaction_counts: Mapping[str, int] | None = None
+
+    @property
+    def content_intact(self) -> bool:
+        """The raw content still hashes to its ``content_digest`` (not edited since the import), so
+        a stored redaction of it still applies."""
+        text = None if self.messages is not None else self.text
+        return content_digest(self.route, self.messages, text) == self.content_digest
 
 
 @dataclass(frozen=True)
@@ -229,9 +249,7 @@ def _normalise_messages(raw: Any) -> tuple[dict[str, str], ...]:
             raise PromptShapeError(f"messages[{index}] is not an object")
         role = message.get("role")
         if not isinstance(role, str) or role not in CHAT_ROLES:
-            raise PromptShapeError(
-                f"messages[{index}].role {role!r} is not one of {sorted(CHAT_ROLES)}"
-            )
+            raise PromptShapeError(f"messages[{index}].role is not one of {sorted(CHAT_ROLES)}")
         text = _check_text(_content_text(message.get("content"), index), f"messages[{index}]")
         messages.append({"role": role, "content": text})
     if not any(m["content"].strip() for m in messages):
@@ -239,32 +257,48 @@ def _normalise_messages(raw: Any) -> tuple[dict[str, str], ...]:
     return tuple(messages)
 
 
+_MAX_ISO_CHARS = 64  # longer strings are not timestamps (and are not parsed at all)
+
+
 def _parse_time(value: Any) -> dt.datetime:
+    """A UTC datetime from a datetime, Unix seconds/milliseconds or ISO 8601 text.
+
+    Raises ``PromptShapeError`` (never quoting the value) for anything that is not a representable
+    time: NaN/inf, negative, out of range, over-long or malformed text, a UTC offset that pushes the
+    time out of the calendar (``0001-01-01T00:00+01:00``).
+    """
     if isinstance(value, dt.datetime):
         moment = value
     elif isinstance(value, bool):
-        raise PromptShapeError(f"timestamp {value!r} is not a time")
+        raise PromptShapeError("timestamp is a boolean, not a time")
     elif isinstance(value, int | float):
-        if not math.isfinite(value) or value < 0:
-            raise PromptShapeError(f"timestamp {value!r} is not a valid Unix time")
-        seconds = value / 1000 if value > 1e12 else value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PromptShapeError("timestamp is not a finite number")
+        if value < 0:
+            raise PromptShapeError("timestamp is a negative Unix time")
         try:
+            seconds = value / 1000 if value > 1e12 else value
             return dt.datetime.fromtimestamp(seconds, tz=dt.timezone.utc)
         except (OverflowError, OSError, ValueError) as exc:
-            raise PromptShapeError(f"timestamp {value!r} is out of range") from exc
+            raise PromptShapeError("timestamp is out of the representable range") from exc
     elif isinstance(value, str):
         text = value.strip()
+        if len(text) > _MAX_ISO_CHARS:
+            raise PromptShapeError(f"timestamp text is longer than {_MAX_ISO_CHARS} characters")
         if text.endswith(("Z", "z")):
             text = text[:-1] + "+00:00"
         try:
             moment = dt.datetime.fromisoformat(text)
         except ValueError as exc:
-            raise PromptShapeError(f"timestamp {value[:40]!r} is not ISO 8601") from exc
+            raise PromptShapeError("timestamp is not ISO 8601") from exc
     else:
         raise PromptShapeError(f"timestamp of type {type(value).__name__} is not a time")
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)
-    return moment.astimezone(dt.timezone.utc)
+    try:
+        return moment.astimezone(dt.timezone.utc)
+    except (OverflowError, ValueError) as exc:
+        raise PromptShapeError("timestamp is out of the representable range in UTC") from exc
 
 
 def _first(obj: Mapping[str, Any], metadata: Mapping[str, Any], keys: Sequence[str]) -> Any:
@@ -276,7 +310,13 @@ def _first(obj: Mapping[str, Any], metadata: Mapping[str, Any], keys: Sequence[s
 
 
 def parse_prompt(obj: Any, *, now: dt.datetime | None = None) -> ParsedPrompt:
-    """Validate one decoded log line. Raises ``PromptShapeError`` with the reason."""
+    """Validate one decoded log line. Raises ``PromptShapeError`` with the reason (never a value).
+
+    ``now`` (default: the current time) stands in for a missing timestamp; a timestamp later than
+    ``now + MAX_FUTURE_SKEW`` is refused. Other exceptions may escape on hostile input: callers that
+    import many lines go through ``_Importer.take``, which turns any of them into a bad line.
+    """
+    now = now or dt.datetime.now(dt.timezone.utc)
     if not isinstance(obj, Mapping):
         raise PromptShapeError(f"expected a JSON object, got {type(obj).__name__}")
     metadata = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
@@ -304,7 +344,7 @@ def parse_prompt(obj: Any, *, now: dt.datetime | None = None) -> ParsedPrompt:
     if route is None:
         route = DEFAULT_ROUTE
     if not isinstance(route, str) or not route.strip():
-        raise PromptShapeError(f"route must be a non-empty string, got {route!r}")
+        raise PromptShapeError(f"route must be a non-empty string, not {type(route).__name__}")
     route = _check_text(route.strip(), "route")
     if len(route) > MAX_ROUTE_CHARS:
         raise PromptShapeError(f"route longer than {MAX_ROUTE_CHARS} characters")
@@ -317,7 +357,12 @@ def parse_prompt(obj: Any, *, now: dt.datetime | None = None) -> ParsedPrompt:
 
     raw_time = _first(obj, metadata, _TIME_KEYS)
     missing = raw_time is None
-    received_at = (now or dt.datetime.now(dt.timezone.utc)) if missing else _parse_time(raw_time)
+    received_at = now if missing else _parse_time(raw_time)
+    if received_at > now + MAX_FUTURE_SKEW:
+        raise PromptShapeError(
+            f"timestamp is more than {int(MAX_FUTURE_SKEW.total_seconds() // 60)} minutes "
+            "in the future"
+        )
 
     text = flatten_prompt(messages, prompt_text)
     return ParsedPrompt(
@@ -372,6 +417,25 @@ def _decode_line(raw: bytes, now: dt.datetime) -> ParsedPrompt:
     return parse_prompt(obj, now=now)
 
 
+def _error_name(exc: BaseException) -> str:
+    """The type name of a (database) error, unwrapping SQLAlchemy's DBAPIError; no message text."""
+    return type(getattr(exc, "orig", None) or exc).__name__
+
+
+def bad_line_reason(exc: BaseException) -> str:
+    """The reason reported for a line that raised ``exc``: never the line's values.
+
+    ``PromptShapeError`` messages are written to name fields, not values; any other exception is
+    reported by its type only, because its text may quote the input (``int()`` and ``json``
+    errors do).
+    """
+    if isinstance(exc, PromptShapeError):
+        return str(exc)
+    if isinstance(exc, RecursionError):
+        return "invalid JSON: nested too deeply"
+    return f"cannot decode the line ({type(exc).__name__})"
+
+
 # --------------------------------------------------------------------------------------------------
 # Import
 
@@ -386,6 +450,21 @@ class _Importer:
         self.lines = self.imported = self.duplicates = self.bad = self.missing_timestamps = 0
         self.bad_lines: list[BadLine] = []
         self.now = dt.datetime.now(dt.timezone.utc)
+
+    def take(self, source: str, line: int, decode: Callable[[], ParsedPrompt]) -> None:
+        """Count one line or row: ``decode()`` it and queue the result, or record it as bad.
+
+        THE per-line handler: whatever ``decode`` raises (a shape error, ``ValueError`` from a
+        5 000-digit number, ``OverflowError`` from a time, ``RecursionError``, ``MemoryError``,
+        ...) costs this one line and never the import.
+        """
+        self.lines += 1
+        try:
+            parsed = decode()
+        except Exception as exc:  # noqa: BLE001 - by design: any failure makes this one line bad
+            self.add_bad(source, line, bad_line_reason(exc))
+            return
+        self.add(parsed, source, line)
 
     def add_bad(self, source: str, line: int, reason: str) -> None:
         self.bad += 1
@@ -420,10 +499,25 @@ class _Importer:
         for row in self.batch:
             unique.setdefault(row["content_digest"], row)
         rows = list(unique.values())
-        inserted = insert_prompt_rows(self.engine, rows)
+        batch, self.batch = self.batch, []
+        try:
+            inserted = insert_prompt_rows(self.engine, rows)
+        except sa.exc.SQLAlchemyError:
+            # The database refused the batch (a value one backend cannot store, ...): store the
+            # rows one by one so only the refused ones are lost, each reported where it came from.
+            inserted = 0
+            for row in rows:
+                try:
+                    inserted += insert_prompt_rows(self.engine, [row])
+                except sa.exc.SQLAlchemyError as exc:
+                    self.add_bad(
+                        row["source"],
+                        row["source_line"],
+                        f"the database refused the row ({_error_name(exc)})",
+                    )
+                    batch.remove(row)
         self.imported += inserted
-        self.duplicates += len(self.batch) - inserted
-        self.batch = []
+        self.duplicates += len(batch) - inserted
 
     def report(self, sources: Sequence[str], started: float) -> ImportReport:
         self.flush()
@@ -497,23 +591,22 @@ def import_files(
         try:
             with raw, stream:
                 for line_no, content, error in _iter_raw_lines(stream, max_line_bytes):
-                    importer.lines += 1
                     if error is not None:
+                        importer.lines += 1
                         importer.add_bad(source, line_no, error)
                         continue
-                    try:
-                        parsed = _decode_line(content or b"", importer.now)
-                    except PromptShapeError as exc:
-                        importer.add_bad(source, line_no, str(exc))
-                        continue
-                    importer.add(parsed, source, line_no)
+                    importer.take(
+                        source, line_no, lambda c=content: _decode_line(c or b"", importer.now)
+                    )
                     if on_progress is not None and line_no % 256 == 0:
                         position = raw.tell()
                         if position != last_reported:
                             on_progress(source, position, total)
                             last_reported = position
         except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
-            importer.add_bad(source, line_no + 1, f"file is corrupt or truncated: {exc}")
+            importer.add_bad(
+                source, line_no + 1, f"file is corrupt or truncated ({type(exc).__name__})"
+            )
         if on_progress is not None:
             on_progress(source, total, total)
     report = importer.report(sources, started)
@@ -546,6 +639,10 @@ def parse_column_mapping(pairs: Iterable[str]) -> dict[str, str]:
     return mapping
 
 
+def _lenient_sqlite_text(dbapi_connection, _record) -> None:  # noqa: ANN001 - sqlite3 connection
+    dbapi_connection.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
+
+
 def import_sql(
     source_url: str | URL,
     table: str,
@@ -563,7 +660,13 @@ def import_sql(
     started = time.perf_counter()
     importer = _Importer(url, batch_size)
     source_url = make_url(source_url)
-    source_engine = db.create_engine_for(source_url)
+    # A plain engine: the source is not ours (no WAL switch, no chmod, never created if missing).
+    source_engine = sa.create_engine(db.resolve_url(source_url))
+    if source_engine.dialect.name == "sqlite":
+        # SQLite hands back whatever bytes a TEXT cell holds; invalid UTF-8 would otherwise raise
+        # inside the cursor and end the stream. Decoded with surrogate escapes, such a row fails
+        # ``_check_text`` and is reported as one bad row.
+        sa.event.listen(source_engine, "connect", _lenient_sqlite_text)
     schema_name, _, table_name = table.rpartition(".")
     # No credentials in the stored source label.
     source = f"sql:{source_url.get_backend_name()}/{source_url.database or ''}/{table}"
@@ -576,28 +679,225 @@ def import_sql(
             raise ValueError(
                 f"table {table!r} has no column(s) {missing}; it has {list(reflected.c.keys())}"
             )
-        columns = [reflected.c[c].label(f) for f, c in mapping.items()]
+        # Raw driver values (no SQLAlchemy result processing): a malformed DATETIME text in one
+        # row must be that row's bad time, not an exception that ends the stream.
+        columns = [
+            sa.type_coerce(reflected.c[c], sa.types.NullType()).label(f) for f, c in mapping.items()
+        ]
         total = 0
         with source_engine.connect() as conn:
             total = conn.execute(sa.select(sa.func.count()).select_from(reflected)).scalar_one()
             rows = conn.execution_options(stream_results=True, yield_per=batch_size).execute(
                 sa.select(*columns)
             )
-            for row_no, row in enumerate(rows, start=1):
-                importer.lines += 1
-                try:
-                    parsed = parse_prompt(dict(row._mapping), now=importer.now)
-                except PromptShapeError as exc:
-                    importer.add_bad(source, row_no, str(exc))
-                    continue
-                importer.add(parsed, source, row_no)
-                if on_progress is not None and row_no % 256 == 0:
-                    on_progress(source, row_no, total)
+            row_no = 0
+            try:
+                for row_no, row in enumerate(rows, start=1):
+                    importer.take(
+                        source,
+                        row_no,
+                        lambda r=row: parse_prompt(dict(r._mapping), now=importer.now),
+                    )
+                    if on_progress is not None and row_no % 256 == 0:
+                        on_progress(source, row_no, total)
+            except Exception as exc:  # noqa: BLE001 - the source broke; keep what was read
+                # The source itself failed mid-stream: what was read is kept, the rest reported.
+                importer.add_bad(
+                    source,
+                    row_no + 1,
+                    f"reading the source failed; rows from here on were not read "
+                    f"({_error_name(exc)})",
+                )
         if on_progress is not None:
             on_progress(source, total, total)
     finally:
         source_engine.dispose()
     return importer.report([source], started)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stored redactions and purging
+
+#: (messages or None, plain text or None) -> object with ``.text`` (flattened), ``.messages`` (or
+#: None) and ``.counts``: ``calibration.redaction.redact_prompt``, passed in by the pipelines.
+RedactPromptFn = Callable[[Sequence[Mapping[str, Any]] | None, str | None], Any]
+
+
+def store_redactions(
+    url: str | URL | None = None,
+    *,
+    redact_prompt: RedactPromptFn,
+    version: str,
+    batch_size: int = 200,
+) -> int:
+    """Redact every unpurged prompt whose stored redaction is missing or from another ``version``
+    and store it beside the raw text. Returns how many prompts were redacted.
+
+    Run after an import (``fp4roll logs import`` does) so each prompt is redacted once, not on every
+    sampling or drift run; ``fetch_window`` returns the stored redaction with each prompt.
+    """
+    stale = (
+        sa.select(PromptLog.id)
+        .where(PromptLog.purged_at.is_(None))
+        .where(sa.or_(PromptLog.redactor_version.is_(None), PromptLog.redactor_version != version))
+        .order_by(PromptLog.id)
+    )
+    engine = db.get_engine(url)
+    with engine.connect() as conn:
+        ids = list(conn.execute(stale).scalars())
+    done = 0
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(PromptLog.id, PromptLog.messages, PromptLog.prompt_text).where(
+                    PromptLog.id.in_(chunk), PromptLog.purged_at.is_(None)
+                )
+            ).all()
+        updates = []
+        for row_id, messages, prompt_text in rows:
+            redacted = redact_prompt(messages, prompt_text)
+            updates.append(
+                {
+                    "row_id": row_id,
+                    "redactor_version": version,
+                    "redacted_text": redacted.text,
+                    "redacted_messages": None
+                    if redacted.messages is None
+                    else [dict(m) for m in redacted.messages],
+                    "redaction_counts": dict(redacted.counts),
+                }
+            )
+        if updates:
+            stmt = (
+                sa.update(PromptLog)
+                .where(PromptLog.id == sa.bindparam("row_id"), PromptLog.purged_at.is_(None))
+                .values(
+                    redactor_version=sa.bindparam("redactor_version"),
+                    redacted_text=sa.bindparam("redacted_text"),
+                    redacted_messages=sa.bindparam("redacted_messages"),
+                    redaction_counts=sa.bindparam("redaction_counts"),
+                )
+            )
+            with engine.begin() as conn:
+                conn.execute(stmt, updates)
+        done += len(updates)
+    if done:
+        logger.info("stored %d redactions (redactor %s)", done, version)
+    return done
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    """Outcome of ``purge_prompts`` (counts only: the matching text is never echoed)."""
+
+    selected: int  # unpurged prompts the filters select
+    already_purged: int  # prompts within the time/route filters erased by an earlier purge
+    purged: int  # erased now (0 on a dry run)
+    in_calibration_sets: int  # of the selected, members of a calibration set (kept: redacted)
+    dry_run: bool
+
+
+def _text_matcher(matching: str | None, regex: bool) -> Callable[[str], bool] | None:
+    if matching is None:
+        return None
+    if not matching.strip():
+        raise ValueError("the matching text is empty")
+    if regex:
+        try:
+            pattern = re.compile(matching, re.IGNORECASE)
+        except re.error as exc:
+            # The message names the position, never the pattern (it may be the PII itself).
+            raise ValueError(f"invalid regular expression (at position {exc.pos})") from None
+        return lambda text: pattern.search(text) is not None
+    needle = matching.casefold()
+    return lambda text: needle in text.casefold()
+
+
+def purge_prompts(
+    url: str | URL | None = None,
+    *,
+    before: dt.datetime | None = None,
+    routes: Sequence[str] | None = None,
+    matching: str | None = None,
+    regex: bool = False,
+    dry_run: bool = True,
+    batch_size: int = 500,
+) -> PurgeReport:
+    """Erase the raw text of stored prompts: received before ``before``, on ``routes``, and/or whose
+    text contains ``matching`` (case-insensitive substring, or a regular expression with
+    ``regex``). Filters combine with AND; at least one is required.
+
+    Erased: ``messages``, ``prompt_text`` and the stored redaction of each selected row, which is
+    stamped ``purged_at``. Kept: the row (digest, route, time, token count), calibration sets, their
+    digests and their members' REDACTED texts, so past versions stay explainable; a re-import of the
+    same prompt does not bring it back (its digest is taken). ``dry_run`` (the default) only counts.
+    Nothing here logs or reports the matching text.
+    """
+    if before is None and not routes and matching is None:
+        raise ValueError("give at least one filter: before, routes or matching text")
+    if before is not None and before.tzinfo is None:
+        raise ValueError("'before' must be timezone-aware")
+    matches = _text_matcher(matching, regex)
+    stmt = sa.select(
+        PromptLog.id, PromptLog.messages, PromptLog.prompt_text, PromptLog.purged_at
+    ).order_by(PromptLog.id)
+    if before is not None:
+        stmt = stmt.where(PromptLog.received_at < before)
+    if routes:
+        stmt = stmt.where(PromptLog.route.in_(list(routes)))
+    engine = db.get_engine(url)
+    selected: list[int] = []
+    already = 0
+    with engine.connect() as conn:
+        result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(stmt)
+        for row_id, messages, prompt_text, purged_at in result:
+            if purged_at is not None:
+                already += 1
+            elif matches is None or matches(flatten_prompt(messages, prompt_text)):
+                selected.append(row_id)
+    in_sets = 0
+    purged = 0
+    now = dt.datetime.now(dt.timezone.utc)
+    for start in range(0, len(selected), batch_size):
+        chunk = selected[start : start + batch_size]
+        with engine.begin() as conn:
+            in_sets += conn.execute(
+                sa.select(sa.func.count(sa.distinct(CalibrationSetMember.prompt_log_id))).where(
+                    CalibrationSetMember.prompt_log_id.in_(chunk)
+                )
+            ).scalar_one()
+            if not dry_run:
+                purged += conn.execute(
+                    sa.update(PromptLog)
+                    .where(PromptLog.id.in_(chunk), PromptLog.purged_at.is_(None))
+                    .values(
+                        messages=sa.null(),
+                        prompt_text=sa.null(),
+                        redacted_text=sa.null(),
+                        redacted_messages=sa.null(),
+                        redaction_counts=sa.null(),
+                        redactor_version=sa.null(),
+                        purged_at=now,
+                    )
+                ).rowcount
+    report = PurgeReport(
+        selected=len(selected),
+        already_purged=already,
+        purged=purged,
+        in_calibration_sets=in_sets,
+        dry_run=dry_run,
+    )
+    logger.info(
+        "purge%s: %d prompts selected (before=%s, routes=%s, text filter: %s), %d erased",
+        " (dry run)" if dry_run else "",
+        report.selected,
+        before.isoformat() if before else None,
+        list(routes) if routes else None,
+        "regex" if matching is not None and regex else ("substring" if matching else "none"),
+        report.purged,
+    )
+    return report
 
 
 # --------------------------------------------------------------------------------------------------
@@ -616,6 +916,12 @@ def _to_logged(row: PromptLog) -> LoggedPrompt:
         token_count=row.token_count,
         source=row.source,
         messages=messages,
+        redactor_version=row.redactor_version,
+        redacted_text=row.redacted_text,
+        redacted_messages=(
+            tuple(row.redacted_messages) if row.redacted_messages is not None else None
+        ),
+        redaction_counts=row.redaction_counts,
     )
 
 
@@ -627,8 +933,14 @@ def fetch_window(
     routes: Sequence[str] | None = None,
     batch_size: int = 1000,
 ) -> Iterator[LoggedPrompt]:
-    """Stream stored prompts with ``since <= received_at < until``, ordered by time then id."""
-    stmt = sa.select(PromptLog).order_by(PromptLog.received_at, PromptLog.id)
+    """Stream stored prompts with ``since <= received_at < until``, ordered by time then id.
+
+    Purged prompts (raw text erased) are left out."""
+    stmt = (
+        sa.select(PromptLog)
+        .where(PromptLog.purged_at.is_(None))
+        .order_by(PromptLog.received_at, PromptLog.id)
+    )
     if since is not None:
         stmt = stmt.where(PromptLog.received_at >= since)
     if until is not None:
@@ -640,16 +952,22 @@ def fetch_window(
             yield _to_logged(row)
 
 
-def count_prompts(url: str | URL | None = None) -> int:
+def count_prompts(url: str | URL | None = None, *, include_purged: bool = False) -> int:
+    """Stored prompts (by default those whose raw text is still there)."""
+    stmt = sa.select(sa.func.count()).select_from(PromptLog)
+    if not include_purged:
+        stmt = stmt.where(PromptLog.purged_at.is_(None))
     with db.get_engine(url).connect() as conn:
-        return conn.execute(sa.select(sa.func.count()).select_from(PromptLog)).scalar_one()
+        return conn.execute(stmt).scalar_one()
 
 
 def time_range(url: str | URL | None = None) -> tuple[dt.datetime | None, dt.datetime | None]:
-    """(earliest, latest) ``received_at`` in the store."""
+    """(earliest, latest) ``received_at`` of the stored, unpurged prompts."""
     with db.session_scope(url) as session:
         low, high = session.execute(
-            sa.select(sa.func.min(PromptLog.received_at), sa.func.max(PromptLog.received_at))
+            sa.select(sa.func.min(PromptLog.received_at), sa.func.max(PromptLog.received_at)).where(
+                PromptLog.purged_at.is_(None)
+            )
         ).one()
     utc = dt.timezone.utc
     if isinstance(low, str):  # SQLite aggregates bypass the column type
@@ -784,6 +1102,7 @@ def list_calibration_sets(url: str | URL | None = None) -> list[StoredCalibratio
 
 __all__ = [
     "BadLine",
+    "PurgeReport",
     "CalibrationMemberRow",
     "ImportReport",
     "LoggedPrompt",
@@ -791,6 +1110,7 @@ __all__ = [
     "PromptShapeError",
     "StoredCalibrationSet",
     "approx_token_count",
+    "bad_line_reason",
     "content_digest",
     "count_prompts",
     "fetch_window",
@@ -802,6 +1122,8 @@ __all__ = [
     "load_calibration_set",
     "parse_column_mapping",
     "parse_prompt",
+    "purge_prompts",
     "save_calibration_set",
+    "store_redactions",
     "time_range",
 ]

@@ -103,11 +103,19 @@ class Base(DeclarativeBase):
 
 
 class PromptLog(Base):
-    """One production request, deduplicated by ``content_digest`` (prompt content + route)."""
+    """One production request, deduplicated by ``content_digest`` (prompt content + route).
+
+    ``fp4roll logs purge`` erases the raw text (``messages``, ``prompt_text``) and the cached
+    redaction of a row and stamps ``purged_at``; the row stays (digest, route, time, token count) so
+    calibration-set members keep their reference and a re-import cannot bring the text back.
+    """
 
     __tablename__ = "prompt_logs"
     __table_args__ = (
-        sa.CheckConstraint("messages IS NOT NULL OR prompt_text IS NOT NULL", name="has_prompt"),
+        sa.CheckConstraint(
+            "messages IS NOT NULL OR prompt_text IS NOT NULL OR purged_at IS NOT NULL",
+            name="has_prompt",
+        ),
         sa.Index("ix_prompt_logs_received_at", "received_at"),
         sa.Index("ix_prompt_logs_route", "route"),
     )
@@ -126,6 +134,14 @@ class PromptLog(Base):
     source: Mapped[str] = mapped_column(sa.String(1024), nullable=False)
     source_line: Mapped[int | None] = mapped_column(sa.Integer)
     imported_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    # Set when the raw text was erased (``registry.prompt_logs.purge_prompts``).
+    purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # The prompt redacted once and kept (``registry.prompt_logs.store_redactions``), keyed by the
+    # redactor's version: a newer redactor recomputes it. Chat prompts: redacted messages.
+    redactor_version: Mapped[str | None] = mapped_column(sa.String(64))
+    redacted_text: Mapped[str | None] = mapped_column(sa.Text)
+    redacted_messages: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
+    redaction_counts: Mapped[dict[str, int] | None] = mapped_column(JSONType)
 
 
 class CalibrationSet(Base):

@@ -35,3 +35,28 @@ def force_backend(monkeypatch):
         monkeypatch.setenv("FP4ROLL_KERNEL_BACKEND", name)
 
     return _force
+
+
+#: Odd shapes for the block-scale search and the given-scale codec (rows x K).
+SEARCH_SHAPES = [(17, 48), (3, 16), (130, 272)]
+
+
+def search_weight(
+    dtype: torch.dtype, shape: tuple[int, int] = (17, 48), seed: int = 0
+) -> torch.Tensor:
+    """Random blocks over a wide dynamic range (FP8 block scales from subnormal to saturated)
+    plus an all-zero block, an all -0.0 block, exact E2M1 ties and table values (±6) under
+    scale_eff 1 (amax 6 -> gs 448), and a lone-value block."""
+    g = torch.Generator().manual_seed(seed)
+    rows, k = shape
+    magnitude = torch.exp2(torch.randint(-24, 6, (rows, k // 16, 1), generator=g).float())
+    weight = torch.randn(rows, k // 16, 16, generator=g) * magnitude
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
+    weight[0, 0] = torch.cat([ties, -ties.flip(0)])
+    if rows > 1:
+        weight[1, 0] = 0.0
+    if rows > 2:
+        weight[2, 0] = -0.0
+        weight[2, -1] = 0.0
+        weight[2, -1, 3] = -6.0 * 2.0**-3  # a lone value on the grid
+    return weight.reshape(rows, k).to(dtype)

@@ -76,3 +76,50 @@ def test_logs_cli_import_sample_drift(tmp_path, tiny_llama_dir) -> None:
         assert result.exit_code == 2 and "calibration_size" in result.output
     finally:
         db.dispose_engines()
+
+
+def test_logs_cli_purge_counts_first_and_never_prints_the_text(tmp_path, caplog) -> None:
+    url = f"sqlite:///{tmp_path / 'purge.db'}"
+    name = "Oskar Lindqvist-Maier"
+    logs = tmp_path / "p.jsonl"
+    logs.write_text(
+        "".join(
+            json.dumps({"prompt": text, "route": route, "created": 1768000000 + i}) + "\n"
+            for i, (text, route) in enumerate(
+                [
+                    (f"I am {name}, mail oskar@example.com", "chat"),
+                    ("hello", "chat"),
+                    ("x = 1", "code"),
+                ]
+            )
+        )
+    )
+    try:
+        result = _invoke("logs", "import", str(logs), "--db", url)
+        assert result.exit_code == 0 and "stored redactions of 3 prompts" in result.output
+        from registry import prompt_logs as store
+
+        stored = {p.text: p for p in store.fetch_window(url)}
+        assert (
+            stored[f"I am {name}, mail oskar@example.com"].redacted_text
+            == f"I am {name}, mail [EMAIL]"
+        )
+
+        result = _invoke("logs", "purge", "--db", url)
+        assert result.exit_code == 1 and "at least one filter" in result.output
+
+        result = _invoke("logs", "purge", "--matching", name.lower(), "--db", url)
+        assert result.exit_code == 0 and "dry run" in result.output and "--yes" in result.output
+        assert name.lower() not in result.output.lower()
+        assert store.count_prompts(url) == 3
+
+        result = _invoke("logs", "purge", "--matching", name, "--yes", "--db", url)
+        assert result.exit_code == 0, result.output
+        assert name not in result.output and name not in caplog.text
+        assert store.count_prompts(url) == 2
+        result = _invoke(
+            "logs", "purge", "--route", "code", "--before", "2026-12-31", "--yes", "--db", url
+        )
+        assert result.exit_code == 0 and store.count_prompts(url) == 1
+    finally:
+        db.dispose_engines()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import time
 
 import sqlalchemy as sa
@@ -31,8 +32,9 @@ PARAMS = SamplingConfig(
 FLATTENED = PromptRenderer()  # no tokenizer here: chat requests are flattened
 # The corpus hash of PARAMS over the shipped sample logs. It must be the same on every machine and
 # backend; it changes only when the shipped data or the sampling algorithm changes (then update it
-# deliberately, together with DIGEST_VERSION in calibration/sampling.py if the algorithm changed).
-GOLDEN_DIGEST = "1c3082657c40e1e7f861c817b80ef27c6b3e6ed7061868800c46c610e04307a6"
+# deliberately, together with DIGEST_VERSION in calibration/sampling.py if the algorithm changed;
+# the redactor's output is part of it: calibration.redaction.REDACTOR_VERSION).
+GOLDEN_DIGEST = "06f26d4e3071be46cc34e79059cd8686474dc2c980abb02fe33881da9f9cd06b"
 
 
 def test_shipped_logs_import_sample_holdout_and_digest(
@@ -76,6 +78,15 @@ def test_shipped_logs_import_sample_holdout_and_digest(
     ]
     leaks = [(kind, span) for text in stored_texts for kind, span in find_pii(text)]
     assert leaks == []
+    # Independent oracle: the formats calibration/data/make_sample_logs.py plants (PII.email,
+    # .phone, .card, .api_key), written here from the generator, not from the redactor.
+    planted = [
+        (kind, m.group())
+        for text in stored_texts
+        for kind, pattern in PLANTED_FORMATS.items()
+        for m in re.finditer(pattern, text)
+    ]
+    assert planted == []
 
     # Helpers later flows use: texts in order, and an atomic audit export.
     assert logs.calibration_prompts(first.digest, migrated_db_url) == [
@@ -106,6 +117,15 @@ def test_shipped_logs_import_sample_holdout_and_digest(
     assert not verdict.drifted and not verdict.inconclusive, verdict.reasons
 
 
+PLANTED_FORMATS = {
+    "email": r"[\w.]+@[\w-]+\.[a-z]{2,}",
+    "phone": r"\+1 415 555 \d{4}|\(\d{3}\) 555-\d{4}|\+49 30 \d{8}|\+33 6(?: \d\d){4}"
+    r"|\+44 20 7946 \d{4}|555\.\d{3}\.\d{4}",
+    "card": r"(?<![\d.])(?:4|5[15]|37)\d{2}([ -]?)\d{4}\1\d{4}\1\d{4}\b",
+    "api_key": r"sk-proj-[A-Za-z0-9]{40}|AKIA[A-Z0-9]{16}|ghp_[A-Za-z0-9]{36}",
+}
+
+
 def _without_system_message(text: str) -> str:
     """Sampling deduplicates on the non-system messages (a route's system prompt is shared)."""
     if text.startswith("system: ") and "\n\nuser: " in text:
@@ -116,3 +136,50 @@ def _without_system_message(text: str) -> str:
 def _rows(url: str, stmt) -> list:
     with db.get_engine(url).connect() as conn:
         return list(conn.execute(stmt))
+
+
+def test_sampling_reuses_the_stored_redaction_of_unchanged_prompts(migrated_db_url, tmp_path):
+    """Each prompt is redacted once (at import) and sampling reuses that result; a stale version
+    or a raw text changed since import is redacted again."""
+    from calibration.redaction import REDACTOR_VERSION, RedactedPrompt
+
+    words = [
+        "alpha",
+        "beta",
+        "gamma",
+        "delta",
+        "epsilon",
+        "zeta",
+        "eta",
+        "theta",
+        "iota",
+        "kappa",
+        "lambda",
+        "mu",
+        "nu",
+        "xi",
+    ]
+    lines = [
+        json.dumps(
+            {"prompt": f"question about {words[i]} and {words[-i - 1]} please", "route": "r"}
+        )
+        for i in range(12)
+    ]
+    path = tmp_path / "logs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    store.import_files([path], migrated_db_url)
+
+    def marker(messages, text):  # stands in for the real redactor: its output is recognisable
+        return RedactedPrompt(f"[STORED] {text}", None, {"stored": 1})
+
+    assert store.store_redactions(migrated_db_url, redact_prompt=marker, version=REDACTOR_VERSION)
+    config = SamplingConfig(calibration_size=8, sensitivity_size=0, holdout_size=4)
+    sample = logs.sample(config, FLATTENED, migrated_db_url)
+    assert all(m.text.startswith("[STORED] question") for m in sample.members)
+    assert sample.summary["redactions"] == {"stored": 12}
+
+    stale = "fp4roll-redactor-0"
+    assert store.store_redactions(migrated_db_url, redact_prompt=marker, version=stale) == 12
+    again = logs.sample(config, FLATTENED, migrated_db_url)  # redacted again, and stored
+    assert not any(m.text.startswith("[STORED]") for m in again.members)
+    assert {p.redactor_version for p in store.fetch_window(migrated_db_url)} == {REDACTOR_VERSION}

@@ -44,7 +44,7 @@ MALFORMED_LINES: list[tuple[bytes, str | None]] = [
     (_line({"prompt": "x" * (MAX_LINE + 10)}), "over the 2048-byte limit"),
     (_line({"messages": "not a list"}), "'messages' is a string but not JSON"),
     (_line({"messages": []}), "non-empty list"),
-    (_line({"messages": [{"role": "wizard", "content": "hi"}]}), "role 'wizard'"),
+    (_line({"messages": [{"role": "wizard", "content": "hi"}]}), "role is not one of"),
     (_line({"model": "acme"}), "neither 'messages' nor 'prompt'"),
     (_line({"prompt": 42}), "'prompt' must be a string"),
     (_line({"prompt": "   "}), "'prompt' is empty"),
