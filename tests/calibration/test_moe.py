@@ -392,7 +392,7 @@ def test_export_refuses_two_tiers_in_one_moe_layer(tmp_path):
         export_checkpoint(model, tmp_path / "b", partial)
 
 
-@pytest.mark.parametrize("tier", [Tier.NVFP4, Tier.NVFP4A16])
+@pytest.mark.parametrize("tier", [Tier.NVFP4, Tier.NVFP4A16, Tier.FP8])
 def test_plan_emulation_equals_reloaded_checkpoint_bit_for_bit(calibrated, batches, tier, tmp_path):
     family, model, selection, stats = calibrated
     # a plan: every expert at ``tier``, attention alternating tier / BF16, shared experts at tier
@@ -415,7 +415,7 @@ def test_plan_emulation_equals_reloaded_checkpoint_bit_for_bit(calibrated, batch
         assert not torch.equal(_forward_logits(model, batches[0]), emulated[0])
         with emulate(model, planned):
             assert not torch.equal(_forward_logits(model, batches[0]), emulated[0])
-        if tier is Tier.NVFP4:  # the expert input fake-quant is part of what reloads
+        if tier.quantizes_activations:  # the expert input fake-quant is part of what reloads
             experts_a16 = quantize_groups(
                 model,
                 selection.groups,
@@ -542,3 +542,23 @@ def test_a_model_loaded_from_its_checkpoint_has_the_same_layout(family, tmp_path
     assert [g.name for g in select_targets(loaded).groups] == [
         g.name for g in select_targets(model).groups
     ]
+
+
+def test_fp8_experts_are_written_per_channel_as_vllm_loads_them(tmp_path):
+    """W8A8 experts: per expert FP8 ``weight`` [out, in] and FP32 ``weight_scale`` [out, 1] (vLLM's
+    CompressedTensorsW8A8Fp8MoEMethod, channel strategy: w13_weight_scale [E, 2I, 1]); inputs dynamic."""
+    model = tiny_qwen2_moe(num_layers=1)
+    selection = select_targets(model)
+    export_checkpoint(model, tmp_path / "ckpt", quantize_groups(model, selection.groups, Tier.FP8))
+    tensors = _read_checkpoint_tensors(tmp_path / "ckpt")
+    for leaf, shape in (("gate_proj", (32, 64)), ("up_proj", (32, 64)), ("down_proj", (64, 32))):
+        name = f"model.layers.0.mlp.experts.3.{leaf}"
+        assert tensors[f"{name}.weight"].dtype == torch.float8_e4m3fn
+        assert tuple(tensors[f"{name}.weight"].shape) == shape
+        assert tensors[f"{name}.weight_scale"].dtype == torch.float32
+        assert tuple(tensors[f"{name}.weight_scale"].shape) == (shape[0], 1)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    (group,) = config["config_groups"].values()
+    assert group["targets"] == ["Linear"] and group["weights"]["strategy"] == "channel"
+    assert group["input_activations"]["dynamic"] is True
+    assert group["input_activations"]["strategy"] == "token"
