@@ -5,7 +5,10 @@
   (float8_e4m3fn ``[out, in/16]``), ``<layer>.weight_global_scale`` (fp32 ``[1]``) and, for W4A4,
   ``<layer>.input_global_scale`` (fp32 ``[1]``); per FP8 Linear ``<layer>.weight`` (float8_e4m3fn) and
   ``<layer>.weight_scale`` (fp32 ``[out, 1]``); every other tensor in the storage dtype (bf16 by default,
-  whatever dtype calibration ran in). ``config.json`` gets a ``quantization_config`` built from
+  whatever dtype calibration ran in). Tensor names are the ones ``save_pretrained`` writes: routed MoE
+  experts per expert (Mixtral ``block_sparse_moe.experts.<e>.w1|w3|w2``, Qwen
+  ``mlp.experts.<e>.gate_proj|up_proj|down_proj``), as vLLM loads them (:mod:`calibration.moe`).
+  ``config.json`` gets a ``quantization_config`` built from
   compressed-tensors' own pydantic models and written by its ``ModelCompressor.update_config``: one
   ``config_groups`` entry per tier, format ``mixed-precision`` when there are several.
 * :func:`load_checkpoint` is our own loader (safetensors only): every quantized Linear decoded and its
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from calibration import moe
 from calibration.atomic import atomic_dir
 from calibration.emulate import (
     INPUT_GLOBAL_SCALE,
@@ -122,8 +126,10 @@ class CheckpointInfo:
 def build_quantization_config(groups: Sequence[GroupQuantization], ignore: Sequence[str]):
     """compressed-tensors' ``QuantizationConfig`` for ``groups``: one config group per quantized tier.
 
-    A single tier targets ``Linear`` (everything not in ``ignore``), as llm-compressor writes it;
-    several tiers list their layers by name and the global format is ``mixed-precision``.
+    A single tier targets ``Linear`` (everything not in ``ignore``; vLLM extends it to its FusedMoE
+    layers), as llm-compressor writes it; several tiers list their layers by name (routed experts: one
+    regex per MoE layer, :func:`calibration.moe.expert_config_entries`) and the global format is
+    ``mixed-precision``.
     """
     from compressed_tensors.quantization import (
         QuantizationConfig,
@@ -132,11 +138,16 @@ def build_quantization_config(groups: Sequence[GroupQuantization], ignore: Seque
     )
 
     by_tier: dict[Tier, list[str]] = {}
+    experts: dict[Tier, list[str]] = {}
     for group in groups:
         if group.tier.quantizes_weights:
-            by_tier.setdefault(group.tier, []).extend(m.name for m in group.members)
+            names = experts if group.group.expert_slots else by_tier
+            names.setdefault(group.tier, []).extend(m.name for m in group.members)
+            by_tier.setdefault(group.tier, [])
     if not by_tier:
         raise CheckpointError("nothing to quantize: every group is high precision")
+    for tier, members in experts.items():
+        by_tier[tier].extend(moe.expert_config_entries(members))
     mixed = len(by_tier) > 1
     config_groups = {}
     for index, (tier, layers) in enumerate(sorted(by_tier.items(), key=lambda kv: kv[0].value)):
@@ -173,8 +184,9 @@ def checkpoint_tensors(
     model: nn.Module, groups: Sequence[GroupQuantization], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's state dict (CPU, contiguous): each quantized member's tensors, every other tensor
-    of the model (BF16-tier Linears included) cast to the storage ``dtype``."""
-    tensors: dict[str, torch.Tensor] = {}
+    of the model (BF16-tier Linears and experts included) cast to the storage ``dtype``, under the
+    names transformers saves (:func:`calibration.moe.to_checkpoint_state`)."""
+    quantized: dict[str, torch.Tensor] = {}
     replaced: set[str] = set()
     for group in groups:
         if not group.tier.quantizes_weights:
@@ -182,10 +194,15 @@ def checkpoint_tensors(
         for layer in group.members:
             replaced.add(f"{layer.name}.{WEIGHT}")
             for suffix, tensor in layer.tensors.items():
-                tensors[f"{layer.name}.{suffix}"] = tensor
-    for name, tensor in unique_state_dict(model).items():
-        if name not in replaced:
-            tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                quantized[f"{layer.name}.{suffix}"] = tensor
+    state = {n: t for n, t in unique_state_dict(model).items() if n not in replaced}
+    members = {m.name for g in groups if g.tier.quantizes_weights for m in g.members}
+    try:
+        plain = moe.to_checkpoint_state(model, state, members)
+    except moe.MoeLayoutError as exc:
+        raise CheckpointError(str(exc)) from exc
+    tensors = {n: t.to(dtype) if t.is_floating_point() else t for n, t in plain.items()}
+    tensors.update(quantized)
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
@@ -213,8 +230,14 @@ def checkpoint_bytes_by_tier(
     """What :func:`export_checkpoint` will report as ``bytes_by_tier`` for these groups."""
     quantized = [g for g in groups if g.tier.quantizes_weights]
     tiers = {m.name: g.tier for g in quantized for m in g.members}
-    unquantized = {n for n in linear_modules(model) if n not in tiers}
+    unquantized = set(_unquantized_layers(model, tiers))
     return _bytes_by_tier(checkpoint_tensors(model, quantized, dtype), tiers, unquantized)
+
+
+def _unquantized_layers(model: nn.Module, tiers: Mapping[str, Tier]) -> list[str]:
+    """Linears and routed expert projections (checkpoint names) that stay high precision."""
+    experts = moe.checkpoint_layout(model).slots
+    return sorted(n for n in [*linear_modules(model), *experts] if n not in tiers)
 
 
 def _write_safetensors(
@@ -317,19 +340,29 @@ def export_checkpoint(
     heads = [name for name in tiers if _is_lm_head(name)]
     if heads:
         raise CheckpointError(f"lm_head is never quantized (logit precision); got {heads}")
+    try:
+        moe.check_expert_tiers((g.group, g.tier) for g in groups)
+    except moe.MoeLayoutError as exc:
+        raise CheckpointError(str(exc)) from exc
 
     reasons = dict(skipped or {})
     for group in groups:
         if not group.tier.quantizes_weights:
             reasons.update(dict.fromkeys(group.group.members, f"tier {group.tier.value}"))
-    ignored = sorted(n for n in linear_modules(model) if n not in tiers)
+    layout = moe.checkpoint_layout(model)
+    routers = [r for layer in layout.moe_layers for r in layer.routers]
+    ignored = sorted({*_unquantized_layers(model, tiers), *routers})
     reasons = {n: reasons.get(n, "not selected") for n in ignored}
-    quant_config = build_quantization_config(quantized, ignored)
+    # the config lists Linears and routers by name, high-precision MoE layers by one regex each
+    experts = set(layout.slots)
+    config_ignore = sorted(n for n in ignored if n not in experts)
+    config_ignore += moe.expert_config_entries(n for n in ignored if n in experts)
+    quant_config = build_quantization_config(quantized, config_ignore)
 
     state = unique_state_dict(model).values()
     bytes_before = sum(t.numel() * _stored_itemsize(t, dtype) for t in state)
     tensors = checkpoint_tensors(model, quantized, dtype)
-    bytes_by_tier = _bytes_by_tier(tensors, tiers, set(ignored))
+    bytes_by_tier = _bytes_by_tier(tensors, tiers, set(ignored) - set(routers))
 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         bytes_after, shard_count = _write_safetensors(tensors, tmp, max_shard_size)
@@ -492,6 +525,10 @@ def load_checkpoint(
 
     with MODEL_BUILD_LOCK, torch.device(target):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    try:
+        state = moe.to_model_state(model, state)  # checkpoint names -> model (fused experts)
+    except moe.MoeLayoutError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in tied_parameter_names(model)]
     if missing or unexpected:
@@ -508,7 +545,7 @@ def load_checkpoint(
     info = CheckpointInfo(
         path=path,
         tiers=tiers,
-        ignored_layers=tuple(sorted(n for n in linear_modules(model) if n not in tiers)),
+        ignored_layers=tuple(_unquantized_layers(model, tiers)),
         weight_global_scales={
             layer.name: float(layer.tensors[WEIGHT_GLOBAL_SCALE].reshape(-1)[0])
             for layer in layers

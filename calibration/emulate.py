@@ -6,7 +6,9 @@ the very tensors :mod:`calibration.checkpoint` writes and reads back. :func:`emu
 tensors into the model's Linear weights and installs the activation fake-quant the tier needs, undoably;
 the checkpoint loader decodes the same tensors and installs the same hooks (:func:`install_input_quantizers`).
 So the KL sweep, the plan's verification, the exported checkpoint reloaded and the replay canary compute
-the same numbers, bit for bit, by construction (tested).
+the same numbers, bit for bit, by construction (tested). Routed MoE experts are groups too: their members
+are per-expert checkpoint names whose weights are slices of fused experts parameters
+(:mod:`calibration.moe` places them and fake-quantizes their inputs inside the experts forward).
 
 Tiers (DESIGN.md, "Quality"):
 
@@ -30,7 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from calibration.groups import LinearGroup, TargetSelection
+from calibration import moe
+from calibration.groups import ExpertSlot, LinearGroup, TargetSelection
 from calibration.precision import Tier
 from kernels import (
     dequantize_fp8,
@@ -141,7 +144,10 @@ def quantize_group(
     e.g. from an MSE search) and ``global_scale`` override round-to-nearest's amax scales. W4A4 needs
     ``input_amax`` (the group's calibrated input absolute maximum).
     """
-    source = {m: (weights or {}).get(m, linears[m].weight).detach() for m in group.members}
+    weights = weights or {}
+    source = {
+        m: (weights[m] if m in weights else linears[m].weight).detach() for m in group.members
+    }
     members: list[QuantizedLinear] = []
     if tier.is_nvfp4:
         gs = global_scale if global_scale is not None else group_weight_global_scale(source, group)
@@ -195,7 +201,8 @@ def quantize_groups(
     for group in groups:
         tier = tiers if isinstance(tiers, Tier) else tiers[group.name]
         amax = (input_amax or {}).get(group.name) if tier is Tier.NVFP4 else None
-        out.append(quantize_group(linears, group, tier, input_amax=amax))
+        weights = moe.expert_weights(model, group) if group.expert_slots else None
+        out.append(quantize_group(linears, group, tier, input_amax=amax, weights=weights))
     return tuple(out)
 
 
@@ -224,15 +231,38 @@ def _pre_hook(quantize: Callable[[torch.Tensor], torch.Tensor]):
 
 
 def install_input_quantizers(
-    model: nn.Module, quantized: Iterable[QuantizedLinear]
+    model: nn.Module,
+    quantized: Iterable[QuantizedLinear],
+    expert_slots: Mapping[str, ExpertSlot] | None = None,
 ) -> list[torch.utils.hooks.RemovableHandle]:
-    """Forward pre-hooks fake-quantizing the inputs of every W4A4 / W8A8 layer of ``quantized``."""
+    """Forward pre-hooks fake-quantizing the inputs of every W4A4 / W8A8 layer of ``quantized``.
+
+    A name that is no module is a routed expert's member, found in ``expert_slots`` (default: the
+    model's checkpoint layout); its input is fake-quantized inside the experts forward, once per expert
+    input (gate and up read one input: they must agree on tier and scale)."""
     modules = dict(model.named_modules())
     handles = []
+    experts: dict[tuple[str, int, str], tuple[QuantizedLinear, Callable]] = {}
     for layer in quantized:
         quantize = input_quantizer(layer.tier, layer.input_global_scale)
-        if quantize is not None:
+        if quantize is None:
+            continue
+        if layer.name in modules:
             handles.append(modules[layer.name].register_forward_pre_hook(_pre_hook(quantize)))
+            continue
+        slots = expert_slots if expert_slots is not None else moe.checkpoint_layout(model).slots
+        if layer.name not in slots:
+            raise EmulationError(
+                f"{layer.name} is neither a module nor a routed expert's projection"
+            )
+        slot = slots[layer.name]
+        first, _ = experts.setdefault((slot.module, slot.expert, slot.param), (layer, quantize))
+        a, b = first.input_global_scale, layer.input_global_scale
+        if first.tier is not layer.tier or (a is not None and not torch.equal(a, b)):
+            raise EmulationError(f"{first.name} and {layer.name} read one input, quantized apart")
+    if experts:
+        quantizers = {key: quantize for key, (_, quantize) in experts.items()}
+        handles.extend(moe.install_expert_input_quantizers(model, quantizers))
     return handles
 
 
@@ -282,25 +312,38 @@ def emulate(
     modules = dict(model.named_modules())
     handle = Emulation()
     layers: list[QuantizedLinear] = []
+    slots: dict[str, ExpertSlot] = {}  # routed experts' members -> where they sit
     try:
         for group in quantized:
             if not group.tier.quantizes_weights:
                 continue  # high precision: only the storage rounding below applies
+            if group.group.expert_slots:
+                slots.update(zip(group.group.members, group.group.expert_slots, strict=True))
             for layer in group.members:
+                if layer.name in slots:
+                    layers.append(layer)
+                    continue
                 weight = modules[layer.name].weight
                 decoded = layer.dequantized_weight(weight.dtype).to(weight.device)
                 handle._saved.append((weight, weight.data))
                 weight.data = decoded
                 layers.append(layer)
+        decoded = [
+            (slots[layer.name], layer.dequantized_weight) for layer in layers if layer.name in slots
+        ]
+        undo, replaced = moe.replace_expert_weights(model, decoded, storage_dtype)
+        handle._hooks.extend(undo)
         if storage_dtype is not None:
-            replaced = {id(modules[layer.name].weight) for layer in layers}
+            replaced |= {
+                id(modules[layer.name].weight) for layer in layers if layer.name not in slots
+            }
             for tensor in _unique_tensors(model):
                 if id(tensor) in replaced or not tensor.is_floating_point():
                     continue
                 if tensor.dtype != storage_dtype:
                     handle._saved.append((tensor, tensor.data))
                     tensor.data = tensor.data.to(storage_dtype).to(tensor.dtype)
-        handle._hooks.extend(install_input_quantizers(model, layers))
+        handle._hooks.extend(install_input_quantizers(model, layers, slots))
         handle.layers = tuple(layer.name for layer in layers)
     except BaseException:
         handle.remove()

@@ -4,6 +4,10 @@ vLLM fuses ``q_proj/k_proj/v_proj`` into one ``qkv_proj`` and ``gate_proj/up_pro
 ``gate_up_proj``; it refuses a checkpoint whose fused parts differ in scheme or global scale. So the unit of
 every decision here (global scale, KL measurement, fallback) is the *fused group*, never a lone Linear.
 
+Routed MoE experts (transformers 5 holds them as fused 3-D parameters, not Linears) are groups too:
+per expert, ``gate+up`` (one global scale, one input scale, as vLLM's w13 needs) and ``down``; the
+members are the per-expert checkpoint names vLLM loads (:mod:`calibration.moe`).
+
 Ignore patterns follow compressed-tensors: ``"re:<regex>"`` is matched with :func:`re.match` against the
 full module name; any other string matches a module whose full name equals it or ends with ``"." + it``.
 """
@@ -33,7 +37,23 @@ class GroupKind(str, Enum):
     ATTENTION_OUT = "attn_o"
     MLP_GATE_UP = "mlp_gate_up"
     MLP_DOWN = "mlp_down"
+    EXPERT_GATE_UP = (
+        "expert_gate_up"  # one routed expert's gate+up (a slice of a fused experts module)
+    )
+    EXPERT_DOWN = "expert_down"
     OTHER = "other"
+
+
+@dataclass(frozen=True)
+class ExpertSlot:
+    """Where one per-expert projection lives in the model: rows ``[start, stop)`` of
+    ``<module>.<param>[expert]``, a ``[out, in]`` Linear weight (``param``: ``gate_up_proj``/``down_proj``)."""
+
+    module: str  # model name of the fused experts module, e.g. "model.layers.0.mlp.experts"
+    param: str
+    expert: int
+    start: int
+    stop: int
 
 
 @dataclass(frozen=True)
@@ -46,6 +66,14 @@ class LinearGroup:
     block_index: int | None  # decoder layer index, None outside the layer stack
     in_features: int
     num_params: int
+    #: Routed experts only: where each member's weight sits in its fused experts module (member order).
+    expert_slots: tuple[ExpertSlot, ...] = ()
+
+    @property
+    def tier_unit(self) -> str:
+        """Groups sharing a tier unit must share a tier: vLLM serves all routed experts of one MoE layer
+        (gate/up and down) with one scheme. A Linear group is its own unit."""
+        return self.expert_slots[0].module if self.expert_slots else self.name
 
 
 @dataclass(frozen=True)
@@ -96,8 +124,11 @@ def select_targets(model: nn.Module, ignore: Sequence[str] = DEFAULT_IGNORE) -> 
 
     A layer is skipped when it matches ``ignore`` or its ``in_features`` is not a multiple of the NVFP4
     block size (16). If any member of a fused group is skipped, the whole group is skipped, since vLLM
-    needs the fused parts to agree.
+    needs the fused parts to agree. Routed experts of fused MoE modules join as per-expert groups in model
+    order; their routers are listed as skipped (:func:`calibration.moe.expert_targets`).
     """
+    from calibration.moe import expert_targets  # moe builds on this module
+
     linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
     skipped: dict[str, str] = {}
     for name, mod in linears.items():
@@ -106,7 +137,8 @@ def select_targets(model: nn.Module, ignore: Sequence[str] = DEFAULT_IGNORE) -> 
         elif mod.in_features % FP4_BLOCK_SIZE:
             skipped[name] = f"in_features={mod.in_features} is not a multiple of {FP4_BLOCK_SIZE}"
 
-    groups: list[LinearGroup] = []
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    groups: list[tuple[int, LinearGroup]] = []
     claimed: set[str] = set()
     for name in linears:  # named_modules order is model order
         if name in claimed:
@@ -130,13 +162,20 @@ def select_targets(model: nn.Module, ignore: Sequence[str] = DEFAULT_IGNORE) -> 
             continue
         match = _BLOCK_INDEX.search(name)
         groups.append(
-            LinearGroup(
-                name=group_name,
-                members=members,
-                kind=_kind(leaf),
-                block_index=int(match.group(1)) if match else None,
-                in_features=linears[name].in_features,
-                num_params=sum(linears[m].weight.numel() for m in members),
+            (
+                order[name],
+                LinearGroup(
+                    name=group_name,
+                    members=members,
+                    kind=_kind(leaf),
+                    block_index=int(match.group(1)) if match else None,
+                    in_features=linears[name].in_features,
+                    num_params=sum(linears[m].weight.numel() for m in members),
+                ),
             )
         )
-    return TargetSelection(groups=tuple(groups), skipped=skipped)
+    experts, experts_skipped = expert_targets(model, ignore)
+    skipped.update(experts_skipped)
+    groups.extend((order[g.expert_slots[0].module], g) for g in experts)
+    groups.sort(key=lambda item: item[0])  # stable: expert groups keep their expert order
+    return TargetSelection(groups=tuple(g for _, g in groups), skipped=skipped)

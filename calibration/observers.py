@@ -4,6 +4,10 @@ Like compressed-tensors' ``static_minmax`` observer, the statistic is the runnin
 the whole calibration set (never a mean of per-batch maxima). Pad positions are excluded. Members of a
 fused group (``q/k/v``, ``gate/up``) see the same input, and vLLM needs one ``input_global_scale`` per
 fused weight, so the group maximum is shared by every member.
+
+Routed MoE experts are observed inside their fused experts forward, each over the tokens routed to it
+(:mod:`calibration.moe`); experts that saw no token fall back to a safe amax, recorded in
+``ActivationStats.experts``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibration.groups import LinearGroup, TargetSelection
+from calibration.moe import ExpertInputObserver, ExpertInputStats, resolve_expert_input_amax
+from calibration.precision import ExpertInputScale
 from calibration.prompts import RenderedPrompt, encode_prompt
 from kernels import global_scale_from_amax
 
@@ -118,7 +124,10 @@ def tokenize_batches(
 
 @dataclass(frozen=True)
 class ActivationStats:
-    """Static input amax per fused group (shared by its members), over ``num_tokens`` real tokens."""
+    """Static input amax per fused group (shared by its members), over ``num_tokens`` real tokens.
+
+    For routed expert groups ``group_input_amax`` holds the amax they are quantized with (after the
+    fallback and the layer policy); ``experts`` records what was observed and who fell back."""
 
     group_input_amax: Mapping[str, float]  # group name -> max |x| over the calibration set
     member_to_group: Mapping[str, str]  # Linear module name -> group name
@@ -126,6 +135,7 @@ class ActivationStats:
     num_tokens: int
     truncated_prompts: int = 0  # cut at the per-prompt token limit
     over_budget_prompts: int = 0  # left out by the token budget
+    experts: ExpertInputStats | None = None  # MoE models only
 
     def input_amax(self, module_name: str) -> float:
         return self.group_input_amax[self.member_to_group[module_name]]
@@ -153,6 +163,7 @@ class ActivationStats:
                 "num_tokens": self.num_tokens,
                 "truncated_prompts": self.truncated_prompts,
                 "over_budget_prompts": self.over_budget_prompts,
+                "experts": None if self.experts is None else self.experts.to_dict(),
             },
             indent=2,
             sort_keys=True,
@@ -168,6 +179,7 @@ class ActivationStats:
             num_tokens=int(data["num_tokens"]),
             truncated_prompts=int(data.get("truncated_prompts", 0)),
             over_budget_prompts=int(data.get("over_budget_prompts", 0)),
+            experts=ExpertInputStats.from_dict(data["experts"]) if data.get("experts") else None,
         )
 
 
@@ -190,6 +202,8 @@ class _AmaxRecorder:
             mask = self.token_mask
             if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
                 x = x[mask]  # [real tokens, in_features]; pad positions never count
+            elif mask is not None and x.dim() == 2 and x.shape[0] == mask.numel():
+                x = x[mask.reshape(-1)]  # flattened [batch * seq, in] (e.g. a MoE shared expert)
             if x.numel() == 0:
                 return
             value = float(x.detach().abs().amax())
@@ -213,35 +227,61 @@ def collect_activation_stats(
     selection: TargetSelection,
     *,
     progress: bool = True,
+    expert_input_scale: ExpertInputScale = ExpertInputScale.LAYER,
 ) -> ActivationStats:
     """Run ``model`` over ``batches`` and return the static input amax of every targeted fused group.
 
-    Precondition: every member of ``selection.groups`` is an ``nn.Linear`` of ``model``. The hooks are
-    removed afterwards, also on error. Raises ``RuntimeError`` when a targeted Linear never ran.
+    Precondition: every member of ``selection.groups`` is an ``nn.Linear`` of ``model`` or a routed
+    expert's projection (``expert_slots``). The hooks are removed afterwards, also on error. Raises
+    ``RuntimeError`` when a targeted Linear or experts module never ran. Routed experts:
+    :func:`calibration.moe.resolve_expert_input_amax` under ``expert_input_scale``.
     """
     if not batches:
         raise ValueError("no calibration batches")
     modules = dict(model.named_modules())
-    targets = {m: modules[m] for g in selection.groups for m in g.members}
+    linear_groups = [g for g in selection.groups if not g.expert_slots]
+    expert_groups = [g for g in selection.groups if g.expert_slots]
+    targets = {m: modules[m] for g in linear_groups for m in g.members}
+    experts_modules = sorted({g.tier_unit for g in expert_groups})
     device = _model_device(model)
     recorder = _AmaxRecorder(targets)
+    observer = None
     num_prompts = 0
     num_tokens = 0
     try:
+        observer = ExpertInputObserver(model, experts_modules)
         for batch in tqdm(batches, desc="activation stats", unit="batch", disable=not progress):
             batch = batch.to(device)
-            recorder.token_mask = batch.attention_mask.bool()
+            recorder.token_mask = observer.token_mask = batch.attention_mask.bool()
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             num_prompts += batch.input_ids.shape[0]
             num_tokens += batch.num_tokens
     finally:
         recorder.remove()
-    missing = sorted(set(targets) - recorder.seen)
+        if observer is not None:
+            observer.remove()
+    missing = sorted(set(targets) - recorder.seen) + sorted(set(experts_modules) - observer.ran)
     if missing:
         raise RuntimeError(
-            f"{len(missing)} targeted Linear(s) never ran on the calibration set: {missing[:5]}"
+            f"{len(missing)} targeted Linear(s) / experts never ran on the calibration set: "
+            f"{missing[:5]}"
         )
-    group_amax = {g.name: max(recorder.amax[m] for m in g.members) for g in selection.groups}
+    group_amax = {g.name: max(recorder.amax[m] for m in g.members) for g in linear_groups}
+    experts = None
+    if expert_groups:
+        expert_amax, experts = resolve_expert_input_amax(
+            expert_groups, observer, expert_input_scale
+        )
+        group_amax.update(expert_amax)
+        if experts.fallbacks:
+            logger.warning(
+                "%d of %d routed expert groups saw no usable calibration token and fall back "
+                "(e.g. %s: %s)",
+                experts.fallback_count,
+                len(expert_groups),
+                *next(iter(experts.fallbacks.items())),
+            )
+        group_amax = {g.name: group_amax[g.name] for g in selection.groups}  # model order
     for name, amax in group_amax.items():
         if amax == 0.0:
             logger.warning(
@@ -253,6 +293,7 @@ def collect_activation_stats(
         member_to_group={m: g.name for g in selection.groups for m in g.members},
         num_prompts=num_prompts,
         num_tokens=num_tokens,
+        experts=experts,
     )
 
 

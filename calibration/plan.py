@@ -5,7 +5,8 @@ A group stays BF16/FP16 when its mean KL (quantized alone) exceeds ``threshold``
 while they fit; a candidate that does not fit is skipped (a smaller one after it may still fit) and
 stays quantized, which the plan records. ``threshold=None`` with a budget means "the worst groups
 that fit the budget". Layers the target selection already skipped (``lm_head``, MoE routers, shapes
-NVFP4 cannot hold) are always high precision and do not count against the budget.
+NVFP4 cannot hold) are always high precision and do not count against the budget. Routed expert groups
+fall back with their whole MoE layer (``LinearGroup.tier_unit``: vLLM serves one scheme per layer).
 """
 
 from __future__ import annotations
@@ -110,12 +111,19 @@ def build_fallback_plan(
     ]
     candidates.sort(key=lambda g: by_name[g.name].mean_kl, reverse=True)  # worst first, stable
 
+    units: dict[str, list[LinearGroup]] = {}  # a Linear group is its own unit; experts: their layer
+    for group in selection.groups:
+        units.setdefault(group.tier_unit, []).append(group)
     chosen: dict[str, Fallback] = {}
     kept: list[str] = []
     used = 0
     for group in candidates:
+        if group.name in chosen:
+            continue  # taken along with a worse group of its MoE layer
+        unit = units[group.tier_unit]
+        size = sum(g.num_params for g in unit)
         kl = by_name[group.name].mean_kl
-        if budget is not None and used + group.num_params > budget:
+        if budget is not None and used + size > budget:
             if policy.threshold is not None:
                 kept.append(group.name)
                 logger.warning(
@@ -125,16 +133,27 @@ def build_fallback_plan(
                     policy.threshold,
                 )
             continue
-        used += group.num_params
+        used += size
         if policy.threshold is not None:
             reason = FallbackReason.KL_ABOVE_THRESHOLD
             detail = f"mean KL {kl:.4g} > threshold {policy.threshold:.4g}"
         else:
             reason = FallbackReason.WORST_WITHIN_BUDGET
             detail = f"mean KL {kl:.4g}, among the worst within {policy.max_fallback_param_fraction:.2%} of parameters"
-        chosen[group.name] = Fallback(
-            group.name, group.members, reason, detail, kl, group.num_params
-        )
+        for member in unit:
+            why = (
+                detail
+                if member is group
+                else f"{detail} in {group.name} (one scheme per MoE layer)"
+            )
+            chosen[member.name] = Fallback(
+                member.name,
+                member.members,
+                reason,
+                why,
+                by_name[member.name].mean_kl,
+                member.num_params,
+            )
 
     always = [
         Fallback(name, (name,), FallbackReason.ALWAYS_HIGH_PRECISION, why)

@@ -12,10 +12,13 @@ if TYPE_CHECKING:
     import torch
 
 #: Never quantized: the output head (logit precision drives KL directly) and MoE routers (a flipped
-#: expert choice is a discrete error no scale can fix). compressed-tensors ignore patterns.
+#: expert choice is a discrete error no scale can fix): Mixtral / Qwen-MoE ``mlp.gate`` (on disk Mixtral's
+#: ``block_sparse_moe.gate``), Qwen2-MoE's ``shared_expert_gate`` (a Linear [1, hidden] that gates the
+#: shared expert; vLLM builds it unquantized). compressed-tensors ignore patterns.
 DEFAULT_IGNORE: tuple[str, ...] = (
     "lm_head",
     r"re:.*\.(mlp|block_sparse_moe|moe)\.gate$",
+    r"re:.*\.shared_expert_gate$",
     r"re:.*router.*",
 )
 
@@ -64,6 +67,20 @@ class Tier(str, Enum):
         if self is Tier.FP8:
             return out_features * in_features + 4 * out_features
         return out_features * in_features * storage_itemsize
+
+
+class ExpertInputScale(str, Enum):
+    """Which calibrated input amax a routed expert's W4A4 ``input_global_scale`` comes from.
+
+    ``layer`` (default): the maximum over all experts of the MoE layer (per projection). vLLM's FlashInfer
+    NVFP4 MoE kernels (its first choice on Blackwell) use one input scale per layer, the max over the
+    experts, whatever the checkpoint says; its CUTLASS kernel honours per-expert scales. A layer-wide scale
+    computes the same on every backend, so the emulation matches what is served.
+    ``expert``: each expert's own amax over the tokens routed to it (served as is only by CUTLASS).
+    """
+
+    LAYER = "layer"
+    EXPERT = "expert"
 
 
 #: The tiers a calibration run may start from (``--scheme``).

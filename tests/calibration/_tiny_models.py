@@ -48,7 +48,77 @@ def tiny_llama(num_layers: int = 2, seed: int = 0, vocab_size: int = 64) -> Llam
         max_position_embeddings=128,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config).eval()
+    return _sharpened(LlamaForCausalLM(config).eval())
+
+
+def _sharpened(model):
     with torch.no_grad():  # random init is near-uniform; sharpen the logits so KL has signal
         model.lm_head.weight.mul_(8.0)
     return model
+
+
+def _tiny_moe(config_cls, model_cls, seed: int, num_layers: int, **shape):
+    """hidden 64, 4 heads (2 KV), top-2 routing, untied head; ``shape``: the family's expert sizes."""
+    torch.manual_seed(seed)
+    config = config_cls(
+        vocab_size=64,
+        hidden_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        **shape,
+    )
+    return _sharpened(model_cls(config).eval())
+
+
+def tiny_mixtral(num_experts: int = 4, seed: int = 0, num_layers: int = 2):
+    """Mixtral shape: experts [E, 2*32, 64] / [E, 64, 32], no shared expert."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return _tiny_moe(
+        MixtralConfig,
+        MixtralForCausalLM,
+        seed,
+        num_layers,
+        intermediate_size=32,
+        num_local_experts=num_experts,
+    )
+
+
+def tiny_qwen2_moe(num_experts: int = 4, seed: int = 0, num_layers: int = 2):
+    """Qwen2-MoE shape: routed experts of 32, a shared expert of 64 with its sigmoid gate."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    model = _tiny_moe(
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        seed,
+        num_layers,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        num_experts=num_experts,
+    )
+    with torch.no_grad():  # give the router a direction so routing depends on x
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0.0, 0.5)
+    return model
+
+
+def tiny_qwen3_moe(num_experts: int = 4, seed: int = 0, num_layers: int = 2):
+    """Qwen3-MoE shape (no shared expert)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return _tiny_moe(
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+        seed,
+        num_layers,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        head_dim=16,
+        num_experts=num_experts,
+    )
