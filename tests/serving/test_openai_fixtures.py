@@ -1,0 +1,96 @@
+"""The captured / pinned OpenAI-compatible exchanges keep the properties the endpoint evaluator relies
+on. Pure JSON checks (no server): they fail when a fixture is regenerated from a server that changed
+its shapes. See tests/fixtures/openai/*/README.md for where each came from."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.serving.capture import LOGGED_RESPONSE, RENDERED_PROMPT
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "openai"
+
+
+def load(server: str, name: str) -> dict:
+    return json.loads((FIXTURES / server / f"{name}.json").read_text())
+
+
+# -- llama.cpp (captured from llama-cpp-python's server on the packaged SmolLM2 GGUF) -----------
+
+
+def test_llamacpp_echo_logprobs_teacher_forcing():
+    fx = load("llamacpp", "completions_echo_logprobs")
+    response = fx["response"]
+    choice = response["choices"][0]
+    lp = choice["logprobs"]
+    n = len(lp["tokens"])
+    assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert choice["text"].startswith(RENDERED_PROMPT + LOGGED_RESPONSE)
+    # The server drops every BOS token (SmolLM2's BOS is <|im_start|>) and renders other special
+    # tokens as "": text_offset counts that text, not the prompt's characters.
+    assert "<|im_start|>" not in "".join(lp["tokens"])
+    assert lp["text_offset"][-1] < len(RENDERED_PROMPT)
+    # The response is the tail of the echo, before the generated tokens.
+    end = n - response["usage"]["completion_tokens"]
+    tokens = lp["tokens"][:end]
+    tail = "".join(tokens[-8:])
+    assert tail.endswith(LOGGED_RESPONSE), tail
+    for i in range(1, n):
+        top = lp["top_logprobs"][i]
+        # Keyed by decoded text: the chosen token is always present (k or k+1 entries; fewer when
+        # two tokens decode to the same text, e.g. special tokens -> "").
+        assert lp["tokens"][i] in top
+        assert math.isclose(top[lp["tokens"][i]], lp["token_logprobs"][i], abs_tol=1e-9)
+        assert 1 <= len(top) <= fx["request"]["logprobs"] + 1
+        assert all(v <= 0 for v in top.values())
+
+
+def test_llamacpp_stream_is_sse_with_done_and_same_text():
+    whole = load("llamacpp", "completions_greedy")["response"]["choices"][0]["text"]
+    fx = load("llamacpp", "completions_greedy_stream")
+    assert fx["content_type"].startswith("text/event-stream")
+    assert fx["sse_data"][-1] == "[DONE]"
+    streamed = "".join(c["choices"][0]["text"] for c in fx["response_chunks"])
+    assert whole.startswith(streamed) and streamed
+    assert fx["response_chunks"][-1]["choices"][0]["finish_reason"] in {"length", "stop"}
+
+
+def test_llamacpp_chat_logprobs_shape():
+    fx = load("llamacpp", "chat_logprobs")
+    choice = fx["response"]["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert content and all({"token", "logprob", "top_logprobs"} <= set(c) for c in content)
+    assert all(len(c["top_logprobs"]) <= fx["request"]["top_logprobs"] for c in content)
+
+
+def test_llamacpp_ignores_prompt_logprobs():
+    """vLLM's prompt_logprobs is an unknown field here: accepted, silently ignored."""
+    choice = load("llamacpp", "completions_prompt_logprobs_ignored")["response"]["choices"][0]
+    assert choice["logprobs"] is None and "prompt_logprobs" not in choice
+
+
+@pytest.mark.parametrize(
+    ("name", "status"),
+    [
+        ("error_context_overflow", 400),
+        ("error_validation", 500),  # llama.cpp's server maps request validation errors to 500
+        ("error_bad_json", 500),
+        ("error_unknown_route", 404),
+        ("error_unauthorized", 401),
+    ],
+)
+def test_llamacpp_errors(name, status):
+    fx = load("llamacpp", name)
+    assert fx["status"] == status
+    body = fx.get("response")
+    if name in {"error_context_overflow", "error_validation"}:
+        assert set(body["error"]) >= {"message", "type", "code"}
+    elif name == "error_bad_json":
+        assert fx["response_text"] == "Internal Server Error"
+    else:
+        assert "detail" in body  # FastAPI's default shape, not OpenAI's
