@@ -227,6 +227,7 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=["Q8_0", "Q2_K"])
     parser.add_argument("--k", nargs="+", type=int, default=[1, 5, 10, 20])
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--no-aa", action="store_true", help="skip the A/A (same GGUF) candidate")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
 
@@ -241,7 +242,7 @@ def main() -> None:
     prompts = pick_prompts(args.prompts, args.max_chars)
     texts = [render_chatml(template, p["messages"]) for p in prompts]
 
-    candidates = {"Q4_1 (A/A)": source}
+    candidates = {} if args.no_aa else {"Q4_1 (A/A)": source}
     results: dict = {"quantize_seconds": {}, "candidates": {}}
     for type_name in args.types:
         target = workdir / f"smollm2-{type_name}.gguf"

