@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from tests.serving.processes import free_port, stop_process
 
 DEFAULT_MODEL_ALIAS = "smollm2"
 
@@ -42,12 +42,6 @@ def llama_cpp_server_missing_reason() -> str | None:
                 "(builds llama.cpp from source with cmake)"
             )
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LlamaServer:
@@ -73,7 +67,7 @@ class LlamaServer:
             raise LlamaServerError(f"no GGUF file at {self.model_path}")
         self.alias = alias
         self.api_key = api_key
-        self.port = _free_port()
+        self.port = free_port()
         self._own_log_dir = log_dir is None
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="fp4roll-llama-"))
         self.log_path = self.log_dir / f"llama-server-{self.port}.log"
@@ -110,7 +104,6 @@ class LlamaServer:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: Ctrl-C in the test does not hit it
         )
         try:
             self._wait_ready(startup_timeout)
@@ -156,13 +149,8 @@ class LlamaServer:
 
     def close(self) -> None:
         proc = getattr(self, "proc", None)
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
+        if proc is not None:
+            stop_process(proc)
         log = getattr(self, "_log", None)
         if log is not None and not log.closed:
             log.close()

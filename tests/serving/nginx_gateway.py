@@ -32,7 +32,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -40,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from tests.serving.processes import free_port, stop_process
 
 ROUTE_HEADER = "X-Fp4roll-Route"
 ROUTE_KEY_HEADER = "X-Fp4roll-Route-Key"
@@ -57,12 +58,6 @@ def nginx_binary() -> str | None:
     return shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -348,13 +343,8 @@ class NginxGateway:
 
     def close(self) -> None:
         proc = getattr(self, "proc", None)
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGQUIT)  # graceful shutdown
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        if proc is not None:
+            stop_process(proc, sig=signal.SIGQUIT)  # SIGQUIT: graceful shutdown
         if proc is not None and proc.stderr is not None:
             proc.stderr.close()
         if self._own_dir:
