@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import annotated_types as at
 
-from calibration.precision import DEFAULT_IGNORE, NVFP4_SCHEMES, ModelDtype, Tier
+from calibration.precision import DEFAULT_IGNORE, NVFP4_SCHEMES, ModelDtype, Rounding, Tier
 
 #: Per-prompt token limit: covers every prompt of the shipped logs rendered with SmolLM2's chat
 #: template (max 2 562, p99 1 481 tokens); a longer prompt is truncated and counted in the report.
@@ -53,8 +53,9 @@ def check_fields(instance: Any) -> None:
                 allowed = ", ".join(str(m.value) for m in inner)
                 raise ValueError(f"{f.name} must be one of {allowed}, got {value!r}") from None
             object.__setattr__(instance, f.name, value)
-        elif typing.get_origin(inner) is tuple and isinstance(value, list):
-            object.__setattr__(instance, f.name, tuple(value))
+        elif typing.get_origin(inner) is tuple and isinstance(value, (list, tuple)):
+            value = tuple(_coerce_items(f.name, value, typing.get_args(inner)))
+            object.__setattr__(instance, f.name, value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         for bound in _bounds(hints.get(f.name)):
@@ -74,6 +75,18 @@ def check_fields(instance: Any) -> None:
                 }[op]
                 if not ok or (isinstance(value, float) and math.isnan(value)):
                     raise ValueError(f"{f.name} must be {sign} {limit}, got {value}")
+
+
+def _coerce_items(name: str, items: tuple | list, args: tuple) -> list:
+    """Items of a ``tuple[Enum, ...]`` field coerced from their values; other tuples unchanged."""
+    kind = args[0] if args else None
+    if not (isinstance(kind, type) and issubclass(kind, Enum)):
+        return list(items)
+    try:
+        return [item if isinstance(item, kind) else kind(item) for item in items]
+    except ValueError:
+        allowed = ", ".join(str(m.value) for m in kind)
+        raise ValueError(f"{name} items must be among {allowed}, got {list(items)!r}") from None
 
 
 def _inner_type(hint: Any) -> Any:
@@ -119,13 +132,33 @@ class CalibrationConfig:
         None,
         "At most this many calibration tokens feed the activation statistics (None: every prompt).",
     )
+    rounding: Rounding = described(
+        Rounding.GPTQ_MSE,
+        "NVFP4 rounding: rtn, mse (searched block scales), gptq, gptq-mse (GPTQ under searched scales).",
+    )
+    gptq_damp: Annotated[float, at.Gt(0.0), at.Lt(1.0)] = described(
+        0.01, "GPTQ dampening, a fraction of the Hessian's mean diagonal."
+    )
+    gptq_act_order: bool = described(
+        True, "GPTQ quantizes columns in order of decreasing input second moment."
+    )
+    target_kl: Annotated[float, at.Gt(0.0)] | None = described(
+        None,
+        "Plan by target: the fewest extra bytes whose measured combined KL (nats) is at most this "
+        "('none': least KL within --max-extra-bytes).",
+    )
+    max_extra_bytes: Annotated[float, at.Ge(0.0)] | None = described(
+        0.10,
+        "Bytes budget of the plan: extra bytes over the all-NVFP4 checkpoint, as a fraction "
+        "(0.1 = +10 %; 'none': unlimited).",
+    )
+    upgrade_tiers: tuple[Tier, ...] = described(
+        (Tier.FP8, Tier.BF16), "Higher tiers a group may be moved to (fp8 = W8A8, bf16)."
+    )
     kl_threshold: Annotated[float, at.Ge(0.0)] | None = described(
         0.05,
-        "Runbook floor: a group whose mean KL quantized alone exceeds this stays high precision "
-        "(nats; 'none' plans by the budget alone).",
-    )
-    max_fallback_fraction: Fraction | None = described(
-        None, "At most this share of quantizable parameters stays high precision (worst first)."
+        "Runbook floor: a group whose exact KL quantized alone exceeds this never stays NVFP4 "
+        "(nats; 'none': no floor).",
     )
     storage_dtype: ModelDtype = described(
         ModelDtype.BF16, "Dtype of the unquantized tensors in the checkpoint (and config.json)."
@@ -135,7 +168,9 @@ class CalibrationConfig:
     )
     batch_size: PositiveInt = described(8, "Prompts per forward pass.")
     device: str = described("cpu", "Torch device: cpu, cuda, cuda:N or auto.")
-    num_workers: PositiveInt = described(1, "Thread-pool workers of the per-group KL sweep.")
+    num_workers: PositiveInt = described(
+        1, "Thread-pool workers of the exact per-group KL checks."
+    )
     logprob_dtype: ModelDtype = described(
         ModelDtype.FP32, "Dtype the baseline's log-probs are kept in (fp32 exact; 16-bit halves)."
     )
@@ -153,10 +188,11 @@ class CalibrationConfig:
             raise ValueError(
                 f"scheme must be one of {[t.value for t in NVFP4_SCHEMES]}, got {self.scheme}"
             )
-        if self.kl_threshold is None and self.max_fallback_fraction is None:
-            raise ValueError(
-                "kl_threshold none needs a budget: set max_fallback_fraction (plans by budget alone)"
-            )
+        bad = [t.value for t in self.upgrade_tiers if t in NVFP4_SCHEMES]
+        if bad:
+            raise ValueError(f"upgrade_tiers are higher tiers (fp8, bf16), got {bad}")
+        if self.target_kl is None and self.max_extra_bytes is None:
+            raise ValueError("an unlimited budget needs a target: set target_kl or max_extra_bytes")
 
 
 def _utc(value: dt.datetime | None) -> dt.datetime | None:

@@ -1,18 +1,22 @@
 """Calibration end to end, in one call or in file-backed stages.
 
-stats (every calibration prompt) → baseline on the sensitivity prompts → per-group KL sweep → fallback
-plan → combined scores of the whole plan (a real forward of the emulated checkpoint) → export with
-``calibration.json`` and the KL chart inside the checkpoint folder.
+stats (input amax over every calibration prompt) → rounding (GPTQ / MSE block scales, one sequential
+pass) → cheap sensitivity (one Fisher pass scores every group at every tier) → exact KL of the groups
+near the runbook floor (only where the floor decision depends on it) → tier plan (NVFP4 / FP8 / BF16 by
+KL removed per extra byte, within the bytes budget; with a target, the fewest bytes whose *measured*
+combined KL reaches it) → export of exactly the measured plan, with ``calibration.json`` and the KL
+chart inside the checkpoint folder.
 
-* :func:`recalibrate` — everything in one process (one model load, one baseline).
-* The stages the Prefect flow runs as separate tasks, passing only paths (so the sweep can fan out
-  over threads, processes or a Dask cluster, and a rerun resumes from the last finished stage):
-  :func:`collect_stats_file` → :func:`target_group_names` → :func:`sweep_file` (one per group subset)
-  → :func:`plan_and_export`. Each writes its output atomically and returns it unchanged when it
-  already exists.
+* :func:`recalibrate` — everything in one process (one model load).
+* The stages the Prefect flow runs as separate tasks, passing only paths (a rerun resumes from the
+  last finished stage; the exact checks can fan out over threads, processes or a Dask cluster):
+  :func:`collect_stats_file` → :func:`round_file` → :func:`score_file` → :func:`exact_candidates`
+  → :func:`sweep_file` (one per subset) → :func:`plan_and_export`. Each writes its output atomically
+  and returns it unchanged when it already exists.
 
 Prompts are :class:`~calibration.prompts.RenderedPrompt` (what the server sees; a ``str`` is a plain
-prompt), already redacted.
+prompt), already redacted. Statistics, rounding and the Fisher pass use the calibration prompts; the
+exact checks and every measured plan use the disjoint sensitivity prompts.
 """
 
 from __future__ import annotations
@@ -21,19 +25,21 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import scipy.stats
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from calibration import atomic
 from calibration.checkpoint import checkpoint_bytes_by_tier, export_checkpoint
 from calibration.config import CalibrationConfig
-from calibration.emulate import quantize_groups, selection_groups
-from calibration.groups import TargetSelection, select_targets
+from calibration.emulate import GroupQuantization, quantize_groups, selection_groups
+from calibration.fisher import score_tiers
+from calibration.groups import LinearGroup, TargetSelection, select_targets
 from calibration.models import load_causal_lm
 from calibration.observers import (
     ActivationStats,
@@ -41,28 +47,47 @@ from calibration.observers import (
     collect_activation_stats,
     tokenize_prompts,
 )
-from calibration.plan import FallbackPolicy, FallbackReason, build_fallback_plan
-from calibration.precision import Tier
+from calibration.precision import Rounding, Tier
 from calibration.prompts import RenderedPrompt
 from calibration.report import (
     CALIBRATION_JSON,
     KL_CHART_PNG,
+    GroupDecision,
+    PlanProbe,
+    PlanSummary,
     build_calibration_record,
     render_kl_chart,
 )
+from calibration.rounding import RoundedGroup, load_rounded, round_model, save_rounded
 from calibration.sensitivity import (
     Baseline,
     GroupSensitivity,
+    QualityScore,
     blocks_to_cache,
     compute_baseline,
     merge_sensitivities,
     score_emulation,
     sweep_groups,
 )
+from calibration.tiers import (
+    GroupOptions,
+    TierOption,
+    TierPlan,
+    group_tier_bytes,
+    plan_tiers,
+    shortest_prefix,
+)
 
 logger = logging.getLogger(__name__)
 
 Prompts = Sequence[RenderedPrompt | str]
+#: A group is checked exactly when its estimate is at least this fraction of the runbook floor (the
+#: Fisher estimate is not exact; the margin keeps a group just under the floor from being missed).
+FLOOR_MARGIN = 0.5
+#: At most this many exact checks (the largest estimates first): the floor should be rare.
+MAX_EXACT_GROUPS = 24
+SCORES_FORMAT = "fp4roll.tier-scores"
+SWEEP_FORMAT = "fp4roll.kl-sweep"
 
 
 class RecalibrationResult(BaseModel):
@@ -74,11 +99,15 @@ class RecalibrationResult(BaseModel):
     calibration_json: Path
     kl_chart: Path
     scheme: Tier
+    rounding: Rounding
     corpus_digest: str
     num_groups: int
-    fallback_groups: tuple[str, ...]
+    tiers: dict[str, int]  # tier -> number of groups
+    upgraded_groups: tuple[str, ...]  # groups above the base tier
     ignore: tuple[str, ...]
-    fallback_param_fraction: float
+    target_kl: float | None
+    target_met: bool | None
+    extra_bytes_fraction: float
     all_quantized_mean_kl: float
     all_quantized_p99_kl: float
     all_quantized_top1: float
@@ -128,6 +157,10 @@ def _tokenize(
     )
 
 
+def _calibration_batches(loaded: _Loaded, prompts: Prompts, config: CalibrationConfig):
+    return _tokenize(loaded, prompts, config, budget=True).batches
+
+
 def _stats(
     loaded: _Loaded, prompts: Prompts, config: CalibrationConfig, progress: bool
 ) -> ActivationStats:
@@ -148,15 +181,82 @@ def _stats(
     )
 
 
-def _baseline(
+def _round(
     loaded: _Loaded, prompts: Prompts, config: CalibrationConfig, progress: bool
+) -> dict[str, RoundedGroup]:
+    """Rounded NVFP4 weights and scales of every group (empty for round-to-nearest)."""
+    if config.rounding is Rounding.RTN:
+        return {}
+    return round_model(
+        loaded.model,
+        _calibration_batches(loaded, prompts, config),
+        loaded.selection,
+        config.rounding,
+        damp=config.gptq_damp,
+        act_order=config.gptq_act_order,
+        progress=progress,
+    )
+
+
+def _candidate_tiers(config: CalibrationConfig) -> tuple[Tier, ...]:
+    return (config.scheme, *(t for t in config.upgrade_tiers if t is not config.scheme))
+
+
+def _scores(
+    loaded: _Loaded,
+    prompts: Prompts,
+    config: CalibrationConfig,
+    stats: ActivationStats,
+    rounded: Mapping[str, RoundedGroup],
+    progress: bool,
+) -> dict[str, dict[Tier, float]]:
+    """Estimated KL of every group alone at every candidate tier (one Fisher pass)."""
+    return score_tiers(
+        loaded.model,
+        _calibration_batches(loaded, prompts, config),
+        loaded.selection,
+        _candidate_tiers(config),
+        stats.group_input_amax,
+        rounded=rounded,
+        progress=progress,
+    )
+
+
+def _baseline(
+    loaded: _Loaded,
+    prompts: Prompts,
+    config: CalibrationConfig,
+    progress: bool,
+    groups: Sequence[LinearGroup] = (),
 ) -> Baseline:
     tokenized = _tokenize(loaded, prompts, config, budget=False)
     return compute_baseline(
         loaded.model,
         tokenized.batches,
-        cache_blocks=blocks_to_cache(loaded.selection.groups) if config.use_block_cache else (),
+        cache_blocks=blocks_to_cache(groups) if config.use_block_cache else (),
         logprob_dtype=config.logprob_dtype.torch_dtype,
+        progress=progress,
+    )
+
+
+def _exact(
+    loaded: _Loaded,
+    baseline: Baseline,
+    groups: Sequence[LinearGroup],
+    stats: ActivationStats,
+    rounded: Mapping[str, RoundedGroup],
+    config: CalibrationConfig,
+    progress: bool,
+) -> tuple[GroupSensitivity, ...]:
+    return sweep_groups(
+        loaded.model,
+        baseline,
+        groups,
+        stats,
+        config.scheme,
+        rounded=rounded,
+        use_block_cache=config.use_block_cache,
+        num_workers=config.num_workers,
         progress=progress,
     )
 
@@ -166,105 +266,334 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out_dir} already exists; set overwrite=True to replace it")
 
 
-def _plan_score_export(
+def exact_candidate_names(
+    scores: Mapping[str, Mapping[Tier, float]], config: CalibrationConfig
+) -> list[str]:
+    """Groups whose runbook-floor decision depends on an exact KL: estimate at the base tier at least
+    ``FLOOR_MARGIN`` of the floor, the largest ``MAX_EXACT_GROUPS`` first (none without a floor)."""
+    if config.kl_threshold is None:
+        return []
+    bar = FLOOR_MARGIN * config.kl_threshold
+    near = [(est[config.scheme], name) for name, est in scores.items() if est[config.scheme] >= bar]
+    if len(near) > MAX_EXACT_GROUPS:
+        logger.warning(
+            "%d groups are near the runbook floor; checking the %d largest exactly",
+            len(near),
+            MAX_EXACT_GROUPS,
+        )
+    return [name for _, name in sorted(near, reverse=True)[:MAX_EXACT_GROUPS]]
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+
+def tier_options(
+    selection: TargetSelection,
+    scores: Mapping[str, Mapping[Tier, float]],
+    exact: Mapping[str, float],
+    config: CalibrationConfig,
+) -> list[GroupOptions]:
+    """One :class:`GroupOptions` per tier unit (a MoE layer's routed experts share one tier)."""
+    itemsize = config.storage_dtype.torch_dtype.itemsize
+    units: dict[str, list[LinearGroup]] = {}
+    for group in selection.groups:
+        units.setdefault(group.tier_unit, []).append(group)
+    options = []
+    for unit, groups in units.items():
+        tier_options = tuple(
+            TierOption(
+                tier,
+                sum(group_tier_bytes(g, tier, storage_itemsize=itemsize) for g in groups),
+                0.0 if tier is Tier.BF16 else sum(scores[g.name][tier] for g in groups),
+            )
+            for tier in _candidate_tiers(config)
+        )
+        measured = [exact.get(g.name) for g in groups]
+        exact_kl = sum(measured) if all(m is not None for m in measured) else None
+        options.append(GroupOptions(unit, tier_options, exact_kl=exact_kl))
+    return options
+
+
+@dataclass(frozen=True)
+class _Measured:
+    plan: TierPlan
+    tiers: dict[str, Tier]  # group name -> tier
+    quantized: tuple[GroupQuantization, ...]
+    score: QualityScore
+
+
+class _Planner:
+    """Plans over one baseline; every plan it returns was measured with a real forward of the whole
+    emulated checkpoint (in the storage dtype, exactly what is exported)."""
+
+    def __init__(
+        self,
+        loaded: _Loaded,
+        baseline: Baseline,
+        stats: ActivationStats,
+        rounded: Mapping[str, RoundedGroup],
+        options: Sequence[GroupOptions],
+        config: CalibrationConfig,
+    ) -> None:
+        self.loaded, self.baseline, self.stats, self.rounded = loaded, baseline, stats, rounded
+        self.options, self.config = options, config
+        self._cache: dict[tuple, _Measured] = {}
+        self.storage = config.storage_dtype.torch_dtype
+        base = {g.name: config.scheme for g in loaded.selection.groups}
+        self.all_base = self._quantize(base)
+        self.base_checkpoint_bytes = sum(
+            checkpoint_bytes_by_tier(loaded.model, self.all_base, self.storage).values()
+        )
+        base_group_bytes = sum(o.base.bytes for o in options)
+        #: the budget as a fraction of the groups' base bytes (what plan_tiers counts in)
+        self.group_budget = (
+            None
+            if config.max_extra_bytes is None
+            else config.max_extra_bytes * self.base_checkpoint_bytes / base_group_bytes
+        )
+
+    def _quantize(self, tiers: Mapping[str, Tier]) -> tuple[GroupQuantization, ...]:
+        return quantize_groups(
+            self.loaded.model,
+            self.loaded.selection.groups,
+            tiers,
+            self.stats.group_input_amax,
+            rounded=self.rounded,
+        )
+
+    def measure(self, prefix: int | None) -> _Measured:
+        plan = plan_tiers(
+            self.options,
+            max_extra_bytes=self.group_budget,
+            kl_threshold=self.config.kl_threshold,
+            prefix=prefix,
+        )
+        tiers = {g.name: plan.tiers[g.tier_unit] for g in self.loaded.selection.groups}
+        key = tuple(sorted(tiers.items()))
+        if key not in self._cache:
+            quantized = self._quantize(tiers)
+            score = score_emulation(
+                self.loaded.model, self.baseline, quantized, storage_dtype=self.storage
+            )
+            logger.info(
+                "plan with %s upgrades (+%.1f%% bytes): measured mean KL %.5f",
+                "all" if prefix is None else prefix,
+                100 * plan.extra_bytes / self.base_checkpoint_bytes,
+                score.mean_kl,
+            )
+            self._cache[key] = _Measured(plan, tiers, quantized, score)
+        return self._cache[key]
+
+    def probe(self, measured: _Measured, upgrades: int) -> PlanProbe:
+        return PlanProbe(
+            upgrades=upgrades,
+            extra_bytes_fraction=measured.plan.extra_bytes / self.base_checkpoint_bytes,
+            mean_kl=measured.score.mean_kl,
+        )
+
+    def choose(self) -> tuple[_Measured, bool | None, tuple[PlanProbe, ...]]:
+        """Budget mode: the whole upgrade sequence that fits. Target mode: the shortest prefix whose
+        measured KL reaches the target (bisection; the KL falls as upgrades are added), else the
+        whole budget plan, reported as missing the target."""
+        full = self.measure(None)
+        floor = len(full.plan.floor)
+        count = len(full.plan.upgrades) - floor
+        probes = {count: self.probe(full, count)}
+        target = self.config.target_kl
+        if target is None:
+            return full, None, tuple(probes.values())
+
+        def reaches(k: int) -> bool:
+            measured = self.measure(k)
+            probes[k] = self.probe(measured, k)
+            return measured.score.mean_kl <= target
+
+        best = shortest_prefix(count, reaches, known_good=count)
+        chosen = full if best is None else self.measure(best)
+        ordered = tuple(probes[k] for k in sorted(probes))
+        return chosen, best is not None, ordered
+
+
+def _decisions(
+    selection: TargetSelection,
+    plan: TierPlan,
+    tiers: Mapping[str, Tier],
+    scores: Mapping[str, Mapping[Tier, float]],
+    exact: Mapping[str, float],
+    config: CalibrationConfig,
+) -> list[GroupDecision]:
+    itemsize = config.storage_dtype.torch_dtype.itemsize
+    candidates = _candidate_tiers(config)
+    return [
+        GroupDecision(
+            name=g.name,
+            kind=g.kind.value,
+            block_index=g.block_index,
+            members=g.members,
+            num_params=g.num_params,
+            tier=tiers[g.name],
+            reason=plan.reasons.get(g.tier_unit, "base tier"),
+            estimates={t: (0.0 if t is Tier.BF16 else scores[g.name][t]) for t in candidates},
+            bytes={t: group_tier_bytes(g, t, storage_itemsize=itemsize) for t in candidates},
+            exact_kl=exact.get(g.name),
+        )
+        for g in selection.groups
+    ]
+
+
+def _rank_agreement(
+    scores: Mapping[str, Mapping[Tier, float]], exact: Mapping[str, float], scheme: Tier
+) -> float | None:
+    names = sorted(exact)
+    if len(names) < 3:
+        return None
+    rho = scipy.stats.spearmanr([scores[n][scheme] for n in names], [exact[n] for n in names])
+    return float(rho.statistic)
+
+
+def _plan_and_export(
     loaded: _Loaded,
     *,
     model_dir: str | Path,
     stats: ActivationStats,
+    rounded: Mapping[str, RoundedGroup],
+    scores: Mapping[str, Mapping[Tier, float]],
+    exact_records: Sequence[GroupSensitivity],
     baseline: Baseline,
-    sensitivities: Sequence[GroupSensitivity],
     corpus_digest: str,
     out_dir: Path,
     config: CalibrationConfig,
     overwrite: bool,
     started: float,
 ) -> RecalibrationResult:
-    """Fallback plan → combined scores (everything quantized, the plan: the emulated checkpoint) →
-    atomic export of exactly what was scored."""
-    model, selection = loaded.model, loaded.selection
-    policy = FallbackPolicy(config.kl_threshold, config.max_fallback_fraction)
-    plan = build_fallback_plan(selection, sensitivities, policy)
-    storage_dtype = config.storage_dtype.torch_dtype
-    amax = stats.group_input_amax
-    fallback_names = {f.name for f in plan.fallbacks}
-    tiers = {
-        g.name: Tier.BF16 if g.name in fallback_names else config.scheme for g in selection.groups
-    }
-    planned = quantize_groups(model, selection.groups, tiers, amax)
-    all_groups = quantize_groups(model, selection.groups, config.scheme, amax)
-    all_quantized = score_emulation(model, baseline, all_groups, storage_dtype=storage_dtype)
-    with_plan = score_emulation(model, baseline, planned, storage_dtype=storage_dtype)
-    logger.info(
-        "combined mean KL: everything quantized %.5f, plan %.5f (%d fallback groups)",
-        all_quantized.mean_kl,
-        with_plan.mean_kl,
-        len(plan.fallbacks) - len(selection.skipped),
+    """Tier plan (measured) → atomic export of exactly the measured plan."""
+    selection = loaded.selection
+    missing = [g.name for g in selection.groups if g.name not in scores]
+    if missing:
+        raise ValueError(f"the scores do not cover {len(missing)} groups, e.g. {missing[:3]}")
+    exact = {r.group: r.mean_kl for r in exact_records}
+    options = tier_options(selection, scores, exact, config)
+    planner = _Planner(loaded, baseline, stats, rounded, options, config)
+    all_base = score_emulation(
+        loaded.model, baseline, planner.all_base, storage_dtype=planner.storage
     )
+    chosen, target_met, probes = planner.choose()
+    notes = []
+    if target_met is False:
+        notes.append(
+            f"target KL {config.target_kl:g} not reached within the bytes budget: measured "
+            f"{chosen.score.mean_kl:.4g} with every affordable upgrade"
+        )
+        logger.warning(notes[-1])
+    summary = PlanSummary(
+        target_kl=config.target_kl,
+        max_extra_bytes=config.max_extra_bytes,
+        kl_threshold=config.kl_threshold,
+        extra_bytes=chosen.plan.extra_bytes,
+        extra_bytes_fraction=chosen.plan.extra_bytes / planner.base_checkpoint_bytes,
+        target_met=target_met,
+        probes=probes,
+        floor=chosen.plan.floor,
+        exact_checked=tuple(sorted(exact)),
+        rank_agreement=_rank_agreement(scores, exact, config.scheme),
+        notes=tuple(notes),
+    )
+    decisions = _decisions(selection, chosen.plan, chosen.tiers, scores, exact, config)
     skipped = dict(selection.skipped)
-    for fallback in plan.fallbacks:
-        skipped.update(
-            dict.fromkeys(fallback.members, f"{fallback.reason.value}: {fallback.detail}")
-        )
     chart = render_kl_chart(
-        sensitivities, plan, title=f"{Path(model_dir).name}: per-group KL ({config.scheme.value})"
+        decisions,
+        kl_threshold=config.kl_threshold,
+        title=(
+            f"{Path(model_dir).name}: {config.scheme.value} + {config.rounding.value}, "
+            f"plan KL {chosen.score.mean_kl:.4f} (all {config.scheme.value}: "
+            f"{all_base.mean_kl:.4f}) at +{100 * summary.extra_bytes_fraction:.1f}% bytes"
+        ),
     )
-
-    def record(bytes_by_tier: dict[str, int] | None) -> dict[str, Any]:
-        return build_calibration_record(
-            corpus_digest=corpus_digest,
-            scheme=config.scheme,
-            calibration_sample={
-                "prompts": stats.num_prompts,
-                "tokens": stats.num_tokens,
-                "truncated_prompts": stats.truncated_prompts,
-                "over_budget_prompts": stats.over_budget_prompts,
-            },
-            evaluation_sample={"prompts": baseline.num_prompts, "tokens": baseline.num_tokens},
-            sensitivities=sensitivities,
-            plan=plan,
-            all_quantized=all_quantized,
-            with_plan=with_plan,
-            settings=config_record(config) | {"source_model": str(loaded.source_dir)},
-            bytes_by_tier=bytes_by_tier,
-        )
-
-    bytes_by_tier = checkpoint_bytes_by_tier(model, planned, storage_dtype)
-    summary = export_checkpoint(
-        model,
+    storage = planner.storage
+    bytes_by_tier = checkpoint_bytes_by_tier(loaded.model, chosen.quantized, storage)
+    record = build_calibration_record(
+        corpus_digest=corpus_digest,
+        scheme=config.scheme,
+        rounding=config.rounding,
+        calibration_sample={
+            "prompts": stats.num_prompts,
+            "tokens": stats.num_tokens,
+            "truncated_prompts": stats.truncated_prompts,
+            "over_budget_prompts": stats.over_budget_prompts,
+        },
+        evaluation_sample={"prompts": baseline.num_prompts, "tokens": baseline.num_tokens},
+        decisions=decisions,
+        summary=summary,
+        all_quantized=all_base,
+        with_plan=chosen.score,
+        ignore=tuple(skipped),
+        bytes_by_tier=bytes_by_tier,
+        settings=config_record(config) | {"source_model": str(loaded.source_dir)},
+    )
+    written = export_checkpoint(
+        loaded.model,
         out_dir,
-        planned,
+        chosen.quantized,
         skipped=skipped,
         source_dir=loaded.source_dir,
         tokenizer=loaded.tokenizer,
-        extra_files={CALIBRATION_JSON: record(bytes_by_tier), KL_CHART_PNG: chart},
+        extra_files={CALIBRATION_JSON: record, KL_CHART_PNG: chart},
         overwrite=overwrite,
-        dtype=storage_dtype,
+        dtype=storage,
     )
-    group_fallbacks = tuple(
-        f.name for f in plan.fallbacks if f.reason is not FallbackReason.ALWAYS_HIGH_PRECISION
+    return _result(
+        out_dir,
+        record,
+        config,
+        checkpoint_bytes=written.bytes_after,
+        seconds=time.perf_counter() - started,
     )
+
+
+def _result(
+    out_dir: Path,
+    record: Mapping[str, Any],
+    config: CalibrationConfig,
+    *,
+    checkpoint_bytes: int,
+    seconds: float,
+) -> RecalibrationResult:
+    """The result of a finished export, from its ``calibration.json`` record."""
+    combined_all = record["combined"]["all_quantized_except_lm_head"]
+    combined = record["combined"]["plan"]
+    plan = record["plan"]
+
+    def num(value: float | None) -> float:  # null in JSON for non-finite values
+        return float("nan") if value is None else float(value)
+
     return RecalibrationResult(
         checkpoint_dir=out_dir,
         calibration_json=out_dir / CALIBRATION_JSON,
         kl_chart=out_dir / KL_CHART_PNG,
-        scheme=config.scheme,
-        corpus_digest=corpus_digest,
-        num_groups=len(selection.groups),
-        fallback_groups=group_fallbacks,
-        ignore=plan.ignore,
-        fallback_param_fraction=plan.fallback_param_fraction,
-        all_quantized_mean_kl=all_quantized.mean_kl,
-        all_quantized_p99_kl=all_quantized.p99_kl,
-        all_quantized_top1=all_quantized.top1_agreement,
-        plan_mean_kl=with_plan.mean_kl,
-        plan_p99_kl=with_plan.p99_kl,
-        plan_top1=with_plan.top1_agreement,
-        plan_delta_perplexity=with_plan.delta_perplexity,
-        calibration_tokens=stats.num_tokens,
-        evaluation_tokens=baseline.num_tokens,
-        bytes_by_tier=dict(summary.bytes_by_tier),
-        checkpoint_bytes=summary.bytes_after,
-        seconds=time.perf_counter() - started,
+        scheme=Tier(record["format"]["scheme"]),
+        rounding=Rounding(record["format"]["rounding"]),
+        corpus_digest=record["corpus_digest"],
+        num_groups=len(record["groups"]),
+        tiers=dict(plan["groups_by_tier"]),
+        upgraded_groups=tuple(
+            g["name"] for g in record["groups"] if g["tier"] != record["format"]["scheme"]
+        ),
+        ignore=tuple(record["ignore"]),
+        target_kl=plan["target_kl"],
+        target_met=plan["target_met"],
+        extra_bytes_fraction=plan["extra_bytes_fraction"],
+        all_quantized_mean_kl=num(combined_all["mean_kl"]),
+        all_quantized_p99_kl=num(combined_all["p99_kl"]),
+        all_quantized_top1=num(combined_all["top1_agreement"]),
+        plan_mean_kl=num(combined["mean_kl"]),
+        plan_p99_kl=num(combined["p99_kl"]),
+        plan_top1=num(combined["top1_agreement"]),
+        plan_delta_perplexity=num(combined["delta_perplexity"]),
+        calibration_tokens=record["calibration_sample"]["tokens"],
+        evaluation_tokens=record["evaluation_sample"]["tokens"],
+        bytes_by_tier=dict(record["bytes_by_tier"]),
+        checkpoint_bytes=checkpoint_bytes,
+        seconds=seconds,
     )
 
 
@@ -286,10 +615,11 @@ def recalibrate(
 ) -> RecalibrationResult:
     """Calibrate the safetensors model at ``model_dir`` and write its quantized checkpoint to ``out_dir``.
 
-    ``calibration_prompts`` set the activation statistics (all of them, within the token budget);
-    ``sensitivity_prompts`` (disjoint) score each group and the plan. Both are rendered, already
-    redacted prompts; ``corpus_digest`` identifies the calibration set. The checkpoint folder is
-    written atomically; ``out_dir`` must not exist unless ``overwrite``.
+    ``calibration_prompts`` set the activation statistics, the rounding and the Fisher scores (all
+    of them, within the token budget); ``sensitivity_prompts`` (disjoint) measure the exact checks and
+    every plan. Both are rendered, already redacted prompts; ``corpus_digest`` identifies the
+    calibration set. The checkpoint folder is written atomically; ``out_dir`` must not exist unless
+    ``overwrite``.
     """
     config = config or CalibrationConfig()
     started = time.perf_counter()
@@ -301,23 +631,19 @@ def recalibrate(
     _check_out_dir(out_dir, overwrite)
     loaded = _load(model_dir, config)
     stats = _stats(loaded, calibration_prompts, config, progress)
-    baseline = _baseline(loaded, sensitivity_prompts, config, progress)
-    sensitivities = sweep_groups(
-        loaded.model,
-        baseline,
-        loaded.selection.groups,
-        stats,
-        config.scheme,
-        use_block_cache=config.use_block_cache,
-        num_workers=config.num_workers,
-        progress=progress,
-    )
-    return _plan_score_export(
+    rounded = _round(loaded, calibration_prompts, config, progress)
+    scores = _scores(loaded, calibration_prompts, config, stats, rounded, progress)
+    candidates = selection_groups(loaded.selection, exact_candidate_names(scores, config))
+    baseline = _baseline(loaded, sensitivity_prompts, config, progress, candidates)
+    exact = _exact(loaded, baseline, candidates, stats, rounded, config, progress)
+    return _plan_and_export(
         loaded,
         model_dir=model_dir,
         stats=stats,
+        rounded=rounded,
+        scores=scores,
+        exact_records=exact,
         baseline=baseline,
-        sensitivities=sensitivities,
         corpus_digest=corpus_digest,
         out_dir=out_dir,
         config=config,
@@ -327,8 +653,6 @@ def recalibrate(
 
 
 # ------------------------------------------------------------------------------------------ stages
-
-SWEEP_FORMAT = "fp4roll.kl-sweep"
 
 
 def collect_stats_file(
@@ -348,45 +672,92 @@ def collect_stats_file(
     return atomic.write_text(out_path, stats.to_json())
 
 
-def target_group_names(
-    model_dir: str | Path, config: CalibrationConfig | None = None
-) -> tuple[str, ...]:
-    """Stage 2: the fused groups to score, in model order (what the sweep is split over)."""
-    return tuple(g.name for g in _load(model_dir, config or CalibrationConfig()).selection.groups)
-
-
-def sweep_file(
+def round_file(
     model_dir: str | Path,
-    sensitivity_prompts: Prompts,
-    stats_path: str | Path,
-    group_names: Sequence[str],
+    calibration_prompts: Prompts,
     out_path: str | Path,
     config: CalibrationConfig | None = None,
     *,
     progress: bool = True,
 ) -> Path:
-    """Stage 3 (fans out): baseline + per-group KL for a subset of groups → JSON records.
+    """Stage 2: rounded NVFP4 weights and scales of every group → safetensors (empty for rtn)."""
+    config = config or CalibrationConfig()
+    out_path = Path(out_path)
+    if out_path.exists():
+        return out_path
+    rounded = _round(_load(model_dir, config), calibration_prompts, config, progress)
+    return save_rounded(out_path, rounded)
 
-    Results do not depend on how the groups are split (each group is scored alone against the same
-    baseline), so any partition merged with :func:`plan_and_export` gives the same plan.
-    """
+
+def score_file(
+    model_dir: str | Path,
+    calibration_prompts: Prompts,
+    stats_path: str | Path,
+    rounded_path: str | Path,
+    out_path: str | Path,
+    config: CalibrationConfig | None = None,
+    *,
+    progress: bool = True,
+) -> Path:
+    """Stage 3: estimated KL of every group at every candidate tier (one Fisher pass) → JSON."""
     config = config or CalibrationConfig()
     out_path = Path(out_path)
     if out_path.exists():
         return out_path
     loaded = _load(model_dir, config)
     stats = ActivationStats.from_json(Path(stats_path).read_text())
-    baseline = _baseline(loaded, sensitivity_prompts, config, progress)
-    records = sweep_groups(
-        loaded.model,
-        baseline,
-        selection_groups(loaded.selection, group_names),
-        stats,
-        config.scheme,
-        use_block_cache=config.use_block_cache,
-        num_workers=config.num_workers,
-        progress=progress,
+    scores = _scores(
+        loaded, calibration_prompts, config, stats, load_rounded(rounded_path), progress
     )
+    payload = {
+        "format": SCORES_FORMAT,
+        "version": 1,
+        "scores": {g: {t.value: v for t, v in s.items()} for g, s in scores.items()},
+    }
+    return atomic.write_json(out_path, payload)
+
+
+def load_score_file(path: str | Path) -> dict[str, dict[Tier, float]]:
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != SCORES_FORMAT:
+        raise ValueError(f"{path} is not a tier-scores file (format {data.get('format')!r})")
+    return {g: {Tier(t): float(v) for t, v in s.items()} for g, s in data["scores"].items()}
+
+
+def exact_candidates(scores_path: str | Path, config: CalibrationConfig) -> list[str]:
+    """Stage 4: the groups that need an exact KL (see :func:`exact_candidate_names`)."""
+    return exact_candidate_names(load_score_file(scores_path), config)
+
+
+def sweep_file(
+    model_dir: str | Path,
+    sensitivity_prompts: Prompts,
+    stats_path: str | Path,
+    rounded_path: str | Path,
+    group_names: Sequence[str],
+    out_path: str | Path,
+    config: CalibrationConfig | None = None,
+    *,
+    progress: bool = True,
+) -> Path:
+    """Stage 5 (fans out): exact KL of each of ``group_names`` quantized alone → JSON records.
+
+    Results do not depend on how the groups are split (each group is scored alone against the same
+    baseline), so any partition merged by :func:`plan_and_export` gives the same plan.
+    """
+    config = config or CalibrationConfig()
+    out_path = Path(out_path)
+    if out_path.exists():
+        return out_path
+    loaded = _load(model_dir, config)
+    groups = selection_groups(loaded.selection, group_names)
+    records: tuple[GroupSensitivity, ...] = ()
+    if groups:
+        stats = ActivationStats.from_json(Path(stats_path).read_text())
+        baseline = _baseline(loaded, sensitivity_prompts, config, progress, groups)
+        records = _exact(
+            loaded, baseline, groups, stats, load_rounded(rounded_path), config, progress
+        )
     payload = {
         "format": SWEEP_FORMAT,
         "version": 1,
@@ -406,6 +777,8 @@ def plan_and_export(
     model_dir: str | Path,
     sensitivity_prompts: Prompts,
     stats_path: str | Path,
+    rounded_path: str | Path,
+    scores_path: str | Path,
     sweep_paths: Sequence[str | Path],
     corpus_digest: str,
     out_dir: str | Path,
@@ -413,10 +786,8 @@ def plan_and_export(
     *,
     progress: bool = True,
 ) -> RecalibrationResult:
-    """Stage 4: merge the sweep files, plan, score the plan, export the checkpoint.
-
-    A finished ``out_dir`` (its ``calibration.json`` exists) is reused as is.
-    """
+    """Stage 6: plan (measured), export the checkpoint. A finished ``out_dir`` (its
+    ``calibration.json`` exists) is reused as is."""
     config = config or CalibrationConfig()
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -424,19 +795,15 @@ def plan_and_export(
         logger.info("%s already holds a finished checkpoint; reusing it", out_dir)
         return result_from_checkpoint(out_dir, config)
     loaded = _load(model_dir, config)
-    stats = ActivationStats.from_json(Path(stats_path).read_text())
-    sensitivities = merge_sensitivities((load_sweep_file(p) for p in sweep_paths), loaded.selection)
-    covered = {s.group for s in sensitivities}
-    missing = [g.name for g in loaded.selection.groups if g.name not in covered]
-    if missing:
-        raise ValueError(f"the sweep files do not cover {len(missing)} groups, e.g. {missing[:3]}")
-    baseline = _baseline(loaded, sensitivity_prompts, config, progress)
-    return _plan_score_export(
+    exact = merge_sensitivities((load_sweep_file(p) for p in sweep_paths), loaded.selection)
+    return _plan_and_export(
         loaded,
         model_dir=model_dir,
-        stats=stats,
-        baseline=baseline,
-        sensitivities=sensitivities,
+        stats=ActivationStats.from_json(Path(stats_path).read_text()),
+        rounded=load_rounded(rounded_path),
+        scores=load_score_file(scores_path),
+        exact_records=exact,
+        baseline=_baseline(loaded, sensitivity_prompts, config, progress),
         corpus_digest=corpus_digest,
         out_dir=out_dir,
         config=config,
@@ -448,37 +815,10 @@ def plan_and_export(
 def result_from_checkpoint(out_dir: Path, config: CalibrationConfig) -> RecalibrationResult:
     """Rebuild the result of a finished export from its ``calibration.json``."""
     record = json.loads((out_dir / CALIBRATION_JSON).read_text())
-    combined_all = record["combined"]["all_quantized_except_lm_head"]
-    combined = record["combined"]["plan"]
-
-    def num(value: float | None) -> float:  # null in JSON for non-finite values
-        return float("nan") if value is None else float(value)
-
-    bytes_by_tier = dict(record.get("bytes_by_tier") or {})
-    return RecalibrationResult(
-        checkpoint_dir=out_dir,
-        calibration_json=out_dir / CALIBRATION_JSON,
-        kl_chart=out_dir / KL_CHART_PNG,
-        scheme=config.scheme,
-        corpus_digest=record["corpus_digest"],
-        num_groups=len(record["groups"]),
-        fallback_groups=tuple(
-            f["name"]
-            for f in record["fallbacks"]
-            if f["reason"] != FallbackReason.ALWAYS_HIGH_PRECISION.value
-        ),
-        ignore=tuple(record["ignore"]),
-        fallback_param_fraction=record["fallback_param_fraction"],
-        all_quantized_mean_kl=num(combined_all["mean_kl"]),
-        all_quantized_p99_kl=num(combined_all["p99_kl"]),
-        all_quantized_top1=num(combined_all["top1_agreement"]),
-        plan_mean_kl=num(combined["mean_kl"]),
-        plan_p99_kl=num(combined["p99_kl"]),
-        plan_top1=num(combined["top1_agreement"]),
-        plan_delta_perplexity=num(combined["delta_perplexity"]),
-        calibration_tokens=record["calibration_sample"]["tokens"],
-        evaluation_tokens=record["evaluation_sample"]["tokens"],
-        bytes_by_tier=bytes_by_tier,
+    return _result(
+        out_dir,
+        record,
+        config,
         checkpoint_bytes=sum(p.stat().st_size for p in out_dir.glob("*.safetensors")),
         seconds=0.0,
     )

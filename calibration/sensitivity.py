@@ -23,10 +23,11 @@ from __future__ import annotations
 import copy
 import logging
 import queue
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,8 +36,11 @@ from tqdm.auto import tqdm
 
 from calibration.emulate import GroupQuantization, emulate, quantize_groups
 from calibration.groups import LinearGroup, TargetSelection
-from calibration.observers import ActivationStats, TokenBatch, _model_device, tokenize_batches
+from calibration.observers import ActivationStats, TokenBatch, _model_device
 from calibration.precision import Tier
+
+if TYPE_CHECKING:
+    from calibration.rounding import RoundedGroup
 
 logger = logging.getLogger(__name__)
 
@@ -100,16 +104,6 @@ class Baseline:
         nll = sum(float(b.base_target_nll.sum()) for b in self.batches)
         count = sum(int(b.has_target.sum()) for b in self.batches)
         return float(np.exp(nll / max(count, 1)))
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    tier: Tier = Tier.NVFP4
-    max_length: int = 256
-    batch_size: int = 8
-    logprob_dtype: str = "float32"
-    use_block_cache: bool = True
-    num_workers: int = 1
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -318,14 +312,16 @@ def score_quantized(
     stats: ActivationStats | None,
     tier: Tier = Tier.NVFP4,
     *,
+    rounded: Mapping[str, RoundedGroup] | None = None,
     use_block_cache: bool = True,
 ) -> QualityScore:
-    """``groups`` quantized together under one ``tier`` (round-to-nearest), scored against ``baseline``.
-    W4A4 needs ``stats`` (the calibrated input amax of each group)."""
+    """``groups`` quantized together under one ``tier`` (``rounded`` weights and scales where given,
+    else round-to-nearest), scored against ``baseline``. W4A4 needs ``stats`` (the calibrated input
+    amax of each group)."""
     amax = None if stats is None else stats.group_input_amax
     if Tier(tier) is Tier.NVFP4 and stats is None:
         raise ValueError("W4A4 needs activation stats (input amax) for the input_global_scale")
-    quantized = quantize_groups(model, groups, Tier(tier), amax)
+    quantized = quantize_groups(model, groups, Tier(tier), amax, rounded=rounded)
     return score_emulation(model, baseline, quantized, use_block_cache=use_block_cache)
 
 
@@ -351,6 +347,7 @@ def sweep_groups(
     stats: ActivationStats | None,
     tier: Tier = Tier.NVFP4,
     *,
+    rounded: Mapping[str, RoundedGroup] | None = None,
     use_block_cache: bool = True,
     num_workers: int = 1,
     progress: bool = True,
@@ -374,7 +371,13 @@ def sweep_groups(
         replica = replicas.get()
         try:
             score = score_quantized(
-                replica, baseline, [group], stats, tier, use_block_cache=use_block_cache
+                replica,
+                baseline,
+                [group],
+                stats,
+                tier,
+                rounded=rounded,
+                use_block_cache=use_block_cache,
             )
         finally:
             replicas.put(replica)
@@ -405,36 +408,3 @@ def merge_sensitivities(
                 raise ValueError(f"group {record.group!r} was scored twice")
             merged[record.group] = record
     return tuple(sorted(merged.values(), key=lambda r: order[r.group]))
-
-
-def run_sensitivity_sweep(
-    model: nn.Module,
-    tokenizer,
-    eval_texts: Sequence[str],
-    groups: Sequence[LinearGroup],
-    stats: ActivationStats | None,
-    config: SweepConfig = SweepConfig(),
-    *,
-    progress: bool = True,
-) -> tuple[GroupSensitivity, ...]:
-    """Baseline plus sweep for a subset of groups: the unit a Prefect/Dask task fans out."""
-    batches = tokenize_batches(
-        tokenizer, eval_texts, max_length=config.max_length, batch_size=config.batch_size
-    )
-    baseline = compute_baseline(
-        model,
-        batches,
-        cache_blocks=blocks_to_cache(groups) if config.use_block_cache else (),
-        logprob_dtype=getattr(torch, config.logprob_dtype),
-        progress=progress,
-    )
-    return sweep_groups(
-        model,
-        baseline,
-        groups,
-        stats,
-        config.tier,
-        use_block_cache=config.use_block_cache,
-        num_workers=config.num_workers,
-        progress=progress,
-    )

@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from calibration.groups import LinearGroup
 from calibration.precision import Tier
 
 
@@ -225,3 +226,17 @@ def shortest_prefix(
         else:
             low = middle
     return high
+
+
+def group_tier_bytes(group: LinearGroup, tier: Tier, *, storage_itemsize: int = 2) -> int:
+    """Checkpoint bytes of a fused group's weights under ``tier`` (biases excluded: every tier keeps
+    them). NVFP4: packed E2M1 (½ byte per weight), FP8 block scales (1 per 16), fp32 global scale per
+    member (and input global scale for W4A4); FP8: 1 byte per weight, fp32 scale per output channel;
+    BF16 and other storage tiers: ``storage_itemsize`` per weight."""
+    params, members = group.num_params, len(group.members)
+    if tier.is_nvfp4:
+        per_member = 8 if tier.quantizes_activations else 4
+        return params // 2 + params // 16 + per_member * members
+    if tier is Tier.FP8:
+        return params + 4 * (params // group.in_features)
+    return params * storage_itemsize

@@ -90,9 +90,30 @@ def activation_stats_task(
     return steps.activation_stats(source_dir, corpus_digest, db_url, config, work_dir)
 
 
-@task(name="target-groups", **_CACHED)
-def target_groups_task(source_dir: str, config: CalibrationConfig) -> list[str]:
-    return steps.target_groups(source_dir, config)
+@task(name="rounding", **_CACHED)
+def rounding_task(
+    source_dir: str,
+    corpus_digest: str,
+    db_url: str | None,
+    config: CalibrationConfig,
+    work_dir: str,
+) -> str:
+    return steps.rounded_weights(source_dir, corpus_digest, db_url, config, work_dir)
+
+
+@task(name="tier-scores", **_CACHED)
+def tier_scores_task(
+    source_dir: str,
+    corpus_digest: str,
+    db_url: str | None,
+    stats_path: str,
+    rounded_path: str,
+    config: CalibrationConfig,
+    work_dir: str,
+) -> str:
+    return steps.tier_scores(
+        source_dir, corpus_digest, db_url, stats_path, rounded_path, config, work_dir
+    )
 
 
 @task(name="kl-sweep-part", **_CACHED)
@@ -101,13 +122,14 @@ def kl_sweep_part_task(
     corpus_digest: str,
     db_url: str | None,
     stats_path: str,
+    rounded_path: str,
     groups: list[str],
     part: int,
     config: CalibrationConfig,
     work_dir: str,
 ) -> str:
     return steps.kl_sweep_part(
-        source_dir, corpus_digest, db_url, stats_path, groups, part, config, work_dir
+        source_dir, corpus_digest, db_url, stats_path, rounded_path, groups, part, config, work_dir
     )
 
 
@@ -117,12 +139,22 @@ def plan_and_export_task(
     corpus_digest: str,
     db_url: str | None,
     stats_path: str,
+    rounded_path: str,
+    scores_path: str,
     part_paths: list[str],
     config: CalibrationConfig,
     work_dir: str,
 ) -> steps.CalibratedCheckpoint:
     return steps.plan_and_export(
-        source_dir, corpus_digest, db_url, stats_path, part_paths, config, work_dir
+        source_dir,
+        corpus_digest,
+        db_url,
+        stats_path,
+        rounded_path,
+        scores_path,
+        part_paths,
+        config,
+        work_dir,
     )
 
 
@@ -141,20 +173,22 @@ def kl_sweep_flow(
     corpus_digest: str,
     db_url: str | None,
     stats_path: str,
+    rounded_path: str,
     partitions: list[list[str]],
     config: CalibrationConfig,
     work_dir: str,
 ) -> list[str]:
-    """Score every partition of groups in its own task (thread pool here, Dask when configured)."""
+    """Exact KL of the groups near the runbook floor, each partition in its own task (thread pool
+    here, Dask when configured)."""
     futures = [
         kl_sweep_part_task.submit(
-            source_dir, corpus_digest, db_url, stats_path, groups, i, config, work_dir
+            source_dir, corpus_digest, db_url, stats_path, rounded_path, groups, i, config, work_dir
         )
         for i, groups in enumerate(partitions)
     ]
     progress_id = create_progress_artifact(
         progress=0.0,
-        description=f"KL sweep: {sum(map(len, partitions))} groups in {len(partitions)} tasks",
+        description=f"exact KL: {sum(map(len, partitions))} groups in {len(partitions)} tasks",
     )
     for done, _ in enumerate(as_completed(futures), start=1):
         update_progress_artifact(progress_id, progress=100.0 * done / len(futures))
@@ -176,7 +210,8 @@ def _sweep_runner(params: RecalibrateParams):  # noqa: ANN202 - a Prefect task r
 
 @flow(name="recalibrate", log_prints=False)
 def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> dict[str, Any]:  # noqa: B008
-    """Sample logs → activation stats → per-group KL sweep → fallback plan → pack → register challenger."""
+    """Sample logs → activation stats → rounding → tier scores → exact checks near the floor →
+    measured tier plan → pack → register challenger."""
     config, db_url = params.calibration, params.db_url
     source_dir = resolve_source_model_task(params.source_model)
     calibration_set = sample_calibration_set_task(params, source_dir)
@@ -184,30 +219,34 @@ def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> dict[st
     register_baseline_task(params.model_name, source_dir, params.tracking_uri, db_url)
     work_dir = steps.calibration_work_dir(params, digest)
     stats_path = activation_stats_task(source_dir, digest, db_url, config, work_dir)
-    groups = target_groups_task(source_dir, config)
-    partitions = steps.sweep_partitions(groups, params.sweep_tasks)
+    rounded_path = rounding_task(source_dir, digest, db_url, config, work_dir)
+    scores_path = tier_scores_task(
+        source_dir, digest, db_url, stats_path, rounded_path, config, work_dir
+    )
+    partitions = steps.sweep_partitions(
+        steps.exact_candidates(scores_path, config), params.sweep_tasks
+    )
     part_paths = kl_sweep_flow.with_options(task_runner=_sweep_runner(params))(
-        source_dir, digest, db_url, stats_path, partitions, config, work_dir
+        source_dir, digest, db_url, stats_path, rounded_path, partitions, config, work_dir
     )
     checkpoint = plan_and_export_task(
-        source_dir, digest, db_url, stats_path, part_paths, config, work_dir
+        source_dir,
+        digest,
+        db_url,
+        stats_path,
+        rounded_path,
+        scores_path,
+        part_paths,
+        config,
+        work_dir,
     )
     registration = register_challenger_task(params, calibration_set, checkpoint)
 
     record = json.loads(Path(checkpoint.calibration_json).read_text())
     create_table_artifact(
-        key="per-group-kl",
-        table=[
-            {
-                "group": g["name"],
-                "mean_kl": g["mean_kl"],
-                "p99_kl": g["p99_kl"],
-                "top1": g["top1_agreement"],
-                "fallback": g["fallback"],
-            }
-            for g in record["groups"]
-        ],
-        description=f"Per-group KL of {params.model_name}, corpus {calibration_set.digest[:12]}",
+        key="per-group-plan",
+        table=[{k: v for k, v in g.items() if k != "members"} for g in record["groups"]],
+        description=f"Per-group tiers of {params.model_name}, corpus {calibration_set.digest[:12]}",
     )
     summary = steps.recalibration_summary(params, calibration_set, checkpoint, registration)
     create_markdown_artifact(
@@ -220,7 +259,9 @@ def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> dict[st
         "run_url": registration.run_url,
         "corpus_digest": calibration_set.digest,
         "checkpoint_dir": str(checkpoint.checkpoint_dir),
-        "fallback_groups": list(checkpoint.fallback_groups),
+        "upgraded_groups": list(checkpoint.upgraded_groups),
+        "tiers": dict(checkpoint.tiers),
+        "extra_bytes_fraction": checkpoint.extra_bytes_fraction,
         "plan_mean_kl": checkpoint.plan_mean_kl,
         "all_quantized_mean_kl": checkpoint.all_quantized_mean_kl,
     }

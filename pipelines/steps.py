@@ -176,11 +176,45 @@ def activation_stats(
     return str(collect_stats_file(source_dir, prompts, out, config, progress=False))
 
 
-def target_groups(source_dir: str, config: CalibrationConfig) -> list[str]:
-    """Names of the fused groups the sweep scores, in model order."""
-    from calibration.recalibrate import target_group_names
+def rounded_weights(
+    source_dir: str,
+    corpus_digest: str,
+    db_url: str | None,
+    config: CalibrationConfig,
+    work_dir: str,
+) -> str:
+    """GPTQ / MSE-rounded NVFP4 weights and scales of every group → safetensors path."""
+    from calibration.recalibrate import round_file
 
-    return list(target_group_names(source_dir, config))
+    out = Path(work_dir) / "rounded.safetensors"
+    prompts = _prompts(corpus_digest, db_url, Role.CALIBRATION)
+    return str(round_file(source_dir, prompts, out, config, progress=False))
+
+
+def tier_scores(
+    source_dir: str,
+    corpus_digest: str,
+    db_url: str | None,
+    stats_path: str,
+    rounded_path: str,
+    config: CalibrationConfig,
+    work_dir: str,
+) -> str:
+    """Estimated KL of every group at every candidate tier (one Fisher pass) → JSON path."""
+    from calibration.recalibrate import score_file
+
+    out = Path(work_dir) / "tier_scores.json"
+    prompts = _prompts(corpus_digest, db_url, Role.CALIBRATION)
+    return str(
+        score_file(source_dir, prompts, stats_path, rounded_path, out, config, progress=False)
+    )
+
+
+def exact_candidates(scores_path: str, config: CalibrationConfig) -> list[str]:
+    """The groups near the runbook floor, whose decision needs an exact KL."""
+    from calibration.recalibrate import exact_candidates as candidates
+
+    return candidates(scores_path, config)
 
 
 def kl_sweep_part(
@@ -188,17 +222,22 @@ def kl_sweep_part(
     corpus_digest: str,
     db_url: str | None,
     stats_path: str,
+    rounded_path: str,
     groups: Sequence[str],
     part: int,
     config: CalibrationConfig,
     work_dir: str,
 ) -> str:
-    """Score ``groups`` (each quantized alone) on the sensitivity prompts → JSON path of the records."""
+    """Exact KL of ``groups`` (each quantized alone) on the sensitivity prompts → JSON path."""
     from calibration.recalibrate import sweep_file
 
     out = Path(work_dir) / f"sweep-part-{part:03d}.json"
     prompts = _prompts(corpus_digest, db_url, Role.SENSITIVITY)
-    return str(sweep_file(source_dir, prompts, stats_path, groups, out, config, progress=False))
+    return str(
+        sweep_file(
+            source_dir, prompts, stats_path, rounded_path, groups, out, config, progress=False
+        )
+    )
 
 
 class CalibratedCheckpoint(RecalibrationResult):
@@ -217,17 +256,28 @@ def plan_and_export(
     corpus_digest: str,
     db_url: str | None,
     stats_path: str,
+    rounded_path: str,
+    scores_path: str,
     part_paths: Sequence[str],
     config: CalibrationConfig,
     work_dir: str,
 ) -> CalibratedCheckpoint:
-    """Merge the sweep, plan, score the plan, export the checkpoint (idempotent)."""
+    """Plan the tiers (every plan measured), export the checkpoint (idempotent)."""
     from calibration.recalibrate import plan_and_export as plan_and_export_checkpoint
 
     prompts = _prompts(corpus_digest, db_url, Role.SENSITIVITY)
     out_dir = Path(work_dir) / "checkpoint"
     result = plan_and_export_checkpoint(
-        source_dir, prompts, stats_path, part_paths, corpus_digest, out_dir, config, progress=False
+        source_dir,
+        prompts,
+        stats_path,
+        rounded_path,
+        scores_path,
+        part_paths,
+        corpus_digest,
+        out_dir,
+        config,
+        progress=False,
     )
     return CalibratedCheckpoint(
         **dict(result),
@@ -292,7 +342,9 @@ def register_challenger(
         holdout_size=calibration_set.holdout_size,
         sensitivity_prompts=calibration_set.sensitivity_size,
         kl_threshold=params.calibration.kl_threshold,
-        max_fallback_fraction=params.calibration.max_fallback_fraction,
+        target_kl=params.calibration.target_kl,
+        max_extra_bytes=params.calibration.max_extra_bytes,
+        rounding=checkpoint.rounding.value,
         fallback_layers=checkpoint.ignore,
         metrics=RegistrationMetrics(
             combined_kl=checkpoint.plan_mean_kl,
@@ -302,9 +354,7 @@ def register_challenger(
             bytes_before=checkpoint.bytes_before,
             bytes_after=checkpoint.bytes_after,
             bytes_by_tier=checkpoint.bytes_by_tier,
-            group_kl={
-                g["name"]: g["mean_kl"] for g in record["groups"] if g["mean_kl"] is not None
-            },
+            group_rows=record["groups"],
         ),
         checkpoint_dir=checkpoint.checkpoint_dir,
         calibration_json=checkpoint.calibration_json,
@@ -312,6 +362,7 @@ def register_challenger(
         calibration_summary=Path(calibration_set.export_dir) / "calibration_set.json",
         extra_params={
             "all_quantized_mean_kl": f"{checkpoint.all_quantized_mean_kl:.6g}",
+            "extra_bytes_fraction": f"{checkpoint.extra_bytes_fraction:.4f}",
             "max_prompt_tokens": str(params.calibration.max_prompt_tokens),
             "seed": str(params.sampling.seed),
         },
@@ -334,7 +385,7 @@ def recalibration_summary(
     registration: Registration,
 ) -> str:
     """Markdown for the Prefect UI: what was decided, and where to review it."""
-    fallbacks = ", ".join(f"`{g}`" for g in checkpoint.fallback_groups) or "none"
+    tiers = ", ".join(f"{count} {tier}" for tier, count in checkpoint.tiers.items())
     return "\n".join(
         [
             f"# {params.model_name} v{registration.version} ({checkpoint.scheme.value})",
@@ -344,9 +395,12 @@ def recalibration_summary(
             f"* Calibration set `{calibration_set.digest[:16]}`: {calibration_set.size} calibration "
             f"prompts, {calibration_set.sensitivity_size} scoring sensitivity, "
             f"{calibration_set.holdout_size} held out for the canary",
-            f"* Groups: {checkpoint.num_groups}; kept high precision: {fallbacks}",
-            f"* Combined mean KL: everything quantized {checkpoint.all_quantized_mean_kl:.4f}, "
-            f"with the plan {checkpoint.plan_mean_kl:.4f}; top-1 agreement {checkpoint.plan_top1:.3f}; "
+            f"* Groups: {checkpoint.num_groups} ({tiers}), rounding {checkpoint.rounding.value}, "
+            f"+{checkpoint.extra_bytes_fraction:.1%} bytes over all-{checkpoint.scheme.value}",
+            f"* Combined mean KL (measured): all {checkpoint.scheme.value} "
+            f"{checkpoint.all_quantized_mean_kl:.4f}, the plan {checkpoint.plan_mean_kl:.4f}"
+            + ("" if checkpoint.target_kl is None else f" (target {checkpoint.target_kl:g})")
+            + f"; top-1 agreement {checkpoint.plan_top1:.3f}; "
             f"Δ perplexity {checkpoint.plan_delta_perplexity:+.3%}",
             f"* Weights: {checkpoint.bytes_before / 1e6:.1f} MB → {checkpoint.bytes_after / 1e6:.1f} MB "
             "("

@@ -130,6 +130,10 @@ def code_version() -> str:
     return f"{label} git {sha}" if sha else label
 
 
+#: The per-group table of a recalibration run (``mlflow.load_table(GROUP_TABLE_ARTIFACT, [run_id])``).
+GROUP_TABLE_ARTIFACT = "per_group.json"
+
+
 class RegistrationMetrics(BaseModel):
     """Quality and size figures of one recalibration (from the KL sweep / evaluation)."""
 
@@ -142,7 +146,8 @@ class RegistrationMetrics(BaseModel):
     bytes_before: int | None = Field(None, ge=0)
     bytes_after: int | None = Field(None, ge=0)
     bytes_by_tier: dict[str, int] = Field(default_factory=dict)  # checkpoint bytes per tier
-    group_kl: dict[str, float] = Field(default_factory=dict)
+    #: one row per fused group (name, tier, estimates, exact KL, bytes): logged as one MLflow table
+    group_rows: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class RegistrationRequest(BaseModel):
@@ -160,8 +165,10 @@ class RegistrationRequest(BaseModel):
     calibration_size: int = Field(ge=1)
     holdout_size: int = Field(0, ge=0)
     sensitivity_prompts: int | None = Field(None, ge=1)
-    kl_threshold: float | None = Field(None, ge=0)  # None: a plan by budget alone
-    max_fallback_fraction: float | None = Field(None, gt=0, le=1)
+    kl_threshold: float | None = Field(None, ge=0)  # the runbook floor; None: no floor
+    target_kl: float | None = Field(None, gt=0)  # None: least KL within the bytes budget
+    max_extra_bytes: float | None = Field(None, ge=0)  # fraction over the all-NVFP4 checkpoint
+    rounding: str | None = None
     fallback_layers: tuple[str, ...] = ()
     metrics: RegistrationMetrics
     checkpoint_dir: Path
@@ -252,7 +259,9 @@ def idempotency_key(request: RegistrationRequest) -> str:
         "holdout_size": request.holdout_size,
         "sensitivity_prompts": request.sensitivity_prompts,
         "kl_threshold": request.kl_threshold,
-        "max_fallback_fraction": request.max_fallback_fraction,
+        "target_kl": request.target_kl,
+        "max_extra_bytes": request.max_extra_bytes,
+        "rounding": request.rounding,
         "fallback_layers": sorted(request.fallback_layers),
         "code_version": request.code_version,
         "checkpoint": checkpoint_digest(request.checkpoint_dir),
@@ -276,7 +285,9 @@ def _params(request: RegistrationRequest) -> dict[str, str]:
         "holdout_size": request.holdout_size,
         "sensitivity_prompts": request.sensitivity_prompts,
         "kl_threshold": request.kl_threshold,
-        "max_fallback_fraction": request.max_fallback_fraction,
+        "target_kl": request.target_kl,
+        "max_extra_bytes": request.max_extra_bytes,
+        "rounding": request.rounding,
         "fallback_count": len(request.fallback_layers),
         "code_version": request.code_version,
         **request.extra_params,
@@ -306,11 +317,6 @@ def _metrics(request: RegistrationRequest) -> dict[str, float]:
         metrics["compression_ratio"] = figures.bytes_before / figures.bytes_after
     for tier, size in figures.bytes_by_tier.items():
         metrics[sanitize_metric_name(f"bytes/{tier}")] = float(size)
-    for group, kl in figures.group_kl.items():
-        key = sanitize_metric_name(f"group_kl/{group}")
-        if key in metrics:
-            raise ValueError(f"group names collide after sanitizing: {key!r}")
-        metrics[key] = float(kl)
     return metrics
 
 
@@ -433,6 +439,12 @@ def _log_artifacts(client, run_id: str, request: RegistrationRequest) -> None:  
         json.dumps(sorted(request.fallback_layers), indent=2),
         "fallback_layers.json",
     )
+    rows = request.metrics.group_rows
+    if rows:  # one table (the UI's artifact view and mlflow.load_table), not a chart per group
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        client.log_table(
+            run_id, {c: [row.get(c) for row in rows] for c in columns}, GROUP_TABLE_ARTIFACT
+        )
 
 
 def _create_run(client, experiment_id: str, request: RegistrationRequest, key: str) -> str:  # noqa: ANN001

@@ -7,6 +7,8 @@ import json
 import re
 
 import pytest
+
+from calibration.tiers import group_tier_bytes
 import torch
 import torch.nn.functional as F
 
@@ -487,42 +489,37 @@ def test_loader_refuses_a_checkpoint_missing_an_expert(tmp_path):
         load_checkpoint(tmp_path / "ckpt")
 
 
-def test_a_fallback_takes_its_whole_moe_layer_along():
-    from calibration.plan import FallbackPolicy, build_fallback_plan
-    from calibration.sensitivity import GroupSensitivity
+def test_an_upgrade_takes_its_whole_moe_layer_along():
+    """vLLM serves one scheme per MoE layer: the planner sees a layer's routed experts as one unit,
+    so a hot expert over the floor moves every expert of its layer, and a budget counts them all."""
+    from calibration.config import CalibrationConfig
+    from calibration.recalibrate import tier_options
+    from calibration.tiers import plan_tiers
 
     selection = select_targets(tiny_mixtral(num_layers=2))
     hot = "model.layers.1.block_sparse_moe.experts.2.w2"
-    kls = {
-        g.name: 0.2 if g.name in (hot, "model.layers.0.self_attn.qkv") else 0.0
+    qkv = "model.layers.0.self_attn.qkv"
+    scores = {
+        g.name: {Tier.NVFP4: 0.2 if g.name in (hot, qkv) else 0.001, Tier.FP8: 0.0001}
         for g in selection.groups
     }
-    records = [
-        GroupSensitivity(
-            g.name, g.kind.value, g.block_index, g.members, g.num_params, kls[g.name], 0, 1, 0, 9
-        )
-        for g in selection.groups
-    ]
-    plan = build_fallback_plan(selection, records, FallbackPolicy(threshold=0.05))
-    layer1 = {g.name for g in selection.groups if g.tier_unit == "model.layers.1.mlp.experts"}
-    fallen = {f.name for f in plan.fallbacks if f.members[0] in selection.quantized_layers}
-    assert fallen == layer1 | {"model.layers.0.self_attn.qkv"}
-    assert {g.name for g in plan.quantized_groups} == {g.name for g in selection.groups} - fallen
-    tagged = next(
-        f for f in plan.fallbacks if f.name.endswith("experts.0.gate_up") and "layers.1" in f.name
-    )
-    assert "one scheme per MoE layer" in tagged.detail
-    # a budget counts the whole layer: too small for it, the layer stays quantized and is recorded
-    layer_params = sum(g.num_params for g in selection.groups if g.name in layer1)
-    qkv_params = selection.group_of("model.layers.0.self_attn.q_proj").num_params
-    total = sum(g.num_params for g in selection.groups)
-    tight = FallbackPolicy(threshold=0.05, max_fallback_param_fraction=(layer_params - 1) / total)
-    assert qkv_params < layer_params
-    plan = build_fallback_plan(selection, records, tight)
-    assert {f.name for f in plan.fallbacks if f.members[0] in selection.quantized_layers} == {
-        "model.layers.0.self_attn.qkv"
-    }
-    assert hot in plan.over_threshold_kept_quantized
+    exact = {hot: 0.2, qkv: 0.2}
+    config = CalibrationConfig(upgrade_tiers=("bf16",))
+    options = tier_options(selection, scores, exact, config)
+    layer1 = [g for g in selection.groups if g.tier_unit == "model.layers.1.mlp.experts"]
+    assert len(layer1) > 2
+    by_unit = {o.group: o for o in options}
+    unit = by_unit["model.layers.1.mlp.experts"]
+    assert unit.base.bytes == sum(
+        group_tier_bytes(g, Tier.NVFP4) for g in layer1
+    ) and unit.exact_kl is None  # only one of its groups was measured
+    plan = plan_tiers(options, max_extra_bytes=0.0, kl_threshold=0.05)
+    assert plan.tiers[qkv] is Tier.BF16  # the floor, whatever the budget
+    assert plan.tiers["model.layers.1.mlp.experts"] is Tier.NVFP4  # not measured whole: no floor
+    exact_layer = {g.name: 0.2 / len(layer1) + 0.01 for g in layer1} | {qkv: 0.2}
+    options = tier_options(selection, scores, exact_layer, config)
+    plan = plan_tiers(options, max_extra_bytes=0.0, kl_threshold=0.05)
+    assert plan.tiers["model.layers.1.mlp.experts"] is Tier.BF16
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))

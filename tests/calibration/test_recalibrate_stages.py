@@ -1,4 +1,5 @@
-"""The file-backed stages the flow runs give what recalibrate() gives, however the sweep is split."""
+"""The file-backed stages the flow runs give what recalibrate() gives, however the exact checks are
+split, and a rerun resumes instead of recomputing."""
 
 from __future__ import annotations
 
@@ -9,47 +10,49 @@ import pytest
 from calibration.config import CalibrationConfig
 from calibration.recalibrate import (
     collect_stats_file,
+    exact_candidates,
+    load_score_file,
     load_sweep_file,
     plan_and_export,
     recalibrate,
+    round_file,
+    score_file,
     sweep_file,
-    target_group_names,
 )
 from tests.calibration.test_recalibrate import TEXTS
 
-CONFIG = CalibrationConfig(
-    kl_threshold=None, max_fallback_fraction=0.3, max_prompt_tokens=32, batch_size=3
-)
+#: a floor of 0 makes every group a candidate for the exact check (so splitting them is exercised)
+CONFIG = CalibrationConfig(kl_threshold=0.0, max_extra_bytes=0.3, max_prompt_tokens=32, batch_size=3)
 
 
 def _run_stages(model_dir, tmp_path, partitions):
     stats = collect_stats_file(model_dir, TEXTS[:4], tmp_path / "stats.json", CONFIG)
-    groups = target_group_names(model_dir, CONFIG)
+    rounded = round_file(model_dir, TEXTS[:4], tmp_path / "rounded.safetensors", CONFIG)
+    scores = score_file(model_dir, TEXTS[:4], stats, rounded, tmp_path / "scores.json", CONFIG)
+    groups = exact_candidates(scores, CONFIG)
     parts = [
         sweep_file(
             model_dir,
-            TEXTS[3:],
+            TEXTS[4:],
             stats,
+            rounded,
             [groups[i] for i in part],
             tmp_path / f"part-{n}.json",
             CONFIG,
         )
         for n, part in enumerate(partitions)
     ]
-    return (
-        groups,
-        parts,
-        plan_and_export(
-            model_dir, TEXTS[3:], stats, parts, "sha256:test", tmp_path / "ckpt", CONFIG
-        ),
+    result = plan_and_export(
+        model_dir, TEXTS[4:], stats, rounded, scores, parts, "sha256:test", tmp_path / "ckpt", CONFIG
     )
+    return groups, parts, result
 
 
 def test_stages_match_recalibrate_and_any_split(tiny_llama_dir, tmp_path):
     whole = recalibrate(
         tiny_llama_dir,
         TEXTS[:4],
-        TEXTS[3:],
+        TEXTS[4:],
         "sha256:test",
         tmp_path / "whole",
         CONFIG,
@@ -62,14 +65,13 @@ def test_stages_match_recalibrate_and_any_split(tiny_llama_dir, tmp_path):
 
     assert len(groups) == 8 and len(parts) == 3
     for result in (one, split):
-        assert result.fallback_groups == whole.fallback_groups
+        assert result.upgraded_groups == whole.upgraded_groups
         assert result.ignore == whole.ignore
         assert result.plan_mean_kl == pytest.approx(whole.plan_mean_kl, rel=1e-5, abs=1e-9)
     by_group = {r.group: r.mean_kl for p in parts for r in load_sweep_file(p)}
     record = json.loads(whole.calibration_json.read_text())
     for group in record["groups"]:
-        assert by_group[group["name"]] == pytest.approx(group["mean_kl"], rel=1e-5, abs=1e-9)
-    # W4A4 input scales of the staged export equal the one-call export's
+        assert by_group[group["name"]] == pytest.approx(group["exact_kl"], rel=1e-5, abs=1e-9)
     assert (
         json.loads((tmp_path / "split" / "ckpt" / "config.json").read_text())["quantization_config"]
         == json.loads((tmp_path / "whole" / "config.json").read_text())["quantization_config"]
@@ -77,41 +79,42 @@ def test_stages_match_recalibrate_and_any_split(tiny_llama_dir, tmp_path):
 
 
 def test_stages_resume_instead_of_recomputing(tiny_llama_dir, tmp_path):
-    groups, parts, first = _run_stages(tiny_llama_dir, tmp_path, [range(8)])
-    stamps = {
-        p: (tmp_path / p).stat().st_mtime_ns
-        for p in ("stats.json", "part-0.json", "ckpt/calibration.json")
-    }
+    _, _, first = _run_stages(tiny_llama_dir, tmp_path, [range(8)])
+    files = ("stats.json", "rounded.safetensors", "scores.json", "part-0.json")
+    stamps = {p: (tmp_path / p).stat().st_mtime_ns for p in (*files, "ckpt/calibration.json")}
     _, _, again = _run_stages(tiny_llama_dir, tmp_path, [range(8)])
-    assert (
-        again.fallback_groups == first.fallback_groups and again.plan_mean_kl == first.plan_mean_kl
-    )
+    assert again.upgraded_groups == first.upgraded_groups
+    assert again.plan_mean_kl == first.plan_mean_kl
     assert stamps == {p: (tmp_path / p).stat().st_mtime_ns for p in stamps}
 
 
 def test_stage_errors_are_specific(tiny_llama_dir, tmp_path):
     stats = collect_stats_file(tiny_llama_dir, TEXTS[:4], tmp_path / "stats.json", CONFIG)
+    rounded = round_file(tiny_llama_dir, TEXTS[:4], tmp_path / "r.safetensors", CONFIG)
     with pytest.raises(ValueError, match="unknown group name"):
         sweep_file(
             tiny_llama_dir,
             TEXTS,
             stats,
+            rounded,
             ["model.layers.9.mlp.gate_up"],
             tmp_path / "p.json",
             CONFIG,
         )
-    groups = target_group_names(tiny_llama_dir, CONFIG)
-    part = sweep_file(tiny_llama_dir, TEXTS[3:], stats, groups[:2], tmp_path / "p.json", CONFIG)
-    with pytest.raises(ValueError, match="do not cover 6 groups"):
-        plan_and_export(
-            tiny_llama_dir, TEXTS[3:], stats, [part], "sha256:test", tmp_path / "ckpt", CONFIG
-        )
     with pytest.raises(ValueError, match="not a KL-sweep file"):
         load_sweep_file(stats)
+    with pytest.raises(ValueError, match="not a tier-scores file"):
+        load_score_file(stats)
+    scores = tmp_path / "partial.json"
+    scores.write_text(json.dumps({"format": "fp4roll.tier-scores", "version": 1, "scores": {}}))
+    with pytest.raises(ValueError, match="do not cover 8 groups"):
+        plan_and_export(
+            tiny_llama_dir, TEXTS[4:], stats, rounded, scores, [], "sha256:t", tmp_path / "c", CONFIG
+        )
 
 
 def test_export_stores_unquantized_tensors_in_bf16(tiny_llama_dir, tmp_path):
-    """Calibration runs in fp32; the checkpoint stores embeddings, norms in bf16."""
+    """Calibration runs in fp32; the checkpoint stores embeddings, norms and BF16 tiers in bf16."""
     from safetensors import safe_open
 
     _, _, result = _run_stages(tiny_llama_dir, tmp_path, [range(8)])
@@ -127,4 +130,4 @@ def test_export_stores_unquantized_tensors_in_bf16(tiny_llama_dir, tmp_path):
         assert dtypes[f"{layer}.weight_scale"] == "F8_E4M3"
         assert dtypes[f"{layer}.weight_global_scale"] == "F32"
         assert dtypes[f"{layer}.input_global_scale"] == "F32"
-    assert {d for n, d in dtypes.items() if n.endswith(".weight")} == {"BF16"}
+    assert {d for n, d in dtypes.items() if n.endswith(".weight")} <= {"BF16", "F8_E4M3"}

@@ -6,84 +6,94 @@ import json
 
 import pytest
 
-from calibration.groups import GroupKind, LinearGroup, TargetSelection
-from calibration.plan import FallbackPolicy, build_fallback_plan
-from calibration.precision import Tier
+from calibration.precision import Rounding, Tier
 from calibration.report import (
+    GroupDecision,
+    PlanProbe,
+    PlanSummary,
     build_calibration_record,
     package_versions,
-    write_calibration_json,
-    write_kl_chart,
+    render_kl_chart,
 )
-from calibration.sensitivity import GroupSensitivity, QualityScore
+from calibration.sensitivity import QualityScore
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture
-def decided():
-    groups = tuple(
-        LinearGroup(
-            f"model.layers.{i}.mlp.down_proj",
-            (f"model.layers.{i}.mlp.down_proj",),
-            GroupKind.MLP_DOWN,
-            i,
-            16,
-            256,
+def decisions():
+    tiers = [Tier.NVFP4, Tier.BF16, Tier.NVFP4, Tier.FP8]
+    return [
+        GroupDecision(
+            name=f"model.layers.{i}.mlp.down_proj",
+            kind="mlp_down",
+            block_index=i,
+            members=(f"model.layers.{i}.mlp.down_proj",),
+            num_params=256,
+            tier=tier,
+            reason="base tier" if tier is Tier.NVFP4 else "upgraded",
+            estimates={Tier.NVFP4: kl, Tier.FP8: kl / 20, Tier.BF16: 0.0},
+            bytes={Tier.NVFP4: 152, Tier.FP8: 320, Tier.BF16: 512},
+            exact_kl=0.21 if i == 1 else None,
         )
-        for i in range(4)
-    )
-    selection = TargetSelection(groups=groups, skipped={"lm_head": "ignored by pattern"})
-    kls = [0.001, 0.2, 0.0, 0.03]
-    records = [
-        GroupSensitivity(
-            g.name, g.kind.value, g.block_index, g.members, g.num_params, kl, 3 * kl, 0.9, 0.01, 50
-        )
-        for g, kl in zip(groups, kls, strict=True)
+        for i, (tier, kl) in enumerate(zip(tiers, [0.001, 0.2, 0.0, 0.03], strict=True))
     ]
-    plan = build_fallback_plan(selection, records, FallbackPolicy(threshold=0.05))
-    return records, plan
 
 
-def test_record_has_everything_to_reproduce_the_decision(decided, tmp_path):
-    records, plan = decided
+def test_record_has_everything_to_reproduce_the_decision(decisions):
     score = QualityScore(0.02, 0.1, 0.95, 10.0, 10.5, 200)
     nan_score = QualityScore(float("nan"), 0.1, 0.95, 10.0, 10.5, 200)
+    summary = PlanSummary(
+        target_kl=0.03,
+        max_extra_bytes=0.1,
+        kl_threshold=0.05,
+        extra_bytes=528,
+        extra_bytes_fraction=0.08,
+        target_met=True,
+        probes=(PlanProbe(0, 0.0, 0.06), PlanProbe(2, 0.08, 0.02)),
+        floor=("model.layers.1.mlp.down_proj",),
+        exact_checked=("model.layers.1.mlp.down_proj",),
+    )
     record = build_calibration_record(
         corpus_digest="sha256:abc",
         scheme=Tier.NVFP4,
+        rounding=Rounding.GPTQ_MSE,
         calibration_sample={"prompts": 8, "tokens": 400},
         evaluation_sample={"prompts": 4, "tokens": 200},
-        sensitivities=records,
-        plan=plan,
+        decisions=decisions,
+        summary=summary,
         all_quantized=nan_score,
         with_plan=score,
-        settings={"max_seq_len": 128},
+        ignore=("lm_head",),
+        bytes_by_tier={"nvfp4": 304, "fp8": 320, "bf16": 512},
+        settings={"max_prompt_tokens": 128},
     )
-    path = write_calibration_json(record, tmp_path / "calibration.json")
-    data = json.loads(path.read_text())
+    data = json.loads(json.dumps(record, allow_nan=False))  # strictly JSON
     assert data["corpus_digest"] == "sha256:abc"
-    assert data["format"]["block_size"] == 16
-    assert data["format"]["weight_scale_dtype"] == "float8_e4m3fn"
-    assert data["format"]["input_global_scale_dtype"] == "float32"
-    assert data["policy"]["threshold"] == 0.05
-    assert [g["mean_kl"] for g in data["groups"]] == [0.001, 0.2, 0.0, 0.03]
-    assert [g["fallback"] for g in data["groups"]] == [False, True, False, False]
-    assert [(f["name"], f["reason"]) for f in data["fallbacks"]] == [
-        ("model.layers.1.mlp.down_proj", "kl_above_threshold"),
-        ("lm_head", "always_high_precision"),
+    assert data["format"] | {"scheme": "nvfp4", "rounding": "gptq-mse", "block_size": 16} == data[
+        "format"
     ]
+    assert data["format"]["input_global_scale_dtype"] == "float32"
+    plan = data["plan"]
+    assert plan["mode"] == "target" and plan["target_met"] is True
+    assert plan["groups_by_tier"] == {"nvfp4": 2, "fp8": 1, "bf16": 1}
+    assert [p["mean_kl"] for p in plan["probes"]] == [0.06, 0.02]
+    assert [g["tier"] for g in data["groups"]] == ["nvfp4", "bf16", "nvfp4", "fp8"]
+    assert [g["estimate_nvfp4"] for g in data["groups"]] == [0.001, 0.2, 0.0, 0.03]
+    assert data["groups"][1]["exact_kl"] == 0.21 and data["groups"][0]["exact_kl"] is None
+    assert data["groups"][3]["bytes_fp8"] == 320
     assert data["combined"]["plan"]["delta_perplexity"] == pytest.approx(0.05)
     assert data["combined"]["all_quantized_except_lm_head"]["mean_kl"] is None  # NaN -> null
+    assert data["bytes_by_tier"]["bf16"] == 512 and data["ignore"] == ["lm_head"]
     assert data["package_versions"]["torch"]
-    assert not list(tmp_path.glob(".*"))  # no temp file left behind
 
 
-def test_kl_chart_is_a_png(decided, tmp_path):
-    records, plan = decided
-    path = write_kl_chart(records, plan, tmp_path / "sub" / "group_kl.png")
-    assert path.read_bytes()[:8] == PNG_MAGIC
-    assert path.stat().st_size > 2000
+def test_kl_chart_is_a_png_with_a_legend_per_tier(decisions):
+    png = render_kl_chart(decisions, kl_threshold=0.05, title="t")
+    assert png[:8] == PNG_MAGIC and len(png) > 2000
+    # the legend and colours depend on the tiers: a different plan draws a different picture
+    flat = [GroupDecision(**{**d.__dict__, "tier": Tier.NVFP4}) for d in decisions]
+    assert render_kl_chart(flat, kl_threshold=0.05, title="t") != png
 
 
 def test_package_versions_tolerates_missing():

@@ -12,11 +12,9 @@ from calibration.groups import select_targets
 from calibration.observers import collect_activation_stats, tokenize_batches
 from calibration.precision import Tier
 from calibration.sensitivity import (
-    SweepConfig,
     blocks_to_cache,
     compute_baseline,
     merge_sensitivities,
-    run_sensitivity_sweep,
     score_quantized,
     sweep_groups,
 )
@@ -113,13 +111,3 @@ def test_combined_score_over_all_groups_both_schemes(setup):
     assert w4a4.mean_kl > 0 and w4a16.mean_kl > 0
     assert w4a4.num_tokens == w4a16.num_tokens == baseline.num_tokens
     assert 0 <= w4a4.top1_agreement <= 1
-
-
-def test_run_sensitivity_sweep_end_to_end(setup):
-    model, tok, selection, stats, _ = setup
-    config = SweepConfig(max_length=24, batch_size=4, logprob_dtype="float16")
-    records = run_sensitivity_sweep(
-        model, tok, PROMPTS[6:], selection.groups[4:6], stats, config, progress=False
-    )
-    assert [r.group for r in records] == [g.name for g in selection.groups[4:6]]
-    assert all(r.num_tokens > 0 and 0 <= r.top1_agreement <= 1 for r in records)

@@ -1,4 +1,4 @@
-"""The KL sweep fanned out over a local two-worker Dask cluster gives the thread pool's plan."""
+"""The exact KL checks fanned out over a local two-worker Dask cluster give the thread pool's plan."""
 
 from __future__ import annotations
 
@@ -28,21 +28,25 @@ def test_kl_sweep_on_dask_matches_thread_pool(
     params = RecalibrateParams(
         source_model=tiny_llama_dir,
         sampling={"calibration_size": 18, "sensitivity_size": 6, "holdout_size": 8},
-        calibration={"max_prompt_tokens": 32},
+        calibration={"max_prompt_tokens": 32, "kl_threshold": 0.0},  # every group checked
     )
     config = params.calibration
     digest = steps.sample_calibration_set(params, tiny_llama_dir).digest
     stats = steps.activation_stats(tiny_llama_dir, digest, None, config, str(tmp_path / "stats"))
-    partitions = steps.sweep_partitions(steps.target_groups(tiny_llama_dir, config), 2)
+    work = str(tmp_path / "shared")
+    rounded = steps.rounded_weights(tiny_llama_dir, digest, None, config, work)
+    scores = steps.tier_scores(tiny_llama_dir, digest, None, stats, rounded, config, work)
+    partitions = steps.sweep_partitions(steps.exact_candidates(scores, config), 2)
+    assert sum(map(len, partitions)) == 8
 
     def sweep(runner, name: str):
         # its own work folder, so neither run reuses the other's files or cached task results
         work = str(tmp_path / name)
         parts = kl_sweep_flow.with_options(task_runner=runner)(
-            tiny_llama_dir, digest, None, stats, partitions, config, work
+            tiny_llama_dir, digest, None, stats, rounded, partitions, config, work
         )
         return parts, steps.plan_and_export(
-            tiny_llama_dir, digest, None, stats, parts, config, work
+            tiny_llama_dir, digest, None, stats, rounded, scores, parts, config, work
         )
 
     threads, threads_plan = sweep(ThreadPoolTaskRunner(max_workers=2), "threads")
@@ -51,7 +55,7 @@ def test_kl_sweep_on_dask_matches_thread_pool(
     ) as cluster:
         dask, dask_plan = sweep(DaskTaskRunner(address=cluster.scheduler_address), "dask")
 
-    assert dask_plan.fallback_groups == threads_plan.fallback_groups
+    assert dask_plan.upgraded_groups == threads_plan.upgraded_groups
     assert dask_plan.ignore == threads_plan.ignore
     assert dask_plan.plan_mean_kl == pytest.approx(threads_plan.plan_mean_kl, rel=1e-6, abs=1e-12)
     for a, b in zip(threads, dask, strict=True):

@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from calibration.config import CalibrationConfig, SamplingConfig
-from calibration.precision import Tier
+from calibration.precision import Rounding, Tier
 from pipelines.params import (
     CanaryParams,
     DriftCheckParams,
@@ -48,8 +48,8 @@ def test_recalibrate_params_validate_the_nested_configs():
         )
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         RecalibrateParams(sampling={"calibration_size": 0})
-    with pytest.raises(ValidationError, match="needs a budget"):
-        RecalibrateParams(calibration={"kl_threshold": None})
+    with pytest.raises(ValidationError, match="needs a target"):
+        RecalibrateParams(calibration={"max_extra_bytes": None})
     with pytest.raises(ValidationError, match="scheme must be one of"):
         RecalibrateParams(calibration={"scheme": "bf16"})
     with pytest.raises(ValidationError, match="Unexpected keyword argument"):
@@ -57,7 +57,7 @@ def test_recalibrate_params_validate_the_nested_configs():
     with pytest.raises(ValidationError, match="reason"):
         RollbackParams()
     budget_only = RecalibrateParams(
-        calibration={"kl_threshold": None, "max_fallback_fraction": 0.1},
+        calibration={"kl_threshold": None, "max_extra_bytes": 0.2},
         sampling={"since": "2026-01-01T00:00:00"},
     )
     assert budget_only.calibration.kl_threshold is None
@@ -94,17 +94,18 @@ def test_cli_options_are_built_from_the_models(tmp_path, monkeypatch):
     assert "(default: 128)" in help_text and "(default: 0.05)" in help_text
     result = runner.invoke(
         probe,
-        ["--kl-threshold", "none", "--max-fallback-fraction", "0.1", "--calibration-size", "64",
+        ["--kl-threshold", "none", "--max-extra-bytes", "0.2", "--target-kl", "0.1",
+         "--upgrade-tiers", "fp8", "--rounding", "mse", "--calibration-size", "64",
          "--routes", "a", "--routes", "b", "--no-use-block-cache"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     (params,) = seen
-    assert (
-        params.calibration.kl_threshold is None and params.calibration.max_fallback_fraction == 0.1
-    )
+    config = params.calibration
+    assert config.kl_threshold is None and config.max_extra_bytes == 0.2 and config.target_kl == 0.1
+    assert config.upgrade_tiers == (Tier.FP8,) and config.rounding is Rounding.MSE
     assert params.sampling.calibration_size == 64 and params.sampling.routes == ("a", "b")
     assert params.calibration.use_block_cache is False
     assert params.sampling.holdout_size == SamplingConfig().holdout_size  # untouched: the default
-    bad = runner.invoke(probe, ["--kl-threshold", "none"])
-    assert bad.exit_code == 2 and "needs a budget" in bad.output
+    bad = runner.invoke(probe, ["--max-extra-bytes", "none"])
+    assert bad.exit_code == 2 and "needs a target" in bad.output
     assert "recalibrate" in runner.invoke(app, ["--help"]).output

@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from pydantic import ValidationError
 
 from registry.mlflow_registry import (
+    GROUP_TABLE_ARTIFACT,
     Alias,
     RegistryError,
     aliases,
@@ -81,9 +82,15 @@ def test_register_run_version_tags_lineage_and_idempotency(tracking_uri, make_re
     metrics = run.data.metrics
     assert metrics["combined_kl"] == pytest.approx(0.012)
     assert metrics["bytes_after"] == 300
-    assert metrics["group_kl/model.layers.0.self_attn.q_proj_k_proj_v_proj"] == pytest.approx(0.004)
+    assert not [k for k in metrics if k.startswith("group")]  # one table, not a chart per group
     artifacts = {a.path for a in client.list_artifacts(registered.run_id)}
     assert {"checkpoint", "calibration.json", "plots", "calibration_set"} <= artifacts
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    table = mlflow.load_table(GROUP_TABLE_ARTIFACT, run_ids=[registered.run_id])
+    assert list(table["name"]) == ["model.layers.0.self_attn.qkv", "model.layers.0.mlp.down_proj"]
+    assert list(table["tier"]) == ["nvfp4", "bf16"]
     checkpoint_files = {a.path for a in client.list_artifacts(registered.run_id, "checkpoint")}
     assert checkpoint_files == {"checkpoint/model.safetensors", "checkpoint/config.json"}
     (dataset_input,) = run.inputs.dataset_inputs
