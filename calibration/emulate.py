@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -35,6 +36,9 @@ from torch import nn
 from calibration import moe
 from calibration.groups import ExpertSlot, LinearGroup, TargetSelection
 from calibration.precision import Tier
+
+if TYPE_CHECKING:
+    from calibration.rounding import RoundedGroup
 from kernels import (
     dequantize_fp8,
     dequantize_nvfp4,
@@ -157,11 +161,8 @@ def quantize_group(
         )
         for member in group.members:
             scale = None if block_scales is None else block_scales.get(member)
-            extra = (
-                {} if scale is None else {"block_scale": scale}
-            )  # TODO(kernels merge): plain kwarg
             packed = quantize_nvfp4(
-                source[member], gs.to(source[member].device), name=member, **extra
+                source[member], gs.to(source[member].device), name=member, block_scale=scale
             )
             tensors = {
                 WEIGHT_PACKED: packed.weight_packed,
@@ -193,16 +194,37 @@ def quantize_groups(
     groups: Iterable[LinearGroup],
     tiers: Tier | Mapping[str, Tier],
     input_amax: Mapping[str, float] | None = None,
+    rounded: Mapping[str, RoundedGroup] | None = None,
 ) -> tuple[GroupQuantization, ...]:
-    """:func:`quantize_group` for each of ``groups`` with round-to-nearest scales. ``tiers``: one tier
-    for all, or group name -> tier; ``input_amax``: group name -> calibrated input amax (W4A4)."""
+    """:func:`quantize_group` for each of ``groups``. ``tiers``: one tier for all, or group name ->
+    tier; ``input_amax``: group name -> calibrated input amax (W4A4); ``rounded``: group name ->
+    :class:`calibration.rounding.RoundedGroup` (MSE / GPTQ), used by the group when its tier is NVFP4
+    (W4A4 or W4A16); other groups, and FP8 / BF16 tiers, get round-to-nearest of the model's weights."""
     linears = linear_modules(model)
     out = []
     for group in groups:
         tier = tiers if isinstance(tiers, Tier) else tiers[group.name]
         amax = (input_amax or {}).get(group.name) if tier is Tier.NVFP4 else None
         weights = moe.expert_weights(model, group) if group.expert_slots else None
-        out.append(quantize_group(linears, group, tier, input_amax=amax, weights=weights))
+        choice = (rounded or {}).get(group.name) if tier.is_nvfp4 else None
+        if choice is None:
+            out.append(quantize_group(linears, group, tier, input_amax=amax, weights=weights))
+            continue
+        if set(choice.weights) != set(group.members):
+            raise EmulationError(
+                f"{group.name}: rounded members {sorted(choice.weights)} are not the group's"
+            )
+        out.append(
+            quantize_group(
+                linears,
+                group,
+                tier,
+                input_amax=amax,
+                weights=choice.weights,
+                block_scales=choice.block_scales,
+                global_scale=choice.global_scale,
+            )
+        )
     return tuple(out)
 
 

@@ -69,6 +69,33 @@ class Tier(str, Enum):
         return out_features * in_features * storage_itemsize
 
 
+class Rounding(str, Enum):
+    """How NVFP4 weights are rounded onto the grid (all keep the compressed-tensors format).
+
+    ``rtn``: round-to-nearest under amax block scales (the baseline everyone has); ``mse``: block
+    scales from the MSE search weighted by the input's per-channel second moment; ``gptq``: GPTQ error
+    feedback under fixed round-to-nearest scales; ``gptq-mse``: GPTQ under the MSE-searched scales.
+    """
+
+    RTN = "rtn"
+    MSE = "mse"
+    GPTQ = "gptq"
+    GPTQ_MSE = "gptq-mse"
+
+    @property
+    def searches_scales(self) -> bool:
+        return self in (Rounding.MSE, Rounding.GPTQ_MSE)
+
+    @property
+    def uses_gptq(self) -> bool:
+        return self in (Rounding.GPTQ, Rounding.GPTQ_MSE)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when the method reads calibration inputs (Hessians or per-channel E[x^2])."""
+        return self is not Rounding.RTN
+
+
 class ExpertInputScale(str, Enum):
     """Which calibrated input amax a routed expert's W4A4 ``input_global_scale`` comes from.
 
