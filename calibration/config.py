@@ -168,9 +168,7 @@ class CalibrationConfig:
     )
     batch_size: PositiveInt = described(8, "Prompts per forward pass.")
     device: str = described("cpu", "Torch device: cpu, cuda, cuda:N or auto.")
-    num_workers: PositiveInt = described(
-        1, "Thread-pool workers of the exact per-group KL checks."
-    )
+    num_workers: PositiveInt = described(1, "Thread-pool workers of the exact per-group KL checks.")
     logprob_dtype: ModelDtype = described(
         ModelDtype.FP32, "Dtype the baseline's log-probs are kept in (fp32 exact; 16-bit halves)."
     )

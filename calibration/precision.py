@@ -130,17 +130,3 @@ class ModelDtype(str, Enum):
     @property
     def itemsize(self) -> int:
         return 4 if self is ModelDtype.FP32 else 2
-
-
-class Rounding(str, Enum):
-    """How NVFP4 weights are rounded onto the grid (the checkpoint format is the same for all).
-
-    rtn: round-to-nearest under amax block scales; mse: block scales searched for the least
-    input-weighted squared error; gptq: error feedback column by column under fixed amax scales;
-    gptq-mse: GPTQ under the searched scales.
-    """
-
-    RTN = "rtn"
-    MSE = "mse"
-    GPTQ = "gptq"
-    GPTQ_MSE = "gptq-mse"

@@ -182,9 +182,14 @@ def _stats(
 
 
 def _round(
-    loaded: _Loaded, prompts: Prompts, config: CalibrationConfig, progress: bool
+    loaded: _Loaded,
+    prompts: Prompts,
+    config: CalibrationConfig,
+    stats: ActivationStats,
+    progress: bool,
 ) -> dict[str, RoundedGroup]:
-    """Rounded NVFP4 weights and scales of every group (empty for round-to-nearest)."""
+    """Rounded NVFP4 weights and scales of every group (empty for round-to-nearest). W4A4 groups
+    pass their fake-quantized inputs on to the next block, as the server computes."""
     if config.rounding is Rounding.RTN:
         return {}
     return round_model(
@@ -194,6 +199,8 @@ def _round(
         config.rounding,
         damp=config.gptq_damp,
         act_order=config.gptq_act_order,
+        tiers=config.scheme,
+        input_amax=stats.group_input_amax,
         progress=progress,
     )
 
@@ -631,7 +638,7 @@ def recalibrate(
     _check_out_dir(out_dir, overwrite)
     loaded = _load(model_dir, config)
     stats = _stats(loaded, calibration_prompts, config, progress)
-    rounded = _round(loaded, calibration_prompts, config, progress)
+    rounded = _round(loaded, calibration_prompts, config, stats, progress)
     scores = _scores(loaded, calibration_prompts, config, stats, rounded, progress)
     candidates = selection_groups(loaded.selection, exact_candidate_names(scores, config))
     baseline = _baseline(loaded, sensitivity_prompts, config, progress, candidates)
@@ -675,6 +682,7 @@ def collect_stats_file(
 def round_file(
     model_dir: str | Path,
     calibration_prompts: Prompts,
+    stats_path: str | Path,
     out_path: str | Path,
     config: CalibrationConfig | None = None,
     *,
@@ -685,7 +693,8 @@ def round_file(
     out_path = Path(out_path)
     if out_path.exists():
         return out_path
-    rounded = _round(_load(model_dir, config), calibration_prompts, config, progress)
+    stats = ActivationStats.from_json(Path(stats_path).read_text())
+    rounded = _round(_load(model_dir, config), calibration_prompts, config, stats, progress)
     return save_rounded(out_path, rounded)
 
 

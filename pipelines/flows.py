@@ -95,10 +95,11 @@ def rounding_task(
     source_dir: str,
     corpus_digest: str,
     db_url: str | None,
+    stats_path: str,
     config: CalibrationConfig,
     work_dir: str,
 ) -> str:
-    return steps.rounded_weights(source_dir, corpus_digest, db_url, config, work_dir)
+    return steps.rounded_weights(source_dir, corpus_digest, db_url, stats_path, config, work_dir)
 
 
 @task(name="tier-scores", **_CACHED)
@@ -219,7 +220,7 @@ def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> dict[st
     register_baseline_task(params.model_name, source_dir, params.tracking_uri, db_url)
     work_dir = steps.calibration_work_dir(params, digest)
     stats_path = activation_stats_task(source_dir, digest, db_url, config, work_dir)
-    rounded_path = rounding_task(source_dir, digest, db_url, config, work_dir)
+    rounded_path = rounding_task(source_dir, digest, db_url, stats_path, config, work_dir)
     scores_path = tier_scores_task(
         source_dir, digest, db_url, stats_path, rounded_path, config, work_dir
     )

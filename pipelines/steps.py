@@ -180,6 +180,7 @@ def rounded_weights(
     source_dir: str,
     corpus_digest: str,
     db_url: str | None,
+    stats_path: str,
     config: CalibrationConfig,
     work_dir: str,
 ) -> str:
@@ -188,7 +189,7 @@ def rounded_weights(
 
     out = Path(work_dir) / "rounded.safetensors"
     prompts = _prompts(corpus_digest, db_url, Role.CALIBRATION)
-    return str(round_file(source_dir, prompts, out, config, progress=False))
+    return str(round_file(source_dir, prompts, stats_path, out, config, progress=False))
 
 
 def tier_scores(

@@ -7,8 +7,6 @@ import json
 import re
 
 import pytest
-
-from calibration.tiers import group_tier_bytes
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +23,7 @@ from calibration.groups import GroupKind, matches_any, select_targets
 from calibration.observers import ActivationStats, collect_activation_stats, tokenize_batches
 from calibration.precision import DEFAULT_IGNORE, ExpertInputScale, Tier
 from calibration.sensitivity import _forward_logits
+from calibration.tiers import group_tier_bytes
 from tests.calibration._tiny_models import (
     PROMPTS,
     char_tokenizer,
@@ -510,9 +509,10 @@ def test_an_upgrade_takes_its_whole_moe_layer_along():
     assert len(layer1) > 2
     by_unit = {o.group: o for o in options}
     unit = by_unit["model.layers.1.mlp.experts"]
-    assert unit.base.bytes == sum(
-        group_tier_bytes(g, Tier.NVFP4) for g in layer1
-    ) and unit.exact_kl is None  # only one of its groups was measured
+    assert (
+        unit.base.bytes == sum(group_tier_bytes(g, Tier.NVFP4) for g in layer1)
+        and unit.exact_kl is None
+    )  # only one of its groups was measured
     plan = plan_tiers(options, max_extra_bytes=0.0, kl_threshold=0.05)
     assert plan.tiers[qkv] is Tier.BF16  # the floor, whatever the budget
     assert plan.tiers["model.layers.1.mlp.experts"] is Tier.NVFP4  # not measured whole: no floor

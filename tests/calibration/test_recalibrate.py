@@ -9,10 +9,10 @@ import pytest
 
 from calibration.checkpoint import load_checkpoint
 from calibration.config import CalibrationConfig
+from calibration.observers import tokenize_prompts
 from calibration.precision import Tier
 from calibration.recalibrate import recalibrate
 from calibration.sensitivity import compute_baseline, score_emulation
-from calibration.observers import tokenize_prompts
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -43,7 +43,9 @@ def test_budget_plan_upgrades_groups_and_reports_them(w4a4):
     assert result.kl_chart.read_bytes()[:4] == b"\x89PNG"
     assert record["corpus_digest"] == "sha256:test"
     # statistics over every calibration prompt; the sensitivity prompts are a separate slice
-    assert record["calibration_sample"]["prompts"] == 4 and record["evaluation_sample"]["prompts"] == 2
+    assert (
+        record["calibration_sample"]["prompts"] == 4 and record["evaluation_sample"]["prompts"] == 2
+    )
     rows = {g["name"]: g for g in record["groups"]}
     assert len(rows) == 8
     assert {n for n, g in rows.items() if g["tier"] != "nvfp4"} == set(result.upgraded_groups)
@@ -52,9 +54,7 @@ def test_budget_plan_upgrades_groups_and_reports_them(w4a4):
         assert row["bytes_nvfp4"] < row["bytes_fp8"] < row["bytes_bf16"]
     assert record["plan"]["mode"] == "budget" and record["plan"]["target_met"] is None
     assert sum(record["plan"]["groups_by_tier"].values()) == 8
-    assert set(record["bytes_by_tier"]) >= {"nvfp4"} | {
-        g["tier"] for g in rows.values()
-    }
+    assert set(record["bytes_by_tier"]) >= {"nvfp4"} | {g["tier"] for g in rows.values()}
 
 
 def test_the_measured_plan_is_what_the_checkpoint_serves(w4a4, tiny_llama_dir):
@@ -95,7 +95,13 @@ def test_a_target_takes_the_fewest_upgrades_that_reach_it(tiny_llama_dir, w4a4, 
         target_kl=1e-9, max_extra_bytes=0.01, max_prompt_tokens=32, batch_size=3
     )
     missed = recalibrate(
-        tiny_llama_dir, TEXTS[:4], TEXTS[4:], "sha256:t", tmp_path / "m", unreachable, progress=False
+        tiny_llama_dir,
+        TEXTS[:4],
+        TEXTS[4:],
+        "sha256:t",
+        tmp_path / "m",
+        unreachable,
+        progress=False,
     )
     assert missed.target_met is False and missed.extra_bytes_fraction <= 0.01
     assert "not reached" in json.loads(missed.calibration_json.read_text())["plan"]["notes"][0]

@@ -22,12 +22,14 @@ from calibration.recalibrate import (
 from tests.calibration.test_recalibrate import TEXTS
 
 #: a floor of 0 makes every group a candidate for the exact check (so splitting them is exercised)
-CONFIG = CalibrationConfig(kl_threshold=0.0, max_extra_bytes=0.3, max_prompt_tokens=32, batch_size=3)
+CONFIG = CalibrationConfig(
+    kl_threshold=0.0, max_extra_bytes=0.3, max_prompt_tokens=32, batch_size=3
+)
 
 
 def _run_stages(model_dir, tmp_path, partitions):
     stats = collect_stats_file(model_dir, TEXTS[:4], tmp_path / "stats.json", CONFIG)
-    rounded = round_file(model_dir, TEXTS[:4], tmp_path / "rounded.safetensors", CONFIG)
+    rounded = round_file(model_dir, TEXTS[:4], stats, tmp_path / "rounded.safetensors", CONFIG)
     scores = score_file(model_dir, TEXTS[:4], stats, rounded, tmp_path / "scores.json", CONFIG)
     groups = exact_candidates(scores, CONFIG)
     parts = [
@@ -43,7 +45,15 @@ def _run_stages(model_dir, tmp_path, partitions):
         for n, part in enumerate(partitions)
     ]
     result = plan_and_export(
-        model_dir, TEXTS[4:], stats, rounded, scores, parts, "sha256:test", tmp_path / "ckpt", CONFIG
+        model_dir,
+        TEXTS[4:],
+        stats,
+        rounded,
+        scores,
+        parts,
+        "sha256:test",
+        tmp_path / "ckpt",
+        CONFIG,
     )
     return groups, parts, result
 
@@ -90,7 +100,7 @@ def test_stages_resume_instead_of_recomputing(tiny_llama_dir, tmp_path):
 
 def test_stage_errors_are_specific(tiny_llama_dir, tmp_path):
     stats = collect_stats_file(tiny_llama_dir, TEXTS[:4], tmp_path / "stats.json", CONFIG)
-    rounded = round_file(tiny_llama_dir, TEXTS[:4], tmp_path / "r.safetensors", CONFIG)
+    rounded = round_file(tiny_llama_dir, TEXTS[:4], stats, tmp_path / "r.safetensors", CONFIG)
     with pytest.raises(ValueError, match="unknown group name"):
         sweep_file(
             tiny_llama_dir,
@@ -109,7 +119,15 @@ def test_stage_errors_are_specific(tiny_llama_dir, tmp_path):
     scores.write_text(json.dumps({"format": "fp4roll.tier-scores", "version": 1, "scores": {}}))
     with pytest.raises(ValueError, match="do not cover 8 groups"):
         plan_and_export(
-            tiny_llama_dir, TEXTS[4:], stats, rounded, scores, [], "sha256:t", tmp_path / "c", CONFIG
+            tiny_llama_dir,
+            TEXTS[4:],
+            stats,
+            rounded,
+            scores,
+            [],
+            "sha256:t",
+            tmp_path / "c",
+            CONFIG,
         )
 
 

@@ -70,9 +70,10 @@ def test_record_has_everything_to_reproduce_the_decision(decisions):
     )
     data = json.loads(json.dumps(record, allow_nan=False))  # strictly JSON
     assert data["corpus_digest"] == "sha256:abc"
-    assert data["format"] | {"scheme": "nvfp4", "rounding": "gptq-mse", "block_size": 16} == data[
-        "format"
-    ]
+    assert (
+        data["format"] | {"scheme": "nvfp4", "rounding": "gptq-mse", "block_size": 16}
+        == data["format"]
+    )
     assert data["format"]["input_global_scale_dtype"] == "float32"
     plan = data["plan"]
     assert plan["mode"] == "target" and plan["target_met"] is True

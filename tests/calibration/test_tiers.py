@@ -8,6 +8,7 @@ from calibration.precision import Tier
 from calibration.tiers import (
     GroupOptions,
     TierOption,
+    group_tier_bytes,
     hull_upgrades,
     plan_tiers,
     shortest_prefix,
@@ -95,3 +96,23 @@ def test_shortest_prefix_bisects_with_few_measurements(answer):
 
     assert shortest_prefix(30, reaches) == answer
     assert len(calls) <= 7  # log2(31) + 1
+
+
+def test_group_tier_bytes_are_what_the_tiers_write(tiny_llama_dir):
+    """The planner's byte counts equal the checkpoint tensors each tier writes (biases aside)."""
+    import torch
+
+    from calibration.emulate import linear_modules, quantize_group
+    from calibration.groups import select_targets
+    from calibration.models import load_causal_lm
+
+    model = load_causal_lm(tiny_llama_dir, dtype="fp32").model
+    linears = linear_modules(model)
+    for group in select_targets(model).groups:
+        for tier in (Tier.NVFP4A16, Tier.FP8):
+            written = quantize_group(linears, group, tier).weight_bytes
+            assert group_tier_bytes(group, tier) == written, (group.name, tier)
+        nvfp4 = quantize_group(linears, group, Tier.NVFP4, input_amax=1.0).weight_bytes
+        assert group_tier_bytes(group, Tier.NVFP4) == nvfp4
+        bf16 = sum(linears[m].weight.to(torch.bfloat16).nbytes for m in group.members)
+        assert group_tier_bytes(group, Tier.BF16) == bf16

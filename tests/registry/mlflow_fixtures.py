@@ -163,7 +163,11 @@ def make_request(tmp_path) -> Callable[..., RegistrationRequest]:
                 bytes_before=1000,
                 bytes_after=300,
                 group_rows=[
-                    {"name": "model.layers.0.self_attn.qkv", "tier": "nvfp4", "estimate_nvfp4": 0.004},
+                    {
+                        "name": "model.layers.0.self_attn.qkv",
+                        "tier": "nvfp4",
+                        "estimate_nvfp4": 0.004,
+                    },
                     {"name": "model.layers.0.mlp.down_proj", "tier": "bf16", "exact_kl": 0.08},
                 ],
             ),
