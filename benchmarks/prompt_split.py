@@ -14,7 +14,7 @@ The selection is the project's own sampler (``calibration.sampling.sample_calibr
 exact and near-duplicate removal, stratification by route and length, disjoint hold-out, seeded
 SHA-256 ranking) with the project's one prompt renderer (``calibration.prompts.PromptRenderer``: chat
 requests through the tokenizer's chat template with the generation prompt, plain prompts as they are),
-fed straight from the log file instead of the store. No sensitivity slice is drawn. A line that cannot be
+fed straight from the log file instead of the store. A sensitivity slice (fp4roll's scoring prompts) is drawn only when asked for. A line that cannot be
 parsed is reported with file:line and skipped; it never stops the split.
 """
 
@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.jsonl"
 HOLDOUT_FILE = "holdout.jsonl"
+SENSITIVITY_FILE = "sensitivity.jsonl"
 SPLIT_FILE = "split.json"
 #: Sequence lengths whose truncation counts ``split.json`` reports.
 REPORTED_LENGTHS = (128, 256, 512, 768, 1024, 2048)
@@ -63,6 +64,8 @@ class PromptSplit:
     source: str
     bad_lines: tuple[str, ...] = ()
     summary: Mapping[str, Any] = field(default_factory=dict)
+    #: fp4roll's own sensitivity slice (exact checks, plan measurement), disjoint from both others
+    sensitivity: tuple[SampledPrompt, ...] = ()
 
 
 def read_prompt_records(path: str | os.PathLike) -> tuple[list[PromptRecord], list[str]]:
@@ -100,6 +103,7 @@ def build_prompt_split(
     *,
     calibration_size: int = 128,
     holdout_size: int = 64,
+    sensitivity_size: int = 0,
     seed: int = 0,
 ) -> PromptSplit:
     """Sample ``calibration_size`` + ``holdout_size`` disjoint prompts from ``logs`` and render them
@@ -108,12 +112,16 @@ def build_prompt_split(
     if bad:
         logger.warning("%d line(s) of %s skipped, e.g. %s", len(bad), logs, bad[0])
     config = SamplingConfig(
-        calibration_size=calibration_size, sensitivity_size=0, holdout_size=holdout_size, seed=seed
+        calibration_size=calibration_size,
+        sensitivity_size=sensitivity_size,
+        holdout_size=holdout_size,
+        seed=seed,
     )
     sample = sample_calibration_set(records, config, render=PromptRenderer(tokenizer))
     return PromptSplit(
         calibration=sample.calibration,
         holdout=sample.holdout,
+        sensitivity=sample.sensitivity,
         sample_digest=sample.digest,
         seed=seed,
         source=Path(logs).name,
@@ -161,7 +169,10 @@ def write_prompt_split(
         "bad_lines": len(split.bad_lines),
         "sampler": {k: split.summary[k] for k in ("input_prompts", "unique_prompts")},
     }
-    for name, members in ((CALIBRATION_FILE, split.calibration), (HOLDOUT_FILE, split.holdout)):
+    files = [(CALIBRATION_FILE, split.calibration), (HOLDOUT_FILE, split.holdout)]
+    if split.sensitivity:
+        files.append((SENSITIVITY_FILE, split.sensitivity))
+    for name, members in files:
         prompts = [m.rendered for m in members]
         lines = (
             json.dumps(
@@ -203,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--logs", default=str(SAMPLE_PROMPT_LOGS), help="JSONL(.gz) prompt log")
     parser.add_argument("--calibration", type=int, default=128)
     parser.add_argument("--holdout", type=int, default=64)
+    parser.add_argument("--sensitivity", type=int, default=0, help="fp4roll's scoring slice")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -214,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.logs,
         calibration_size=args.calibration,
         holdout_size=args.holdout,
+        sensitivity_size=args.sensitivity,
         seed=args.seed,
     )
     meta = write_prompt_split(split, args.out, tokenizer)
