@@ -63,8 +63,9 @@ RUN_FILE = "peer_run.json"  # the evaluator reads recipe, wall seconds and peak 
 def _split(args: argparse.Namespace, model_dir: Path, out: Path) -> None:
     if (out / "split.json").is_file():
         return
-    from calibration.models import load_tokenizer
     from prompt_split import build_prompt_split, write_prompt_split
+
+    from calibration.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     split = build_prompt_split(
@@ -78,9 +79,10 @@ def _split(args: argparse.Namespace, model_dir: Path, out: Path) -> None:
 
 def run_variant(name: str, model_dir: Path, split: Path, out: Path, max_seq_len: int) -> None:
     """One fp4roll variant, in this process (the parent measures it as a whole)."""
+    from prompt_split import read_prompts
+
     from calibration.config import CalibrationConfig
     from calibration.recalibrate import recalibrate
-    from prompt_split import read_prompts
 
     variant = next(v for v in VARIANTS if v.name == name)
     config = CalibrationConfig(
