@@ -142,6 +142,14 @@ class CalibrationConfig:
     gptq_act_order: bool = described(
         True, "GPTQ quantizes columns in order of decreasing input second moment."
     )
+    fisher_tokens: Annotated[int, at.Ge(8)] | None = described(
+        16384,
+        "Calibration tokens the one-pass Fisher sensitivity reads (prompts in order while they fit; "
+        "'none': all).",
+    )
+    fisher_label_draws: PositiveInt = described(
+        2, "Labels drawn from the model per token in the Fisher pass (more: less noise, slower)."
+    )
     target_kl: Annotated[float, at.Gt(0.0)] | None = described(
         None,
         "Plan by target: the fewest extra bytes whose measured combined KL (nats) is at most this "

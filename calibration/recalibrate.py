@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import scipy.stats
 from pydantic import BaseModel, ConfigDict
 from torch import nn
@@ -217,14 +218,28 @@ def _scores(
     rounded: Mapping[str, RoundedGroup],
     progress: bool,
 ) -> dict[str, dict[Tier, float]]:
-    """Estimated KL of every group alone at every candidate tier (one Fisher pass)."""
+    """Estimated KL of every group alone at every candidate tier (one Fisher pass over the first
+    ``fisher_tokens`` calibration tokens). Groups the pass cannot score (routed experts) are left out:
+    they get exact checks. With nothing to decide (no budget, target or floor) nothing is scored."""
+    if config.max_extra_bytes == 0 and config.target_kl is None and config.kl_threshold is None:
+        return {
+            g.name: dict.fromkeys(_candidate_tiers(config), 0.0) for g in loaded.selection.groups
+        }
+    tokenized = tokenize_prompts(
+        loaded.tokenizer,
+        prompts,
+        max_length=config.max_prompt_tokens,
+        batch_size=config.batch_size,
+        token_budget=config.fisher_tokens,
+    )
     return score_tiers(
         loaded.model,
-        _calibration_batches(loaded, prompts, config),
+        tokenized.batches,
         loaded.selection,
         _candidate_tiers(config),
         stats.group_input_amax,
         rounded=rounded,
+        label_draws=config.fisher_label_draws,
         progress=progress,
     )
 
@@ -274,12 +289,13 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def exact_candidate_names(
-    scores: Mapping[str, Mapping[Tier, float]], config: CalibrationConfig
+    scores: Mapping[str, Mapping[Tier, float]], unscored: Sequence[str], config: CalibrationConfig
 ) -> list[str]:
-    """Groups whose runbook-floor decision depends on an exact KL: estimate at the base tier at least
-    ``FLOOR_MARGIN`` of the floor, the largest ``MAX_EXACT_GROUPS`` first (none without a floor)."""
+    """Groups whose decision depends on an exact KL: every group the Fisher pass could not score
+    (``unscored``), and with a runbook floor the groups whose estimate at the base tier is at least
+    ``FLOOR_MARGIN`` of it, the largest ``MAX_EXACT_GROUPS`` first."""
     if config.kl_threshold is None:
-        return []
+        return list(unscored)
     bar = FLOOR_MARGIN * config.kl_threshold
     near = [(est[config.scheme], name) for name, est in scores.items() if est[config.scheme] >= bar]
     if len(near) > MAX_EXACT_GROUPS:
@@ -288,7 +304,33 @@ def exact_candidate_names(
             len(near),
             MAX_EXACT_GROUPS,
         )
-    return [name for _, name in sorted(near, reverse=True)[:MAX_EXACT_GROUPS]]
+    return [*unscored, *(name for _, name in sorted(near, reverse=True)[:MAX_EXACT_GROUPS])]
+
+
+def _complete_scores(
+    selection: TargetSelection,
+    scores: Mapping[str, Mapping[Tier, float]],
+    exact: Mapping[str, float],
+    config: CalibrationConfig,
+) -> dict[str, dict[Tier, float]]:
+    """Scores for every group: a group the Fisher pass left out (routed experts) takes its exact KL
+    at the base tier, and at each higher tier that KL times the median higher/base ratio of the
+    scored groups (the planner needs every tier's estimate; the plan's KL is measured anyway)."""
+    complete = {name: dict(s) for name, s in scores.items()}
+    ratios = {}
+    for tier in _candidate_tiers(config)[1:]:
+        values = [s[tier] / s[config.scheme] for s in scores.values() if s[config.scheme] > 0]
+        ratios[tier] = float(np.median(values)) if values else 1.0
+    for group in selection.groups:
+        if group.name in complete:
+            continue
+        if group.name not in exact:
+            raise ValueError(f"group {group.name} has neither a score nor an exact KL")
+        base = exact[group.name]
+        complete[group.name] = {config.scheme: base} | {
+            t: (0.0 if t is Tier.BF16 else base * ratios[t]) for t in ratios
+        }
+    return complete
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -449,12 +491,14 @@ def _decisions(
 
 
 def _rank_agreement(
-    scores: Mapping[str, Mapping[Tier, float]], exact: Mapping[str, float], scheme: Tier
+    scores: Mapping[str, Mapping[Tier, float]], exact: Mapping[str, float], config: CalibrationConfig
 ) -> float | None:
+    """Spearman rank correlation of the Fisher estimate with the exact KL on the checked groups."""
     names = sorted(exact)
     if len(names) < 3:
         return None
-    rho = scipy.stats.spearmanr([scores[n][scheme] for n in names], [exact[n] for n in names])
+    estimates = [scores[n][config.scheme] for n in names]
+    rho = scipy.stats.spearmanr(estimates, [exact[n] for n in names])
     return float(rho.statistic)
 
 
@@ -475,10 +519,14 @@ def _plan_and_export(
 ) -> RecalibrationResult:
     """Tier plan (measured) → atomic export of exactly the measured plan."""
     selection = loaded.selection
-    missing = [g.name for g in selection.groups if g.name not in scores]
-    if missing:
-        raise ValueError(f"the scores do not cover {len(missing)} groups, e.g. {missing[:3]}")
     exact = {r.group: r.mean_kl for r in exact_records}
+    missing = [g.name for g in selection.groups if g.name not in scores and g.name not in exact]
+    if missing:
+        raise ValueError(
+            f"the scores and exact checks do not cover {len(missing)} groups, e.g. {missing[:3]}"
+        )
+    agreement = _rank_agreement(scores, {g: kl for g, kl in exact.items() if g in scores}, config)
+    scores = _complete_scores(selection, scores, exact, config)
     options = tier_options(selection, scores, exact, config)
     planner = _Planner(loaded, baseline, stats, rounded, options, config)
     all_base = score_emulation(
@@ -502,7 +550,7 @@ def _plan_and_export(
         probes=probes,
         floor=chosen.plan.floor,
         exact_checked=tuple(sorted(exact)),
-        rank_agreement=_rank_agreement(scores, exact, config.scheme),
+        rank_agreement=agreement,
         notes=tuple(notes),
     )
     decisions = _decisions(selection, chosen.plan, chosen.tiers, scores, exact, config)
@@ -640,7 +688,8 @@ def recalibrate(
     stats = _stats(loaded, calibration_prompts, config, progress)
     rounded = _round(loaded, calibration_prompts, config, stats, progress)
     scores = _scores(loaded, calibration_prompts, config, stats, rounded, progress)
-    candidates = selection_groups(loaded.selection, exact_candidate_names(scores, config))
+    unscored = [g.name for g in loaded.selection.groups if g.name not in scores]
+    candidates = selection_groups(loaded.selection, exact_candidate_names(scores, unscored, config))
     baseline = _baseline(loaded, sensitivity_prompts, config, progress, candidates)
     exact = _exact(loaded, baseline, candidates, stats, rounded, config, progress)
     return _plan_and_export(
@@ -722,20 +771,23 @@ def score_file(
         "format": SCORES_FORMAT,
         "version": 1,
         "scores": {g: {t.value: v for t, v in s.items()} for g, s in scores.items()},
+        "unscored": [g.name for g in loaded.selection.groups if g.name not in scores],
     }
     return atomic.write_json(out_path, payload)
 
 
-def load_score_file(path: str | Path) -> dict[str, dict[Tier, float]]:
+def load_score_file(path: str | Path) -> tuple[dict[str, dict[Tier, float]], list[str]]:
+    """(group -> tier -> estimate, the groups the Fisher pass left out)."""
     data = json.loads(Path(path).read_text())
     if data.get("format") != SCORES_FORMAT:
         raise ValueError(f"{path} is not a tier-scores file (format {data.get('format')!r})")
-    return {g: {Tier(t): float(v) for t, v in s.items()} for g, s in data["scores"].items()}
+    scores = {g: {Tier(t): float(v) for t, v in s.items()} for g, s in data["scores"].items()}
+    return scores, list(data.get("unscored", []))
 
 
 def exact_candidates(scores_path: str | Path, config: CalibrationConfig) -> list[str]:
     """Stage 4: the groups that need an exact KL (see :func:`exact_candidate_names`)."""
-    return exact_candidate_names(load_score_file(scores_path), config)
+    return exact_candidate_names(*load_score_file(scores_path), config)
 
 
 def sweep_file(
@@ -810,7 +862,7 @@ def plan_and_export(
         model_dir=model_dir,
         stats=ActivationStats.from_json(Path(stats_path).read_text()),
         rounded=load_rounded(rounded_path),
-        scores=load_score_file(scores_path),
+        scores=load_score_file(scores_path)[0],
         exact_records=exact,
         baseline=_baseline(loaded, sensitivity_prompts, config, progress),
         corpus_digest=corpus_digest,
