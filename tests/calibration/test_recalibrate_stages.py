@@ -27,11 +27,11 @@ CONFIG = CalibrationConfig(
 )
 
 
-def _run_stages(model_dir, tmp_path, partitions):
-    stats = collect_stats_file(model_dir, TEXTS[:4], tmp_path / "stats.json", CONFIG)
-    rounded = round_file(model_dir, TEXTS[:4], stats, tmp_path / "rounded.safetensors", CONFIG)
-    scores = score_file(model_dir, TEXTS[:4], stats, rounded, tmp_path / "scores.json", CONFIG)
-    groups = exact_candidates(scores, CONFIG)
+def _run_stages(model_dir, tmp_path, partitions, config=CONFIG):
+    stats = collect_stats_file(model_dir, TEXTS[:4], tmp_path / "stats.json", config)
+    rounded = round_file(model_dir, TEXTS[:4], stats, tmp_path / "rounded.safetensors", config)
+    scores = score_file(model_dir, TEXTS[:4], stats, rounded, tmp_path / "scores.json", config)
+    groups = exact_candidates(scores, config)
     parts = [
         sweep_file(
             model_dir,
@@ -135,7 +135,9 @@ def test_export_stores_unquantized_tensors_in_bf16(tiny_llama_dir, tmp_path):
     """Calibration runs in fp32; the checkpoint stores embeddings, norms and BF16 tiers in bf16."""
     from safetensors import safe_open
 
-    _, _, result = _run_stages(tiny_llama_dir, tmp_path, [range(8)])
+    mostly_nvfp4 = CalibrationConfig(max_extra_bytes=0.05, max_prompt_tokens=32, batch_size=3)
+    _, _, result = _run_stages(tiny_llama_dir, tmp_path, [], mostly_nvfp4)
+    assert result.tiers.get("nvfp4")
     config = json.loads((result.checkpoint_dir / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     with safe_open(str(next(result.checkpoint_dir.glob("*.safetensors"))), "pt") as f:
