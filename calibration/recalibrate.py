@@ -491,7 +491,9 @@ def _decisions(
 
 
 def _rank_agreement(
-    scores: Mapping[str, Mapping[Tier, float]], exact: Mapping[str, float], config: CalibrationConfig
+    scores: Mapping[str, Mapping[Tier, float]],
+    exact: Mapping[str, float],
+    config: CalibrationConfig,
 ) -> float | None:
     """Spearman rank correlation of the Fisher estimate with the exact KL on the checked groups."""
     names = sorted(exact)

@@ -10,9 +10,9 @@ import pytest
 from mlflow import MlflowClient
 from pydantic import ValidationError
 
+from registry.aliases import Alias
 from registry.mlflow_registry import (
     GROUP_TABLE_ARTIFACT,
-    Alias,
     RegistryError,
     aliases,
     idempotency_key,
