@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -85,12 +86,18 @@ def test_register_run_version_tags_lineage_and_idempotency(tracking_uri, make_re
     assert not [k for k in metrics if k.startswith("group")]  # one table, not a chart per group
     artifacts = {a.path for a in client.list_artifacts(registered.run_id)}
     assert {"checkpoint", "calibration.json", "plots", "calibration_set"} <= artifacts
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    table = mlflow.load_table(GROUP_TABLE_ARTIFACT, run_ids=[registered.run_id])
-    assert list(table["name"]) == ["model.layers.0.self_attn.qkv", "model.layers.0.mlp.down_proj"]
-    assert list(table["tier"]) == ["nvfp4", "bf16"]
+    assert GROUP_TABLE_ARTIFACT in artifacts
+    table = json.loads(
+        Path(client.download_artifacts(registered.run_id, GROUP_TABLE_ARTIFACT)).read_text()
+    )  # MLflow's table format: columns + rows
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert [r["name"] for r in rows] == [
+        "model.layers.0.self_attn.qkv",
+        "model.layers.0.mlp.down_proj",
+    ]
+    assert [r["tier"] for r in rows] == ["nvfp4", "bf16"]
+    logged = json.loads(run.data.tags["mlflow.loggedArtifacts"])
+    assert {"path": GROUP_TABLE_ARTIFACT, "type": "table"} in logged  # the UI lists it as a table
     checkpoint_files = {a.path for a in client.list_artifacts(registered.run_id, "checkpoint")}
     assert checkpoint_files == {"checkpoint/model.safetensors", "checkpoint/config.json"}
     (dataset_input,) = run.inputs.dataset_inputs
