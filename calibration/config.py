@@ -177,8 +177,13 @@ class CalibrationConfig:
     batch_size: PositiveInt = described(8, "Prompts per forward pass.")
     device: str = described("cpu", "Torch device: cpu, cuda, cuda:N or auto.")
     num_workers: PositiveInt = described(1, "Thread-pool workers of the exact per-group KL checks.")
+    sensitivity_tokens: Annotated[int, at.Ge(8)] | None = described(
+        4096,
+        "Sensitivity tokens the exact checks and every measured plan read (prompts in order while "
+        "they fit; 'none': all). The baseline keeps a log-prob per token and vocabulary entry.",
+    )
     logprob_dtype: ModelDtype = described(
-        ModelDtype.FP32, "Dtype the baseline's log-probs are kept in (fp32 exact; 16-bit halves)."
+        ModelDtype.FP16, "Dtype the baseline's log-probs are kept in (fp32 exact; 16-bit halves)."
     )
     use_block_cache: bool = described(
         True, "Resume each sweep forward at the group's decoder block from cached inputs."

@@ -44,7 +44,6 @@ from calibration.groups import LinearGroup, TargetSelection, select_targets
 from calibration.models import load_causal_lm
 from calibration.observers import (
     ActivationStats,
-    TokenizedPrompts,
     collect_activation_stats,
     tokenize_prompts,
 )
@@ -146,27 +145,25 @@ def _load(model_dir: str | Path, config: CalibrationConfig) -> _Loaded:
     return _Loaded(loaded.model, loaded.tokenizer, loaded.source_dir, selection)
 
 
-def _tokenize(
-    loaded: _Loaded, prompts: Prompts, config: CalibrationConfig, *, budget: bool
-) -> TokenizedPrompts:
+def _tokenize(loaded: _Loaded, prompts: Prompts, config: CalibrationConfig, *, budget: int | None):
     return tokenize_prompts(
         loaded.tokenizer,
         prompts,
         max_length=config.max_prompt_tokens,
         batch_size=config.batch_size,
-        token_budget=config.token_budget if budget else None,
+        token_budget=budget,
     )
 
 
 def _calibration_batches(loaded: _Loaded, prompts: Prompts, config: CalibrationConfig):
-    return _tokenize(loaded, prompts, config, budget=True).batches
+    return _tokenize(loaded, prompts, config, budget=config.token_budget).batches
 
 
 def _stats(
     loaded: _Loaded, prompts: Prompts, config: CalibrationConfig, progress: bool
 ) -> ActivationStats:
     """Input amax of every targeted group over the calibration prompts (within the token budget)."""
-    tokenized = _tokenize(loaded, prompts, config, budget=True)
+    tokenized = _tokenize(loaded, prompts, config, budget=config.token_budget)
     if tokenized.truncated:
         logger.warning(
             "%d of %d calibration prompts were longer than %d tokens and were truncated",
@@ -225,13 +222,7 @@ def _scores(
         return {
             g.name: dict.fromkeys(_candidate_tiers(config), 0.0) for g in loaded.selection.groups
         }
-    tokenized = tokenize_prompts(
-        loaded.tokenizer,
-        prompts,
-        max_length=config.max_prompt_tokens,
-        batch_size=config.batch_size,
-        token_budget=config.fisher_tokens,
-    )
+    tokenized = _tokenize(loaded, prompts, config, budget=config.fisher_tokens)
     return score_tiers(
         loaded.model,
         tokenized.batches,
@@ -251,7 +242,7 @@ def _baseline(
     progress: bool,
     groups: Sequence[LinearGroup] = (),
 ) -> Baseline:
-    tokenized = _tokenize(loaded, prompts, config, budget=False)
+    tokenized = _tokenize(loaded, prompts, config, budget=config.sensitivity_tokens)
     return compute_baseline(
         loaded.model,
         tokenized.batches,
