@@ -23,7 +23,9 @@ TEXTS = [
     "Summarize the ticket: the printer jams on floor three.",
 ]
 #: W4A4 with a generous budget, small prompts: every stage runs, upgrades are affordable.
-BUDGET = CalibrationConfig(max_extra_bytes=0.5, max_prompt_tokens=32, batch_size=3)
+BUDGET = CalibrationConfig(
+    max_extra_bytes=0.5, max_prompt_tokens=32, batch_size=3, logprob_dtype="fp32"
+)
 
 
 @pytest.fixture(scope="module")
