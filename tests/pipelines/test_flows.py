@@ -130,9 +130,11 @@ def test_recalibrate_registers_challenger_beside_baseline_champion(recalibrated,
     record = json.loads((checkpoint / "calibration.json").read_text())
     assert record["corpus_digest"] == recalibrated["corpus_digest"]
     assert len(record["groups"]) == 8 and (checkpoint / "group_kl.png").is_file()
-    assert json.loads((checkpoint / "config.json").read_text())["quantization_config"][
-        "format"
-    ] == ("nvfp4-pack-quantized")
+    tiers = {g["tier"] for g in record["groups"]}
+    assert recalibrated["tiers"] == record["plan"]["groups_by_tier"]
+    assert recalibrated["extra_bytes_fraction"] <= 0.10  # the default bytes budget
+    written = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    assert written["format"] == ("mixed-precision" if len(tiers) > 1 else "nvfp4-pack-quantized")
 
 
 def test_rerun_of_recalibrate_reuses_the_version(recalibrated, stack):
