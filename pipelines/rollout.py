@@ -112,7 +112,7 @@ def plan_canary(params: CanaryParams) -> CanaryPlan:
 def open_rollout(plan: CanaryPlan) -> RolloutState:
     """Resume this candidate's active rollout, abort another candidate's, or start a new one."""
 
-    db.upgrade(plan.db_url)
+    db.ensure_schema(plan.db_url)
     champion = find_alias(plan.model_name, Alias.CHAMPION, tracking_uri=plan.tracking_uri)
     active = ledger.active_rollout(plan.model_name, db_url=plan.db_url)
     if active is not None and active.candidate_version != plan.candidate_version:
@@ -241,7 +241,7 @@ def abort_rollout(db_url: str | None, rollout_id: int, reason: str) -> bool:
 def promote_version(params: PromoteParams) -> tuple[AliasMove, ...]:
     """Manual promotion (default: the challenger), recorded in the ledger."""
 
-    db.upgrade(params.db_url)
+    db.ensure_schema(params.db_url)
     version = resolve_version(
         params.model_name, params.version or "challenger", tracking_uri=params.tracking_uri
     ).version
@@ -255,7 +255,7 @@ def promote_version(params: PromoteParams) -> tuple[AliasMove, ...]:
 def rollback_version(params: RollbackParams) -> tuple[AliasMove, ...]:
     """Put ``to_version`` (default: ``previous-champion``) back as champion, recorded in the ledger."""
 
-    db.upgrade(params.db_url)
+    db.ensure_schema(params.db_url)
     moves = rollback(
         params.model_name, params.to_version, reason=params.reason, tracking_uri=params.tracking_uri
     )

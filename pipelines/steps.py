@@ -105,7 +105,7 @@ def sample_calibration_set(params: RecalibrateParams, source_dir: str) -> Calibr
     calibration, sensitivity and canary hold-out prompts from the log window, record them in the store
     (idempotent: same content, same digest) and export them."""
 
-    db.upgrade(params.db_url)
+    db.ensure_schema(params.db_url)
     tokenizer = load_tokenizer(source_dir)
     if tokenizer is None:
         raise ValueError(f"{source_dir} has no tokenizer: prompts cannot be rendered for it")
@@ -264,7 +264,7 @@ def register_baseline(
 
     info, moves = versions.register_baseline(model_name, source_dir, tracking_uri=tracking_uri)
     if moves:
-        db.upgrade(db_url)
+        db.ensure_schema(db_url)
         ledger.record_alias_moves(moves, db_url=db_url)
     return info.version
 
