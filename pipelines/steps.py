@@ -333,7 +333,15 @@ def register_challenger(
         target_kl=params.calibration.target_kl,
         max_extra_bytes=params.calibration.max_extra_bytes,
         rounding=checkpoint.rounding.value,
-        fallback_layers=checkpoint.ignore,
+        fallback_layers=(  # every layer not served as NVFP4: ignored ones and upgraded groups
+            *checkpoint.ignore,
+            *(
+                m
+                for g in record["groups"]
+                if g["tier"] != checkpoint.scheme.value
+                for m in g["members"]
+            ),
+        ),
         metrics=RegistrationMetrics(
             combined_kl=checkpoint.plan_mean_kl,
             p99_kl=checkpoint.plan_p99_kl,
