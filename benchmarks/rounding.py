@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--holdout", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--methods", default="rtn,mse,gptq,gptq-mse")
+    parser.add_argument("--methods", default="rtn,gptq-mse,gptq,mse")
     parser.add_argument("--tiers", default="nvfp4a16,nvfp4")
     parser.add_argument("--damp", type=float, default=0.01)
     parser.add_argument("--no-act-order", action="store_true")
@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         else None
     )
     amax = None if stats is None else dict(stats.group_input_amax)
+    config = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"
+    }
     candidates = ScaleCandidates(codes_below=args.codes_below, codes_above=args.codes_above)
     rows = []
     cache: dict[Rounding, object] = {}
@@ -150,9 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             rows.append(row)
             logger.info("%s", json.dumps(row))
-    config = {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"
-    }
+            if args.json:  # after every row: a long run that is stopped keeps what it measured
+                args.json.write_text(json.dumps({"config": config, "rows": rows}, indent=2) + "\n")
     print(f"\nconfig: {json.dumps(config)}")
     print("| method | tier | mean KL | p99 KL | top-1 | ppl ratio | round s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -162,8 +164,6 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['method']} | {r['tier']} | {r['mean_kl']:.4f} | {r['p99_kl']:.3f} | "
             f"{r['top1']:.3f} | {r['ppl_ratio']:.3f} | {secs} |"
         )
-    if args.json:
-        args.json.write_text(json.dumps({"config": config, "rows": rows}, indent=2) + "\n")
     return 0
 
 
