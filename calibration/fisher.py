@@ -1,0 +1,417 @@
+"""Sensitivity in one pass: a Fisher estimate of every fused group's KL contribution at every tier.
+
+The exact sweep (:func:`calibration.sensitivity.sweep_groups`) runs one forward per group per tier.
+This module scores all groups and tiers at once, AutoQuantize-style (NVIDIA ModelOpt's gradient
+searcher): with the unquantized model, labels are drawn from the model's own next-token distribution,
+the NLL of those labels is backpropagated to every Linear's OUTPUT (no weight gradients), and the
+change of the KL from quantizing a group is the second-order term of a Taylor expansion in that
+output, with the Fisher information standing in for the Hessian:
+
+    KL(P_base ‖ P_quant) ≈ ½ · Δyᵀ F Δy,    F = E_{labels ~ P_base}[∇_y ℓ ∇_y ℓᵀ]
+
+where ``Δy`` is the change of the group members' outputs when the group is quantized alone at a tier:
+``Δy = Q_in(x) · W_qᵀ − x · Wᵀ`` from the layer's real input ``x``, with the tier's emulation from
+:mod:`calibration.emulate` (decoded checkpoint weights; W4A4 inputs fake-quantized under the calibrated
+``input_global_scale``; FP8 inputs per token, dynamically). BF16 costs nothing (estimate 0).
+
+Forms of the quadratic (all three come out of the same pass, :func:`fisher_pass`; one is the default):
+
+* ``sequence`` — ``½ Σ_seq (Σ_positions Σ_members g·Δy)²``. With labels drawn independently at each
+  position from the model, the gradients of different positions' losses are uncorrelated with zero
+  mean, so this is an unbiased estimate of the full Fisher quadratic form of the linearised KL summed
+  over the sequence's positions (it keeps how errors at different positions add up in later tokens).
+* ``token`` — ``½ Σ_positions (Σ_members g·Δy)²``: drops the cross-position terms; less noise, biased.
+* ``diagonal`` — ``½ Σ_positions Σ_members Σ_out g²·Δy²``: ModelOpt's diagonal Fisher per element.
+
+Each is divided by the number of real tokens and of label draws: nats per token, the unit of the
+exact sweep's ``mean_kl``.
+
+Measured on SmolLM2-135M (fp32), 64 calibration prompts of the shipped logs vs the exact sweep on
+32 disjoint prompts (``benchmarks/sensitivity_rank.py``, figures in ``benchmarks/results/``):
+see :data:`DEFAULT_FORM` and the table below.
+
+    MEASUREMENTS_PLACEHOLDER
+
+Cost: one forward per micro-batch, then per label draw one backward (input gradients only) and, per
+Linear and per weight-quantizing tier, one matmul with the quantized weight. Memory: the model, the
+dequantized weights of each quantizing tier (``tiers × Linear params`` in the model's dtype), and per
+micro-batch (at most ``max_batch_tokens`` token positions) the autograd activations plus every
+Linear's input and output kept for the backward hooks. Per-group sums are accumulated inside the
+hooks; no gradient is stored.
+
+Routed MoE experts (members that are slices of fused experts parameters, not ``nn.Linear``) are not
+scored here: they are left out of the result, and the caller scores them with the exact sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibration.emulate import (
+    GroupQuantization,
+    input_quantizer,
+    linear_modules,
+    quantize_group,
+    quantize_groups,
+)
+from calibration.groups import LinearGroup, TargetSelection
+from calibration.observers import TokenBatch, _model_device
+from calibration.precision import Tier
+from calibration.tiers import GroupOptions, TierOption
+
+logger = logging.getLogger(__name__)
+
+
+class FisherForm(str, Enum):
+    """Which quadratic form of the sampled-label Fisher estimates a group's KL (module docstring)."""
+
+    SEQUENCE = "sequence"
+    TOKEN = "token"
+    DIAGONAL = "diagonal"
+
+
+#: The form :func:`score_tiers` returns (chosen by rank agreement with the exact sweep; module doc).
+DEFAULT_FORM = FisherForm.SEQUENCE
+#: Token positions per forward/backward (a caller's batch is split by rows to stay under it).
+DEFAULT_MAX_BATCH_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class FisherPass:
+    """Every form's estimates from one pass: ``estimates[form][group][tier]`` in nats per token."""
+
+    estimates: Mapping[FisherForm, Mapping[str, Mapping[Tier, float]]]
+    num_tokens: int  # real token positions scored (each with ``label_draws`` labels)
+    num_backward: int
+    skipped_groups: tuple[str, ...] = ()  # routed-expert groups, not scored here
+
+
+# ------------------------------------------------------------------------------------- tiers
+
+
+def _base_tier(tiers: Sequence[Tier]) -> Tier:
+    nvfp4 = [t for t in tiers if t.is_nvfp4]
+    if len(nvfp4) != 1:
+        raise ValueError(f"tiers need exactly one NVFP4 base tier (nvfp4 or nvfp4a16), got {tiers}")
+    return nvfp4[0]
+
+
+def _check_tiers(tiers: Sequence[Tier]) -> tuple[Tier, ...]:
+    tiers = tuple(Tier(t) for t in tiers)
+    if len(set(tiers)) != len(tiers):
+        raise ValueError(f"a tier is listed twice: {tiers}")
+    _base_tier(tiers)
+    return tiers
+
+
+def _quantize_tier(
+    model: nn.Module,
+    groups: Sequence[LinearGroup],
+    tier: Tier,
+    input_amax: Mapping[str, float],
+    rounded: Mapping | None,
+) -> tuple[GroupQuantization, ...]:
+    """The run's one emulation: round-to-nearest, or the rounded NVFP4 weights when given."""
+    if rounded is not None and tier.is_nvfp4:
+        return quantize_groups(model, groups, tier, input_amax, rounded=rounded)
+    return quantize_groups(model, groups, tier, input_amax)
+
+
+def tier_bytes(
+    model: nn.Module,
+    selection: TargetSelection,
+    tiers: Sequence[Tier],
+    input_amax: Mapping[str, float],
+    *,
+    rounded: Mapping | None = None,
+    storage_dtype: torch.dtype = torch.bfloat16,
+) -> dict[str, dict[Tier, int]]:
+    """Checkpoint bytes of every Linear group at every tier (``GroupQuantization.weight_bytes``; BF16
+    counted in ``storage_dtype``, the dtype the export writes unquantized weights in)."""
+    tiers = _check_tiers(tiers)
+    groups = [g for g in selection.groups if not g.expert_slots]
+    linears = linear_modules(model)
+    out: dict[str, dict[Tier, int]] = {g.name: {} for g in groups}
+    for tier in tiers:
+        if tier is Tier.BF16:
+            for group in groups:
+                stored = {m: linears[m].weight.detach().to(storage_dtype) for m in group.members}
+                out[group.name][tier] = quantize_group(
+                    linears, group, tier, weights=stored
+                ).weight_bytes
+            continue
+        for quantized in _quantize_tier(model, groups, tier, input_amax, rounded):
+            out[quantized.group.name][tier] = quantized.weight_bytes
+    return out
+
+
+def group_options(
+    scores: Mapping[str, Mapping[Tier, float]],
+    bytes_: Mapping[str, Mapping[Tier, int]],
+    exact_kl: Mapping[str, float] | None = None,
+) -> list[GroupOptions]:
+    """The planner's records (:class:`calibration.tiers.GroupOptions`): per group, options[0] is its
+    NVFP4 tier, then the other tiers by bytes; ``exact_kl`` (group -> measured KL of the base tier
+    alone) where a decision needed it. Groups in ``scores`` order; every scored tier needs bytes."""
+    result = []
+    for name, by_tier in scores.items():
+        tiers = list(by_tier)
+        base = _base_tier(tiers)
+        missing = [t.value for t in tiers if t not in bytes_.get(name, {})]
+        if missing:
+            raise KeyError(f"{name}: no bytes for tier(s) {missing}")
+        others = sorted((t for t in tiers if t is not base), key=lambda t: bytes_[name][t])
+        options = tuple(
+            TierOption(t, int(bytes_[name][t]), float(by_tier[t])) for t in (base, *others)
+        )
+        exact = None if exact_kl is None else exact_kl.get(name)
+        result.append(GroupOptions(name, options, exact_kl=exact))
+    return result
+
+
+# ------------------------------------------------------------------------------------- the pass
+
+
+@dataclass(frozen=True)
+class _MemberTier:
+    """How one member computes under one quantizing tier."""
+
+    weight: torch.Tensor  # decoded [out, in], model dtype
+    quantize_input: Callable[[torch.Tensor], torch.Tensor] | None
+
+
+class _Accumulator:
+    """Per (group, tier): per-position sums of ``g·Δy`` over members for the running backward, and the
+    three forms' running totals (float64 scalars on the model's device)."""
+
+    def __init__(self, keys: Sequence[tuple[str, Tier]], device: torch.device) -> None:
+        self.keys = tuple(keys)
+        self.totals = {
+            form: {k: torch.zeros((), dtype=torch.float64, device=device) for k in self.keys}
+            for form in FisherForm
+        }
+        self.inner: dict[tuple[str, Tier], torch.Tensor] = {}  # [B, T] float32
+        self.diagonal: dict[tuple[str, Tier], torch.Tensor] = {}  # [B, T] float32
+
+    def add(self, key: tuple[str, Tier], inner: torch.Tensor, diagonal: torch.Tensor) -> None:
+        if key in self.inner:
+            self.inner[key] = self.inner[key] + inner
+            self.diagonal[key] = self.diagonal[key] + diagonal
+        else:
+            self.inner[key], self.diagonal[key] = inner, diagonal
+
+    def close_backward(self, mask: torch.Tensor) -> None:
+        """Fold one backward's per-position sums into the totals; ``mask`` bool [B, T] real tokens."""
+        weight = mask.to(torch.float64)
+        for key, inner in self.inner.items():
+            inner = inner.double() * weight  # [B, T]
+            self.totals[FisherForm.SEQUENCE][key] += inner.sum(dim=1).square().sum()
+            self.totals[FisherForm.TOKEN][key] += inner.square().sum()
+            self.totals[FisherForm.DIAGONAL][key] += (self.diagonal[key].double() * weight).sum()
+        self.inner.clear()
+        self.diagonal.clear()
+
+
+def _micro_batches(batch: TokenBatch, max_tokens: int) -> list[tuple[int, TokenBatch]]:
+    """``(first row, rows)`` of ``batch`` in chunks of at most ``max_tokens`` positions (at least one
+    row each), each trimmed to its longest row (right padding: trimming changes nothing for a causal
+    model)."""
+    rows, width = batch.input_ids.shape
+    per_chunk = max(1, max_tokens // max(width, 1))
+    chunks = []
+    for start in range(0, rows, per_chunk):
+        ids = batch.input_ids[start : start + per_chunk]
+        mask = batch.attention_mask[start : start + per_chunk]
+        keep = int(mask.sum(dim=1).max())
+        chunks.append((start, TokenBatch(ids[:, :keep], mask[:, :keep])))
+    return chunks
+
+
+def _sample_labels(
+    logits: torch.Tensor, mask: torch.Tensor, draws: int, seed: int, batch: int, first_row: int
+) -> torch.Tensor:
+    """``draws`` labels per real position from ``softmax(logits)`` (``[R, vocab]``, rows in ``mask``
+    order), each prompt row with its own generator seeded from ``(seed, batch, row)``: the labels do
+    not depend on how a batch is split into forwards. Returns int64 ``[R, draws]``."""
+    probs = torch.softmax(logits.detach(), dim=-1).cpu()
+    labels = []
+    start = 0
+    for row, length in enumerate(mask.sum(dim=1).tolist()):
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed((seed * 1_000_003 + batch) * 1_000_003 + first_row + row)
+        rows = probs[start : start + length]
+        labels.append(torch.multinomial(rows, draws, replacement=True, generator=generator))
+        start += length
+    return torch.cat(labels).to(logits.device)
+
+
+def fisher_pass(
+    model: nn.Module,
+    batches: Sequence[TokenBatch],
+    selection: TargetSelection,
+    tiers: Sequence[Tier],
+    input_amax: Mapping[str, float],
+    *,
+    rounded: Mapping | None = None,
+    label_draws: int = 4,
+    seed: int = 0,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    progress: bool = False,
+) -> FisherPass:
+    """One Fisher pass over ``batches``: every form's estimate for every Linear group and tier.
+
+    Preconditions: ``tiers`` holds exactly one NVFP4 tier (nvfp4 or nvfp4a16) plus any of fp8 / bf16;
+    W4A4 (nvfp4) needs ``input_amax[group]`` for every group; ``rounded`` (group -> rounded NVFP4
+    weights, :mod:`calibration.rounding`) goes to :func:`calibration.emulate.quantize_groups` for the
+    NVFP4 tier. The model is left as it was (parameters' ``requires_grad`` restored, hooks removed).
+    Labels: ``label_draws`` draws per real position from the model's next-token distribution, with a
+    generator per prompt seeded from ``(seed, batch index, row)``: same inputs, same result, however
+    ``max_batch_tokens`` splits the batches (up to float summation order).
+    """
+    tiers = _check_tiers(tiers)
+    if label_draws < 1:
+        raise ValueError(f"label_draws must be >= 1, got {label_draws}")
+    if not batches:
+        raise ValueError("no calibration batches")
+    groups = [g for g in selection.groups if not g.expert_slots]
+    skipped = tuple(g.name for g in selection.groups if g.expert_slots)
+    if skipped:
+        logger.warning(
+            "%d routed-expert group(s) are not scored by the Fisher pass (e.g. %s); use the exact "
+            "sweep for them",
+            len(skipped),
+            skipped[0],
+        )
+    device = _model_device(model)
+    linears = linear_modules(model)
+    quantizing = [t for t in tiers if t.quantizes_weights]
+
+    # decoded weights and input quantizers of every member at every quantizing tier
+    plan: dict[str, list[tuple[tuple[str, Tier], _MemberTier]]] = {
+        m: [] for g in groups for m in g.members
+    }
+    for tier in quantizing:
+        for quantized in _quantize_tier(model, groups, tier, input_amax, rounded):
+            for layer in quantized.members:
+                weight = linears[layer.name].weight
+                decoded = layer.dequantized_weight(weight.dtype).to(weight.device)
+                quantize = input_quantizer(tier, layer.input_global_scale)
+                plan[layer.name].append(
+                    ((quantized.group.name, tier), _MemberTier(decoded, quantize))
+                )
+    acc = _Accumulator([(g.name, t) for g in groups for t in quantizing], device)
+
+    def grad_hook(member: str, x: torch.Tensor, y: torch.Tensor):
+        linear = linears[member]
+
+        def hook(grad: torch.Tensor) -> None:
+            with torch.no_grad():
+                g = grad.float()  # [B, T, out]
+                for key, how in plan[member]:
+                    xq = x if how.quantize_input is None else how.quantize_input(x)
+                    dy = F.linear(xq, how.weight, linear.bias).float() - y.float()  # [B, T, out]
+                    product = g * dy
+                    acc.add(key, product.sum(-1), product.square().sum(-1))
+
+        return hook
+
+    def forward_hook(member: str):
+        def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if torch.is_grad_enabled() and output.requires_grad:
+                output.register_hook(grad_hook(member, args[0].detach(), output.detach()))
+
+        return hook
+
+    def embeddings_require_grad(_module: nn.Module, _args: tuple, output: torch.Tensor):
+        return output.detach().requires_grad_()
+
+    saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    handles = []
+    num_tokens = num_backward = 0
+    try:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        handles.append(model.get_input_embeddings().register_forward_hook(embeddings_require_grad))
+        handles.extend(linears[m].register_forward_hook(forward_hook(m)) for m in plan)
+        chunks = [
+            (b, first_row, chunk)
+            for b, batch in enumerate(batches)
+            for first_row, chunk in _micro_batches(batch, max_batch_tokens)
+        ]
+        for batch_index, first_row, tokens in tqdm(
+            chunks, desc="Fisher pass", unit="batch", disable=not progress
+        ):
+            tokens = tokens.to(device)
+            mask = tokens.attention_mask.bool()
+            with torch.enable_grad():
+                out = model(
+                    input_ids=tokens.input_ids,
+                    attention_mask=tokens.attention_mask,
+                    use_cache=False,
+                )
+                logits = out.logits[mask].float()  # [R, vocab]
+                del out
+                labels = _sample_labels(logits, mask, label_draws, seed, batch_index, first_row)
+                for draw in range(label_draws):
+                    loss = F.cross_entropy(logits, labels[:, draw], reduction="sum")
+                    loss.backward(retain_graph=draw < label_draws - 1)
+                    acc.close_backward(mask)
+                    num_backward += 1
+            num_tokens += int(mask.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, param in model.named_parameters():
+            param.requires_grad_(saved_flags[name])
+
+    scale = 0.5 / (num_tokens * label_draws)
+    estimates = {
+        form: {
+            g.name: {
+                t: (float(acc.totals[form][(g.name, t)]) * scale if t.quantizes_weights else 0.0)
+                for t in tiers
+            }
+            for g in groups
+        }
+        for form in FisherForm
+    }
+    return FisherPass(estimates, num_tokens, num_backward, skipped)
+
+
+def score_tiers(
+    model: nn.Module,
+    batches: Sequence[TokenBatch],
+    selection: TargetSelection,
+    tiers: Sequence[Tier],
+    input_amax: Mapping[str, float],
+    *,
+    rounded: Mapping | None = None,
+    label_draws: int = 4,
+    seed: int = 0,
+    progress: bool = False,
+    form: FisherForm = DEFAULT_FORM,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+) -> dict[str, dict[Tier, float]]:
+    """Estimated KL (nats per token) of quantizing each Linear group alone at each of ``tiers``:
+    ``{group: {tier: estimate}}`` in model order, BF16 = 0. See :func:`fisher_pass`."""
+    result = fisher_pass(
+        model,
+        batches,
+        selection,
+        tiers,
+        input_amax,
+        rounded=rounded,
+        label_draws=label_draws,
+        seed=seed,
+        max_batch_tokens=max_batch_tokens,
+        progress=progress,
+    )
+    return {name: dict(by_tier) for name, by_tier in result.estimates[FisherForm(form)].items()}
