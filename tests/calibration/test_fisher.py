@@ -163,3 +163,21 @@ def test_tiers_need_one_nvfp4_base(setup):
         score_tiers(model, batches, selection, (Tier.FP8,), stats.group_input_amax)
     with pytest.raises(ValueError, match="exactly one NVFP4"):
         score_tiers(model, batches, selection, (Tier.NVFP4, Tier.NVFP4A16), {})
+
+
+def test_one_pass_scores_both_schemes_as_separate_passes_do(setup):
+    """Tiers are independent in a pass (each member's Δy per tier), and decoding once (cache) or at
+    each backward computes the same weights."""
+    model, selection, batches, stats = setup
+    amax = stats.group_input_amax
+    both = fisher_pass(
+        model, batches[:2], selection, (Tier.NVFP4, Tier.NVFP4A16, Tier.FP8), amax, label_draws=1
+    )
+    alone = fisher_pass(
+        model, batches[:2], selection, (Tier.NVFP4A16,), amax, label_draws=1, cache_weights=True
+    )
+    for form in FisherForm:
+        for group, by_tier in alone.estimates[form].items():
+            assert both.estimates[form][group][Tier.NVFP4A16] == pytest.approx(
+                by_tier[Tier.NVFP4A16], rel=1e-6
+            )
