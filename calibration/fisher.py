@@ -33,8 +33,9 @@ see :data:`DEFAULT_FORM` and the table below.
     MEASUREMENTS_PLACEHOLDER
 
 Cost: one forward per micro-batch, then per label draw one backward (input gradients only) and, per
-Linear and per weight-quantizing tier, one matmul with the quantized weight. Memory: the model, the
-dequantized weights of each quantizing tier (``tiers × Linear params`` in the model's dtype), and per
+Linear and per weight-quantizing tier, one matmul with the quantized weight (decoded from its
+checkpoint tensors at each backward, or once with ``cache_weights``). Memory: the model, the
+checkpoint tensors of each quantizing tier (NVFP4 ~0.56 B, FP8 ~1 B per weight), and per
 micro-batch (at most ``max_batch_tokens`` token positions) the autograd activations plus every
 Linear's input and output kept for the backward hooks. Per-group sums are accumulated inside the
 hooks; no gradient is stored.
@@ -57,6 +58,7 @@ from tqdm.auto import tqdm
 
 from calibration.emulate import (
     GroupQuantization,
+    QuantizedLinear,
     input_quantizer,
     linear_modules,
     quantize_group,
@@ -104,11 +106,12 @@ def _base_tier(tiers: Sequence[Tier]) -> Tier:
     return nvfp4[0]
 
 
-def _check_tiers(tiers: Sequence[Tier]) -> tuple[Tier, ...]:
+def _check_tiers(tiers: Sequence[Tier], *, need_base: bool = True) -> tuple[Tier, ...]:
     tiers = tuple(Tier(t) for t in tiers)
     if len(set(tiers)) != len(tiers):
         raise ValueError(f"a tier is listed twice: {tiers}")
-    _base_tier(tiers)
+    if need_base:
+        _base_tier(tiers)
     return tiers
 
 
@@ -182,10 +185,17 @@ def group_options(
 
 @dataclass(frozen=True)
 class _MemberTier:
-    """How one member computes under one quantizing tier."""
+    """How one member computes under one quantizing tier: its checkpoint tensors (decoded on use
+    unless ``decoded`` is kept) and its input fake-quant."""
 
-    weight: torch.Tensor  # decoded [out, in], model dtype
+    layer: QuantizedLinear
     quantize_input: Callable[[torch.Tensor], torch.Tensor] | None
+    decoded: torch.Tensor | None = None  # [out, in] in the model's dtype and device
+
+    def weight(self, like: torch.Tensor) -> torch.Tensor:
+        if self.decoded is not None:
+            return self.decoded
+        return self.layer.dequantized_weight(like.dtype).to(like.device)
 
 
 class _Accumulator:
@@ -220,9 +230,10 @@ class _Accumulator:
         self.diagonal.clear()
 
 
-def _micro_batches(batch: TokenBatch, max_tokens: int) -> list[TokenBatch]:
-    """Rows of ``batch`` in chunks of at most ``max_tokens`` positions (at least one row each), each
-    trimmed to its longest row (right padding: trimming changes nothing for a causal model)."""
+def _micro_batches(batch: TokenBatch, max_tokens: int) -> list[tuple[int, TokenBatch]]:
+    """``(first row, rows)`` of ``batch`` in chunks of at most ``max_tokens`` positions (at least one
+    row each), each trimmed to its longest row (right padding: trimming changes nothing for a causal
+    model)."""
     rows, width = batch.input_ids.shape
     per_chunk = max(1, max_tokens // max(width, 1))
     chunks = []
@@ -230,14 +241,26 @@ def _micro_batches(batch: TokenBatch, max_tokens: int) -> list[TokenBatch]:
         ids = batch.input_ids[start : start + per_chunk]
         mask = batch.attention_mask[start : start + per_chunk]
         keep = int(mask.sum(dim=1).max())
-        chunks.append(TokenBatch(ids[:, :keep], mask[:, :keep]))
+        chunks.append((start, TokenBatch(ids[:, :keep], mask[:, :keep])))
     return chunks
 
 
-def _generator(seed: int, batch_index: int, chunk_index: int) -> torch.Generator:
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed((seed * 1_000_003 + batch_index) * 1_000_003 + chunk_index)
-    return generator
+def _sample_labels(
+    logits: torch.Tensor, mask: torch.Tensor, draws: int, seed: int, batch: int, first_row: int
+) -> torch.Tensor:
+    """``draws`` labels per real position from ``softmax(logits)`` (``[R, vocab]``, rows in ``mask``
+    order), each prompt row with its own generator seeded from ``(seed, batch, row)``: the labels do
+    not depend on how a batch is split into forwards. Returns int64 ``[R, draws]``."""
+    probs = torch.softmax(logits.detach(), dim=-1).cpu()
+    labels = []
+    start = 0
+    for row, length in enumerate(mask.sum(dim=1).tolist()):
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed((seed * 1_000_003 + batch) * 1_000_003 + first_row + row)
+        rows = probs[start : start + length]
+        labels.append(torch.multinomial(rows, draws, replacement=True, generator=generator))
+        start += length
+    return torch.cat(labels).to(logits.device)
 
 
 def fisher_pass(
@@ -251,18 +274,22 @@ def fisher_pass(
     label_draws: int = 4,
     seed: int = 0,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    cache_weights: bool = False,
     progress: bool = False,
 ) -> FisherPass:
     """One Fisher pass over ``batches``: every form's estimate for every Linear group and tier.
 
-    Preconditions: ``tiers`` holds exactly one NVFP4 tier (nvfp4 or nvfp4a16) plus any of fp8 / bf16;
-    W4A4 (nvfp4) needs ``input_amax[group]`` for every group; ``rounded`` (group -> rounded NVFP4
+    Preconditions: ``tiers`` are distinct (several NVFP4 tiers may be scored in one pass; the planner's
+    records take one, :func:`group_options`); W4A4 (nvfp4) needs ``input_amax[group]`` for every group; ``rounded`` (group -> rounded NVFP4
     weights, :mod:`calibration.rounding`) goes to :func:`calibration.emulate.quantize_groups` for the
     NVFP4 tier. The model is left as it was (parameters' ``requires_grad`` restored, hooks removed).
-    Labels: per micro-batch ``label_draws`` draws from the model's next-token distribution with a
-    generator seeded from ``(seed, batch index, micro-batch index)``: same inputs, same result.
+    Labels: ``label_draws`` draws per real position from the model's next-token distribution, with a
+    generator per prompt seeded from ``(seed, batch index, row)``: same inputs, same result, however
+    ``max_batch_tokens`` splits the batches (up to float summation order). ``cache_weights`` keeps
+    every member's decoded weight at every quantizing tier (``tiers × Linear params`` in the model's
+    dtype) instead of decoding it from the checkpoint tensors at each backward: faster, more memory.
     """
-    tiers = _check_tiers(tiers)
+    tiers = _check_tiers(tiers, need_base=False)
     if label_draws < 1:
         raise ValueError(f"label_draws must be >= 1, got {label_draws}")
     if not batches:
@@ -280,7 +307,7 @@ def fisher_pass(
     linears = linear_modules(model)
     quantizing = [t for t in tiers if t.quantizes_weights]
 
-    # decoded weights and input quantizers of every member at every quantizing tier
+    # checkpoint tensors and input quantizers of every member at every quantizing tier
     plan: dict[str, list[tuple[tuple[str, Tier], _MemberTier]]] = {
         m: [] for g in groups for m in g.members
     }
@@ -288,10 +315,14 @@ def fisher_pass(
         for quantized in _quantize_tier(model, groups, tier, input_amax, rounded):
             for layer in quantized.members:
                 weight = linears[layer.name].weight
-                decoded = layer.dequantized_weight(weight.dtype).to(weight.device)
+                decoded = (
+                    layer.dequantized_weight(weight.dtype).to(weight.device)
+                    if cache_weights
+                    else None
+                )
                 quantize = input_quantizer(tier, layer.input_global_scale)
                 plan[layer.name].append(
-                    ((quantized.group.name, tier), _MemberTier(decoded, quantize))
+                    ((quantized.group.name, tier), _MemberTier(layer, quantize, decoded))
                 )
     acc = _Accumulator([(g.name, t) for g in groups for t in quantizing], device)
 
@@ -303,7 +334,7 @@ def fisher_pass(
                 g = grad.float()  # [B, T, out]
                 for key, how in plan[member]:
                     xq = x if how.quantize_input is None else how.quantize_input(x)
-                    dy = F.linear(xq, how.weight, linear.bias).float() - y.float()  # [B, T, out]
+                    dy = F.linear(xq, how.weight(linear.weight), linear.bias).float() - y.float()
                     product = g * dy
                     acc.add(key, product.sum(-1), product.square().sum(-1))
 
@@ -328,11 +359,11 @@ def fisher_pass(
         handles.append(model.get_input_embeddings().register_forward_hook(embeddings_require_grad))
         handles.extend(linears[m].register_forward_hook(forward_hook(m)) for m in plan)
         chunks = [
-            (b, c, chunk)
+            (b, first_row, chunk)
             for b, batch in enumerate(batches)
-            for c, chunk in enumerate(_micro_batches(batch, max_batch_tokens))
+            for first_row, chunk in _micro_batches(batch, max_batch_tokens)
         ]
-        for batch_index, chunk_index, tokens in tqdm(
+        for batch_index, first_row, tokens in tqdm(
             chunks, desc="Fisher pass", unit="batch", disable=not progress
         ):
             tokens = tokens.to(device)
@@ -345,15 +376,7 @@ def fisher_pass(
                 )
                 logits = out.logits[mask].float()  # [R, vocab]
                 del out
-                with torch.no_grad():
-                    probs = torch.softmax(logits, dim=-1).cpu()
-                    labels = torch.multinomial(
-                        probs,
-                        label_draws,
-                        replacement=True,
-                        generator=_generator(seed, batch_index, chunk_index),
-                    ).to(device)  # [R, draws]
-                    del probs
+                labels = _sample_labels(logits, mask, label_draws, seed, batch_index, first_row)
                 for draw in range(label_draws):
                     loss = F.cross_entropy(logits, labels[:, draw], reduction="sum")
                     loss.backward(retain_graph=draw < label_draws - 1)
@@ -393,9 +416,12 @@ def score_tiers(
     progress: bool = False,
     form: FisherForm = DEFAULT_FORM,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    cache_weights: bool = False,
 ) -> dict[str, dict[Tier, float]]:
-    """Estimated KL (nats per token) of quantizing each Linear group alone at each of ``tiers``:
-    ``{group: {tier: estimate}}`` in model order, BF16 = 0. See :func:`fisher_pass`."""
+    """Estimated KL (nats per token) of quantizing each Linear group alone at each of ``tiers`` (one
+    NVFP4 base tier, nvfp4 or nvfp4a16, plus any of fp8 / bf16): ``{group: {tier: estimate}}`` in
+    model order, BF16 = 0. See :func:`fisher_pass`."""
+    _check_tiers(tiers)
     result = fisher_pass(
         model,
         batches,
@@ -406,6 +432,7 @@ def score_tiers(
         label_draws=label_draws,
         seed=seed,
         max_batch_tokens=max_batch_tokens,
+        cache_weights=cache_weights,
         progress=progress,
     )
     return {name: dict(by_tier) for name, by_tier in result.estimates[FisherForm(form)].items()}

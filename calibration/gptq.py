@@ -171,20 +171,25 @@ def gptq_nvfp4(
 def _lazy_batch_updates(
     w: torch.Tensor, upper: torch.Tensor, scale_eff: torch.Tensor, block_size: int
 ) -> torch.Tensor:
-    """The GPTQ loop over column batches; ``w`` [out, in] is consumed (updated in place)."""
-    in_features = w.shape[1]
-    q = torch.empty_like(w)
+    """The GPTQ loop over column batches of ``w`` [out, in]; returns the rounded [out, in].
+
+    Works on the transpose (one weight column = one contiguous row): the per-column rounding and
+    rank-1 updates then touch contiguous memory, about twice as fast on CPU as strided columns."""
+    wt = w.T.contiguous()  # [in, out]
+    scale_t = scale_eff.T.contiguous()  # [in, out]
+    in_features = wt.shape[0]
+    qt = torch.empty_like(wt)
     for start in range(0, in_features, block_size):
         stop = min(start + block_size, in_features)
-        block = w[:, start:stop].clone()  # [out, b]
-        errors = torch.empty_like(block)  # [out, b], scaled by 1 / U[j, j]
+        block = wt[start:stop].clone()  # [b, out]
+        errors = torch.empty_like(block)  # [b, out], scaled by 1 / U[j, j]
         u_block = upper[start:stop, start:stop]  # [b, b]
         for j in range(stop - start):
-            column = block[:, j]
-            rounded = round_to_nvfp4_grid(column, scale_eff[:, start + j])
-            q[:, start + j] = rounded
+            column = block[j]
+            rounded = round_to_nvfp4_grid(column, scale_t[start + j])
+            qt[start + j] = rounded
             error = (column - rounded) / u_block[j, j]
-            block[:, j + 1 :] -= error.unsqueeze(1) * u_block[j, j + 1 :].unsqueeze(0)
-            errors[:, j] = error
-        w[:, stop:] -= errors @ upper[start:stop, stop:]
-    return q
+            block[j + 1 :] -= u_block[j, j + 1 :].unsqueeze(1) * error.unsqueeze(0)
+            errors[j] = error
+        wt[stop:] -= upper[start:stop, stop:].T @ errors
+    return qt.T.contiguous()
