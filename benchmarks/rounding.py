@@ -31,7 +31,7 @@ from pathlib import Path
 # ops ~10x slower under contention (measured); passive waiting avoids it. Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 from calibration.emulate import quantize_groups
 from calibration.groups import select_targets
@@ -43,7 +43,7 @@ from calibration.sensitivity import compute_baseline, score_emulation
 from kernels import ScaleCandidates
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prompt_split import build_prompt_split  # noqa: E402  (benchmarks/ is not a package)
+from prompt_split import build_prompt_split
 
 logger = logging.getLogger(__name__)
 

@@ -118,7 +118,7 @@ def test_block0_gptq_uses_the_hessian_of_real_tokens_only(setup):
     # pad rows in the Hessian would change the result (the oracle can fail)
     padded = HessianAccumulator(group.in_features)
     padded.add(acc.hessian[:1] * 0.0 + 1.0)
-    padded._sum = padded._sum + acc._sum  # noqa: SLF001 - one extra (pad-like) row
+    padded._sum = padded._sum + acc._sum
     assert not torch.equal(gptq_nvfp4(stacked, padded.hessian, scales, r.global_scale), got)
 
 
