@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -221,6 +222,23 @@ class _AmaxRecorder:
 
 
 @torch.inference_mode()
+def head_free_forward(model: nn.Module) -> Callable[..., Any] | None:
+    """The model without its output head (``model.get_decoder()``: embeddings, blocks, final norm),
+    when its logits are a plain ``lm_head(hidden)``; None when the model post-processes them (logit
+    soft-capping or scaling) or has no separate decoder. Over long prompts the head's
+    ``[batch, seq, vocab]`` logits dominate memory; stats need none of them, scoring only the real
+    tokens' ones."""
+    config = getattr(model, "config", None)
+    if any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale")):
+        return None
+    get_decoder = getattr(model, "get_decoder", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = get_decoder() if callable(get_decoder) else None
+    if decoder is None or decoder is model or not isinstance(head, nn.Linear):
+        return None
+    return decoder
+
+
 def collect_activation_stats(
     model: nn.Module,
     batches: Sequence[TokenBatch],
@@ -245,6 +263,9 @@ def collect_activation_stats(
     experts_modules = sorted({g.tier_unit for g in expert_groups})
     device = _model_device(model)
     recorder = _AmaxRecorder(targets)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets_head = head is not None and any(m is head for m in targets.values())
+    forward = (None if targets_head else head_free_forward(model)) or model
     observer = None
     num_prompts = 0
     num_tokens = 0
@@ -253,7 +274,7 @@ def collect_activation_stats(
         for batch in tqdm(batches, desc="activation stats", unit="batch", disable=not progress):
             batch = batch.to(device)
             recorder.token_mask = observer.token_mask = batch.attention_mask.bool()
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             num_prompts += batch.input_ids.shape[0]
             num_tokens += batch.num_tokens
     finally:

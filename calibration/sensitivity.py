@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from calibration.emulate import GroupQuantization, emulate, quantize_groups
 from calibration.groups import LinearGroup, TargetSelection
-from calibration.observers import ActivationStats, TokenBatch, _model_device
+from calibration.observers import ActivationStats, TokenBatch, _model_device, head_free_forward
 from calibration.precision import Tier
 
 if TYPE_CHECKING:
@@ -162,9 +162,19 @@ def _targets(tokens: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _forward_logits(model: nn.Module, tokens: TokenBatch) -> torch.Tensor:
-    """Logits of real tokens only, FP32 ``[R, vocab]``."""
-    out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, use_cache=False)
-    return out.logits[tokens.attention_mask.bool()].float()
+    """Logits of real tokens only, FP32 ``[R, vocab]`` (the head runs on the real tokens alone when
+    the model allows it: :func:`calibration.observers.head_free_forward`)."""
+    real = tokens.attention_mask.bool()
+    decoder = head_free_forward(model)
+    if decoder is None:
+        out = model(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, use_cache=False
+        )
+        return out.logits[real].float()
+    hidden = decoder(
+        input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, use_cache=False
+    ).last_hidden_state  # [batch, seq, hidden]
+    return model.get_output_embeddings()(hidden[real]).float()  # [R, vocab]
 
 
 @torch.inference_mode()
