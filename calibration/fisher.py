@@ -110,7 +110,8 @@ DEFAULT_MAX_BATCH_TOKENS = 512
 
 @dataclass(frozen=True)
 class FisherPass:
-    """Every form's estimates from one pass: ``estimates[form][group][tier]`` in nats per token."""
+    """Estimates of every form asked for from one pass: ``estimates[form][group][tier]`` in nats per
+    token."""
 
     estimates: Mapping[FisherForm, Mapping[str, Mapping[Tier, float]]]
     num_tokens: int  # real token positions scored (each with ``label_draws`` labels)
@@ -251,6 +252,12 @@ class _Accumulator:
         self.inner.clear()
         self.diagonal.clear()
 
+    def add_diagonal(
+        self, key: tuple[str, Tier], diagonal: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        """Fold a diagonal-form sum (``[B, T]``, already summed over draws) into the totals."""
+        self.totals[FisherForm.DIAGONAL][key] += (diagonal.double() * mask).sum()
+
 
 def _micro_batches(batch: TokenBatch, max_tokens: int) -> list[tuple[int, TokenBatch]]:
     """``(first row, rows)`` of ``batch`` in chunks of at most ``max_tokens`` positions (at least one
@@ -297,6 +304,7 @@ def fisher_pass(
     seed: int = 0,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     cache_weights: bool = False,
+    forms: Sequence[FisherForm] | None = None,
     progress: bool = False,
 ) -> FisherPass:
     """One Fisher pass over ``batches``: every form's estimate for every Linear group and tier.
@@ -310,8 +318,14 @@ def fisher_pass(
     ``max_batch_tokens`` splits the batches (up to float summation order). ``cache_weights`` keeps
     every member's decoded weight at every quantizing tier (``tiers × Linear params`` in the model's
     dtype) instead of decoding it from the checkpoint tensors at each backward: faster, more memory.
+    ``forms`` (default: all) limits what is estimated; the diagonal form alone sums ``g²`` over the
+    draws (one ``[B, T, out]`` buffer per Linear) and computes each ``Δy`` once per micro-batch instead
+    of once per draw.
     """
     tiers = _check_tiers(tiers, need_base=False)
+    forms = (
+        tuple(FisherForm) if forms is None else tuple(dict.fromkeys(FisherForm(f) for f in forms))
+    )
     if label_draws < 1:
         raise ValueError(f"label_draws must be >= 1, got {label_draws}")
     if not batches:
@@ -347,17 +361,26 @@ def fisher_pass(
                     ((quantized.group.name, tier), _MemberTier(layer, quantize, decoded))
                 )
     acc = _Accumulator([(g.name, t) for g in groups for t in quantizing], device)
+    # diagonal form alone: sum g² over the draws, then one Δy per member and tier per micro-batch
+    diagonal_only = forms == (FisherForm.DIAGONAL,)
+    saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # member -> (input, output)
+    grad_squares: dict[str, torch.Tensor] = {}  # member -> Σ_draws g² [B, T, out]
+
+    def output_change(member: str, how: _MemberTier, x: torch.Tensor, y: torch.Tensor):
+        linear = linears[member]
+        xq = x if how.quantize_input is None else how.quantize_input(x)
+        return F.linear(xq, how.weight(linear.weight), linear.bias).float() - y.float()
 
     def grad_hook(member: str, x: torch.Tensor, y: torch.Tensor):
-        linear = linears[member]
-
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
                 g = grad.float()  # [B, T, out]
+                if diagonal_only:
+                    previous = grad_squares.get(member)
+                    grad_squares[member] = g.square() if previous is None else previous + g.square()
+                    return
                 for key, how in plan[member]:
-                    xq = x if how.quantize_input is None else how.quantize_input(x)
-                    dy = F.linear(xq, how.weight(linear.weight), linear.bias).float() - y.float()
-                    product = g * dy
+                    product = g * output_change(member, how, x, y)
                     acc.add(key, product.sum(-1), product.square().sum(-1))
 
         return hook
@@ -365,9 +388,25 @@ def fisher_pass(
     def forward_hook(member: str):
         def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if torch.is_grad_enabled() and output.requires_grad:
-                output.register_hook(grad_hook(member, args[0].detach(), output.detach()))
+                x, y = args[0].detach(), output.detach()
+                if diagonal_only:
+                    saved[member] = (x, y)
+                output.register_hook(grad_hook(member, x, y))
 
         return hook
+
+    @torch.no_grad()
+    def close_diagonal(mask: torch.Tensor) -> None:
+        weight = mask.to(torch.float64)
+        for member, (x, y) in saved.items():
+            squares = grad_squares.get(member)
+            if squares is None:
+                continue  # the output did not reach the loss
+            for key, how in plan[member]:
+                diagonal = (squares * output_change(member, how, x, y).square()).sum(-1)
+                acc.add_diagonal(key, diagonal, weight)
+        saved.clear()
+        grad_squares.clear()
 
     def embeddings_require_grad(_module: nn.Module, _args: tuple, output: torch.Tensor):
         return output.detach().requires_grad_()
@@ -402,8 +441,11 @@ def fisher_pass(
                 for draw in range(label_draws):
                     loss = F.cross_entropy(logits, labels[:, draw], reduction="sum")
                     loss.backward(retain_graph=draw < label_draws - 1)
-                    acc.close_backward(mask)
+                    if not diagonal_only:
+                        acc.close_backward(mask)
                     num_backward += 1
+                if diagonal_only:
+                    close_diagonal(mask)
             num_tokens += int(mask.sum())
     finally:
         for handle in handles:
@@ -420,7 +462,7 @@ def fisher_pass(
             }
             for g in groups
         }
-        for form in FisherForm
+        for form in forms
     }
     return FisherPass(estimates, num_tokens, num_backward, skipped)
 
@@ -455,6 +497,7 @@ def score_tiers(
         seed=seed,
         max_batch_tokens=max_batch_tokens,
         cache_weights=cache_weights,
+        forms=(form,),
         progress=progress,
     )
     return {name: dict(by_tier) for name, by_tier in result.estimates[FisherForm(form)].items()}
