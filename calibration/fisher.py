@@ -14,7 +14,7 @@ where ``Δy`` is the change of the group members' outputs when the group is quan
 :mod:`calibration.emulate` (decoded checkpoint weights; W4A4 inputs fake-quantized under the calibrated
 ``input_global_scale``; FP8 inputs per token, dynamically). BF16 costs nothing (estimate 0).
 
-Forms of the quadratic (all three come out of the same pass, :func:`fisher_pass`; one is the default):
+Forms of the quadratic (all three come out of one :func:`fisher_pass`; :data:`DEFAULT_FORM` is used):
 
 * ``sequence`` — ``½ Σ_seq (Σ_positions Σ_members g·Δy)²``. With labels drawn independently at each
   position from the model, the gradients of different positions' losses are uncorrelated with zero
@@ -54,13 +54,15 @@ Wall time on that machine (1 torch thread): exact sweep 677-686 s for 364 tokens
 Fisher pass 195 s (2 draws) / 511-543 s (8 draws) for 705 tokens scoring the NVFP4 and FP8 tiers at
 once, i.e. per token and tier about 13x (2 draws) to 5x (8 draws) cheaper than the sweep.
 
-Cost: one forward per micro-batch, then per label draw one backward (input gradients only) and, per
-Linear and per weight-quantizing tier, one matmul with the quantized weight (decoded from its
-checkpoint tensors at each backward, or once with ``cache_weights``). Memory: the model, the
-checkpoint tensors of each quantizing tier (NVFP4 ~0.56 B, FP8 ~1 B per weight), and per
-micro-batch (at most ``max_batch_tokens`` token positions) the autograd activations plus every
-Linear's input and output kept for the backward hooks. Per-group sums are accumulated inside the
-hooks; no gradient is stored.
+Cost: one forward per micro-batch and one backward (input gradients only) per label draw. All forms
+(:func:`fisher_pass` default): per draw, per Linear and per weight-quantizing tier one matmul with the
+quantized weight for ``Δy``; per-group sums are accumulated inside the hooks and no gradient is kept.
+The diagonal form alone (:func:`score_tiers`' default) sums ``g²`` over the draws in one buffer per
+Linear (``tokens × out`` floats) and computes each ``Δy`` once per micro-batch. Weights are decoded
+from their checkpoint tensors when used (or once, ``cache_weights``). Memory: the model, the
+checkpoint tensors of each quantizing tier (NVFP4 ~0.56 B, FP8 ~1 B per weight), and per micro-batch
+(at most ``max_batch_tokens`` positions) the autograd activations plus every Linear's input and output
+kept for the hooks.
 
 Routed MoE experts (members that are slices of fused experts parameters, not ``nn.Linear``) are not
 scored here: they are left out of the result, and the caller scores them with the exact sweep.
@@ -307,14 +309,14 @@ def fisher_pass(
     forms: Sequence[FisherForm] | None = None,
     progress: bool = False,
 ) -> FisherPass:
-    """One Fisher pass over ``batches``: every form's estimate for every Linear group and tier.
+    """One Fisher pass over ``batches``: each of ``forms`` estimated for every Linear group and tier.
 
     Preconditions: ``tiers`` are distinct (several NVFP4 tiers may be scored in one pass; the planner's
-    records take one, :func:`group_options`); W4A4 (nvfp4) needs ``input_amax[group]`` for every group; ``rounded`` (group -> rounded NVFP4
-    weights, :mod:`calibration.rounding`) goes to :func:`calibration.emulate.quantize_groups` for the
-    NVFP4 tier. The model is left as it was (parameters' ``requires_grad`` restored, hooks removed).
-    Labels: ``label_draws`` draws per real position from the model's next-token distribution, with a
-    generator per prompt seeded from ``(seed, batch index, row)``: same inputs, same result, however
+    records take one, :func:`group_options`); W4A4 (nvfp4) needs ``input_amax[group]`` for every
+    group; ``rounded`` (group -> rounded NVFP4 weights, :mod:`calibration.rounding`) goes to
+    :func:`calibration.emulate.quantize_groups` for the NVFP4 tier. The model is left as it was
+    (parameters' ``requires_grad`` restored, hooks removed). Labels: ``label_draws`` draws per real
+    position from the model's next-token distribution, with a generator per prompt seeded from ``(seed, batch index, row)``: same inputs, same result, however
     ``max_batch_tokens`` splits the batches (up to float summation order). ``cache_weights`` keeps
     every member's decoded weight at every quantizing tier (``tiers × Linear params`` in the model's
     dtype) instead of decoding it from the checkpoint tensors at each backward: faster, more memory.
@@ -448,6 +450,8 @@ def fisher_pass(
                     close_diagonal(mask)
             num_tokens += int(mask.sum())
     finally:
+        saved.clear()
+        grad_squares.clear()
         for handle in handles:
             handle.remove()
         for name, param in model.named_parameters():
