@@ -316,8 +316,8 @@ def fisher_pass(
     group; ``rounded`` (group -> rounded NVFP4 weights, :mod:`calibration.rounding`) goes to
     :func:`calibration.emulate.quantize_groups` for the NVFP4 tier. The model is left as it was
     (parameters' ``requires_grad`` restored, hooks removed). Labels: ``label_draws`` draws per real
-    position from the model's next-token distribution, with a generator per prompt seeded from ``(seed, batch index, row)``: same inputs, same result, however
-    ``max_batch_tokens`` splits the batches (up to float summation order). ``cache_weights`` keeps
+    position from the model's next-token distribution, with a generator per prompt seeded from
+    ``(seed, batch index, row)``: same inputs, same result, however ``max_batch_tokens`` splits the batches (up to float summation order). ``cache_weights`` keeps
     every member's decoded weight at every quantizing tier (``tiers × Linear params`` in the model's
     dtype) instead of decoding it from the checkpoint tensors at each backward: faster, more memory.
     ``forms`` (default: all) limits what is estimated; the diagonal form alone sums ``g²`` over the
