@@ -311,18 +311,19 @@ def fisher_pass(
 ) -> FisherPass:
     """One Fisher pass over ``batches``: each of ``forms`` estimated for every Linear group and tier.
 
-    Preconditions: ``tiers`` are distinct (several NVFP4 tiers may be scored in one pass; the planner's
-    records take one, :func:`group_options`); W4A4 (nvfp4) needs ``input_amax[group]`` for every
-    group; ``rounded`` (group -> rounded NVFP4 weights, :mod:`calibration.rounding`) goes to
+    Preconditions: ``tiers`` are distinct (several NVFP4 tiers may be scored in one pass; the
+    planner's records take one, :func:`group_options`); W4A4 (nvfp4) needs ``input_amax[group]`` for
+    every group; ``rounded`` (group -> rounded NVFP4 weights, :mod:`calibration.rounding`) goes to
     :func:`calibration.emulate.quantize_groups` for the NVFP4 tier. The model is left as it was
-    (parameters' ``requires_grad`` restored, hooks removed). Labels: ``label_draws`` draws per real
-    position from the model's next-token distribution, with a generator per prompt seeded from
-    ``(seed, batch index, row)``: same inputs, same result, however ``max_batch_tokens`` splits the batches (up to float summation order). ``cache_weights`` keeps
+    (parameters' ``requires_grad`` restored, hooks removed).
+
+    Labels: ``label_draws`` draws per real position from the model's next-token distribution, with a
+    generator per prompt seeded from ``(seed, batch index, row)``: same inputs, same result, however
+    ``max_batch_tokens`` splits the batches (up to float summation order). ``cache_weights`` keeps
     every member's decoded weight at every quantizing tier (``tiers × Linear params`` in the model's
-    dtype) instead of decoding it from the checkpoint tensors at each backward: faster, more memory.
-    ``forms`` (default: all) limits what is estimated; the diagonal form alone sums ``g²`` over the
-    draws (one ``[B, T, out]`` buffer per Linear) and computes each ``Δy`` once per micro-batch instead
-    of once per draw.
+    dtype) instead of decoding it at each use: faster, more memory. ``forms`` (default: all) limits
+    what is estimated; the diagonal form alone sums ``g²`` over the draws (one ``[B, T, out]`` buffer
+    per Linear) and computes each ``Δy`` once per micro-batch instead of once per draw.
     """
     tiers = _check_tiers(tiers, need_base=False)
     forms = (
