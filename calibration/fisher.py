@@ -42,6 +42,9 @@ sets' difference, on the sweep's own prompts. Spearman of estimate vs exact mean
     W4A4      8      calibration   0.951 (8)    0.960 (8)    0.968 (8)
     W4A4      8      same          0.947 (8)    0.967 (8)    0.970 (7)
 
+Default (diagonal-only pass, 4 draws): W4A16 0.947 (7) on the calibration prompts, 0.956 (7) on the
+sweep's; W4A4 0.969 (8) / 0.973 (8); Kendall 0.82-0.87.
+
 Median estimate / exact on the calibration prompts: diagonal 0.98-1.02 (10-90 %: 0.76-1.36), token
 0.98-1.02, sequence 1.08-1.13 (0.63-1.74 at 2 draws). On the tiny test Llama (12 groups, same prompts
 as the sweep) the sequence form converges to the exact KL with draws (16 draws: Spearman 0.99-1.00,
@@ -50,9 +53,11 @@ form is the unbiased one but needs many draws; the diagonal form ranks as well a
 SmolLM2 and its scale matches the sweep there. Default: ``diagonal`` (ModelOpt's form, with sampled
 labels), 4 draws.
 
-Wall time on that machine (1 torch thread): exact sweep 677-686 s for 364 tokens and one tier;
-Fisher pass 195 s (2 draws) / 511-543 s (8 draws) for 705 tokens scoring the NVFP4 and FP8 tiers at
-once, i.e. per token and tier about 13x (2 draws) to 5x (8 draws) cheaper than the sweep.
+Wall time on that machine (1 torch thread): exact sweep 677-686 s for 364 tokens and one tier
+(1.9 s per token); all-forms pass 195 s (2 draws) / 511-543 s (8 draws) for 705 tokens; the default
+diagonal-only pass with 4 draws 126-132 s for 705 tokens (0.18 s per token) scoring the NVFP4 and FP8
+tiers at once: ~10x cheaper per token than the sweep of the NVFP4 tier alone, ~20x against sweeping
+both tiers.
 
 Cost: one forward per micro-batch and one backward (input gradients only) per label draw. All forms
 (:func:`fisher_pass` default): per draw, per Linear and per weight-quantizing tier one matmul with the
