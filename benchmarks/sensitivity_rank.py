@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=2 nice -n 5 .venv/bin/python benchmarks/sensitivity_rank.py \
         [--scheme nvfp4a16 nvfp4] [--calibration 64] [--sensitivity 32] [--max-length 256] \
-        [--draws 4] [--fisher-prompts calibration sensitivity] [--exact-fp8] [--out benchmarks/results]
+        [--draws 4] [--fisher-prompts calibration sensitivity] [--default-form-only] [--exact-fp8]
+        [--out benchmarks/results]
 
 Prompts: the shipped logs split by ``benchmarks/prompt_split.py`` (128 calibration prompts, seed 0,
 chat template). The first ``--calibration`` calibration prompts set the activation statistics (W4A4
@@ -15,7 +16,7 @@ Per scheme: Spearman and Kendall rank correlation of every form (:class:`calibra
 against the exact mean KL, top-10 overlap, the ratio estimate / exact (median and 10-90 % spread),
 wall time of each. The exact sweep is saved as JSON under ``--out`` (``sensitivity_exact_<scheme>.json``,
 keyed by a digest of its inputs) and reused by later runs; the figures go to
-``sensitivity_rank_<scheme>_d<draws>.json``. Timings are wall clock on a shared machine.
+``sensitivity_rank_<scheme>_d<draws>[_default].json``. Timings are wall clock on a shared machine.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from scipy.stats import kendalltau, spearmanr
 
 from benchmarks.prompt_split import build_prompt_split
 from calibration.atomic import write_json
-from calibration.fisher import DEFAULT_FORM, FisherForm, fisher_pass
+from calibration.fisher import DEFAULT_FORM, fisher_pass
 from calibration.groups import select_targets
 from calibration.models import load_causal_lm, prepare_smollm2
 from calibration.observers import collect_activation_stats, tokenize_batches
@@ -130,6 +131,11 @@ def main(argv=None) -> int:
         choices=["calibration", "sensitivity"],
         help="prompt sets the Fisher pass runs on (sensitivity = the exact sweep's own prompts)",
     )
+    parser.add_argument(
+        "--default-form-only",
+        action="store_true",
+        help="estimate only the default form (score_tiers' faster diagonal-only pass)",
+    )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
@@ -185,6 +191,7 @@ def main(argv=None) -> int:
                 stats.group_input_amax,
                 label_draws=args.draws,
                 seed=args.seed,
+                forms=(DEFAULT_FORM,) if args.default_form_only else None,
                 progress=args.progress,
             )
             seconds = time.perf_counter() - started
@@ -213,7 +220,7 @@ def main(argv=None) -> int:
             "sum_mean_kl": sum(exact["mean_kl"].values()),
         }
         for name, result in fisher.items():
-            for form in FisherForm:
+            for form in result.estimates:
                 estimate = {g: t[scheme] for g, t in result.estimates[form].items()}
                 report[f"agreement_{name}_{form.value}"] = agreement(estimate, exact["mean_kl"])
         if args.exact_fp8:
@@ -241,7 +248,8 @@ def main(argv=None) -> int:
             for name, result in fisher.items()
         }
         report["peak_rss_mb"] = peak_rss_mb()
-        write_json(out / f"sensitivity_rank_{scheme.value}_d{args.draws}.json", report)
+        suffix = f"_d{args.draws}" + ("_default" if args.default_form_only else "")
+        write_json(out / f"sensitivity_rank_{scheme.value}{suffix}.json", report)
         summary = {k: v for k, v in report.items() if k != "estimates"}
         json.dump(summary, sys.stdout, indent=1)
         print()

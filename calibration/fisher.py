@@ -14,7 +14,7 @@ where ``Δy`` is the change of the group members' outputs when the group is quan
 :mod:`calibration.emulate` (decoded checkpoint weights; W4A4 inputs fake-quantized under the calibrated
 ``input_global_scale``; FP8 inputs per token, dynamically). BF16 costs nothing (estimate 0).
 
-Forms of the quadratic (all three come out of the same pass, :func:`fisher_pass`; one is the default):
+Forms of the quadratic (all three come out of one :func:`fisher_pass`; :data:`DEFAULT_FORM` is used):
 
 * ``sequence`` — ``½ Σ_seq (Σ_positions Σ_members g·Δy)²``. With labels drawn independently at each
   position from the model, the gradients of different positions' losses are uncorrelated with zero
@@ -26,19 +26,48 @@ Forms of the quadratic (all three come out of the same pass, :func:`fisher_pass`
 Each is divided by the number of real tokens and of label draws: nats per token, the unit of the
 exact sweep's ``mean_kl``.
 
-Measured on SmolLM2-135M (fp32), 64 calibration prompts of the shipped logs vs the exact sweep on
-32 disjoint prompts (``benchmarks/sensitivity_rank.py``, figures in ``benchmarks/results/``):
-see :data:`DEFAULT_FORM` and the table below.
+Measurements (``benchmarks/sensitivity_rank.py``, JSON in ``benchmarks/results/``). SmolLM2-135M fp32,
+120 groups; the exact sweep on 4 sensitivity prompts of the shipped logs cut at 96 tokens (364 tokens;
+the machine was shared by ~6 agents, load ~14 on 2 cores, so the sets are small); the Fisher pass on
+8 disjoint calibration prompts (705 tokens) and, to separate the estimator's error from the prompt
+sets' difference, on the sweep's own prompts. Spearman of estimate vs exact mean KL (top-10 overlap):
 
-    MEASUREMENTS_PLACEHOLDER
+    scheme    draws  prompts       sequence     token        diagonal
+    W4A16     2      calibration   0.894 (5)    0.955 (8)    0.958 (7)
+    W4A16     2      same          0.825 (6)    0.943 (7)    0.954 (7)
+    W4A16     8      calibration   0.966 (9)    0.962 (7)    0.946 (7)
+    W4A16     8      same          0.951 (8)    0.968 (8)    0.956 (7)
+    W4A4      2      calibration   0.897 (6)    0.953 (8)    0.969 (8)
+    W4A4      2      same          0.799 (6)    0.931 (7)    0.962 (7)
+    W4A4      8      calibration   0.951 (8)    0.960 (8)    0.968 (8)
+    W4A4      8      same          0.947 (8)    0.967 (8)    0.970 (7)
 
-Cost: one forward per micro-batch, then per label draw one backward (input gradients only) and, per
-Linear and per weight-quantizing tier, one matmul with the quantized weight (decoded from its
-checkpoint tensors at each backward, or once with ``cache_weights``). Memory: the model, the
-checkpoint tensors of each quantizing tier (NVFP4 ~0.56 B, FP8 ~1 B per weight), and per
-micro-batch (at most ``max_batch_tokens`` token positions) the autograd activations plus every
-Linear's input and output kept for the backward hooks. Per-group sums are accumulated inside the
-hooks; no gradient is stored.
+Default (diagonal-only pass, 4 draws): W4A16 0.947 (7) on the calibration prompts, 0.956 (7) on the
+sweep's; W4A4 0.969 (8) / 0.973 (8); Kendall 0.82-0.87.
+
+Median estimate / exact on the calibration prompts: diagonal 0.98-1.02 (10-90 %: 0.76-1.36), token
+0.98-1.02, sequence 1.08-1.13 (0.63-1.74 at 2 draws). On the tiny test Llama (12 groups, same prompts
+as the sweep) the sequence form converges to the exact KL with draws (16 draws: Spearman 0.99-1.00,
+ratio 0.98-1.04) while token / diagonal stay at 0.92 (W4A16) with ratio ~0.85-0.9. So: the sequence
+form is the unbiased one but needs many draws; the diagonal form ranks as well at 2 draws as at 8 on
+SmolLM2 and its scale matches the sweep there. Default: ``diagonal`` (ModelOpt's form, with sampled
+labels), 4 draws.
+
+Wall time on that machine (1 torch thread): exact sweep 677-686 s for 364 tokens and one tier
+(1.9 s per token); all-forms pass 195 s (2 draws) / 511-543 s (8 draws) for 705 tokens; the default
+diagonal-only pass with 4 draws 126-132 s for 705 tokens (0.18 s per token) scoring the NVFP4 and FP8
+tiers at once: ~10x cheaper per token than the sweep of the NVFP4 tier alone, ~20x against sweeping
+both tiers.
+
+Cost: one forward per micro-batch and one backward (input gradients only) per label draw. All forms
+(:func:`fisher_pass` default): per draw, per Linear and per weight-quantizing tier one matmul with the
+quantized weight for ``Δy``; per-group sums are accumulated inside the hooks and no gradient is kept.
+The diagonal form alone (:func:`score_tiers`' default) sums ``g²`` over the draws in one buffer per
+Linear (``tokens × out`` floats) and computes each ``Δy`` once per micro-batch. Weights are decoded
+from their checkpoint tensors when used (or once, ``cache_weights``). Memory: the model, the
+checkpoint tensors of each quantizing tier (NVFP4 ~0.56 B, FP8 ~1 B per weight), and per micro-batch
+(at most ``max_batch_tokens`` positions) the autograd activations plus every Linear's input and output
+kept for the hooks.
 
 Routed MoE experts (members that are slices of fused experts parameters, not ``nn.Linear``) are not
 scored here: they are left out of the result, and the caller scores them with the exact sweep.
@@ -81,14 +110,15 @@ class FisherForm(str, Enum):
 
 
 #: The form :func:`score_tiers` returns (chosen by rank agreement with the exact sweep; module doc).
-DEFAULT_FORM = FisherForm.SEQUENCE
+DEFAULT_FORM = FisherForm.DIAGONAL
 #: Token positions per forward/backward (a caller's batch is split by rows to stay under it).
 DEFAULT_MAX_BATCH_TOKENS = 512
 
 
 @dataclass(frozen=True)
 class FisherPass:
-    """Every form's estimates from one pass: ``estimates[form][group][tier]`` in nats per token."""
+    """Estimates of every form asked for from one pass: ``estimates[form][group][tier]`` in nats per
+    token."""
 
     estimates: Mapping[FisherForm, Mapping[str, Mapping[Tier, float]]]
     num_tokens: int  # real token positions scored (each with ``label_draws`` labels)
@@ -229,6 +259,12 @@ class _Accumulator:
         self.inner.clear()
         self.diagonal.clear()
 
+    def add_diagonal(
+        self, key: tuple[str, Tier], diagonal: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        """Fold a diagonal-form sum (``[B, T]``, already summed over draws) into the totals."""
+        self.totals[FisherForm.DIAGONAL][key] += (diagonal.double() * mask).sum()
+
 
 def _micro_batches(batch: TokenBatch, max_tokens: int) -> list[tuple[int, TokenBatch]]:
     """``(first row, rows)`` of ``batch`` in chunks of at most ``max_tokens`` positions (at least one
@@ -275,21 +311,29 @@ def fisher_pass(
     seed: int = 0,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     cache_weights: bool = False,
+    forms: Sequence[FisherForm] | None = None,
     progress: bool = False,
 ) -> FisherPass:
-    """One Fisher pass over ``batches``: every form's estimate for every Linear group and tier.
+    """One Fisher pass over ``batches``: each of ``forms`` estimated for every Linear group and tier.
 
-    Preconditions: ``tiers`` are distinct (several NVFP4 tiers may be scored in one pass; the planner's
-    records take one, :func:`group_options`); W4A4 (nvfp4) needs ``input_amax[group]`` for every group; ``rounded`` (group -> rounded NVFP4
-    weights, :mod:`calibration.rounding`) goes to :func:`calibration.emulate.quantize_groups` for the
-    NVFP4 tier. The model is left as it was (parameters' ``requires_grad`` restored, hooks removed).
+    Preconditions: ``tiers`` are distinct (several NVFP4 tiers may be scored in one pass; the
+    planner's records take one, :func:`group_options`); W4A4 (nvfp4) needs ``input_amax[group]`` for
+    every group; ``rounded`` (group -> rounded NVFP4 weights, :mod:`calibration.rounding`) goes to
+    :func:`calibration.emulate.quantize_groups` for the NVFP4 tier. The model is left as it was
+    (parameters' ``requires_grad`` restored, hooks removed).
+
     Labels: ``label_draws`` draws per real position from the model's next-token distribution, with a
     generator per prompt seeded from ``(seed, batch index, row)``: same inputs, same result, however
     ``max_batch_tokens`` splits the batches (up to float summation order). ``cache_weights`` keeps
     every member's decoded weight at every quantizing tier (``tiers × Linear params`` in the model's
-    dtype) instead of decoding it from the checkpoint tensors at each backward: faster, more memory.
+    dtype) instead of decoding it at each use: faster, more memory. ``forms`` (default: all) limits
+    what is estimated; the diagonal form alone sums ``g²`` over the draws (one ``[B, T, out]`` buffer
+    per Linear) and computes each ``Δy`` once per micro-batch instead of once per draw.
     """
     tiers = _check_tiers(tiers, need_base=False)
+    forms = (
+        tuple(FisherForm) if forms is None else tuple(dict.fromkeys(FisherForm(f) for f in forms))
+    )
     if label_draws < 1:
         raise ValueError(f"label_draws must be >= 1, got {label_draws}")
     if not batches:
@@ -325,17 +369,26 @@ def fisher_pass(
                     ((quantized.group.name, tier), _MemberTier(layer, quantize, decoded))
                 )
     acc = _Accumulator([(g.name, t) for g in groups for t in quantizing], device)
+    # diagonal form alone: sum g² over the draws, then one Δy per member and tier per micro-batch
+    diagonal_only = forms == (FisherForm.DIAGONAL,)
+    saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # member -> (input, output)
+    grad_squares: dict[str, torch.Tensor] = {}  # member -> Σ_draws g² [B, T, out]
+
+    def output_change(member: str, how: _MemberTier, x: torch.Tensor, y: torch.Tensor):
+        linear = linears[member]
+        xq = x if how.quantize_input is None else how.quantize_input(x)
+        return F.linear(xq, how.weight(linear.weight), linear.bias).float() - y.float()
 
     def grad_hook(member: str, x: torch.Tensor, y: torch.Tensor):
-        linear = linears[member]
-
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
                 g = grad.float()  # [B, T, out]
+                if diagonal_only:
+                    previous = grad_squares.get(member)
+                    grad_squares[member] = g.square() if previous is None else previous + g.square()
+                    return
                 for key, how in plan[member]:
-                    xq = x if how.quantize_input is None else how.quantize_input(x)
-                    dy = F.linear(xq, how.weight(linear.weight), linear.bias).float() - y.float()
-                    product = g * dy
+                    product = g * output_change(member, how, x, y)
                     acc.add(key, product.sum(-1), product.square().sum(-1))
 
         return hook
@@ -343,9 +396,25 @@ def fisher_pass(
     def forward_hook(member: str):
         def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if torch.is_grad_enabled() and output.requires_grad:
-                output.register_hook(grad_hook(member, args[0].detach(), output.detach()))
+                x, y = args[0].detach(), output.detach()
+                if diagonal_only:
+                    saved[member] = (x, y)
+                output.register_hook(grad_hook(member, x, y))
 
         return hook
+
+    @torch.no_grad()
+    def close_diagonal(mask: torch.Tensor) -> None:
+        weight = mask.to(torch.float64)
+        for member, (x, y) in saved.items():
+            squares = grad_squares.get(member)
+            if squares is None:
+                continue  # the output did not reach the loss
+            for key, how in plan[member]:
+                diagonal = (squares * output_change(member, how, x, y).square()).sum(-1)
+                acc.add_diagonal(key, diagonal, weight)
+        saved.clear()
+        grad_squares.clear()
 
     def embeddings_require_grad(_module: nn.Module, _args: tuple, output: torch.Tensor):
         return output.detach().requires_grad_()
@@ -380,10 +449,15 @@ def fisher_pass(
                 for draw in range(label_draws):
                     loss = F.cross_entropy(logits, labels[:, draw], reduction="sum")
                     loss.backward(retain_graph=draw < label_draws - 1)
-                    acc.close_backward(mask)
+                    if not diagonal_only:
+                        acc.close_backward(mask)
                     num_backward += 1
+                if diagonal_only:
+                    close_diagonal(mask)
             num_tokens += int(mask.sum())
     finally:
+        saved.clear()
+        grad_squares.clear()
         for handle in handles:
             handle.remove()
         for name, param in model.named_parameters():
@@ -398,7 +472,7 @@ def fisher_pass(
             }
             for g in groups
         }
-        for form in FisherForm
+        for form in forms
     }
     return FisherPass(estimates, num_tokens, num_backward, skipped)
 
@@ -433,6 +507,7 @@ def score_tiers(
         seed=seed,
         max_batch_tokens=max_batch_tokens,
         cache_weights=cache_weights,
+        forms=(form,),
         progress=progress,
     )
     return {name: dict(by_tier) for name, by_tier in result.estimates[FisherForm(form)].items()}
