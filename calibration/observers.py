@@ -221,7 +221,6 @@ class _AmaxRecorder:
         self._handles.clear()
 
 
-@torch.inference_mode()
 def head_free_forward(model: nn.Module) -> Callable[..., Any] | None:
     """The model without its output head (``model.get_decoder()``: embeddings, blocks, final norm),
     when its logits are a plain ``lm_head(hidden)``; None when the model post-processes them (logit
@@ -239,6 +238,7 @@ def head_free_forward(model: nn.Module) -> Callable[..., Any] | None:
     return decoder
 
 
+@torch.inference_mode()
 def collect_activation_stats(
     model: nn.Module,
     batches: Sequence[TokenBatch],
