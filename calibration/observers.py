@@ -58,6 +58,31 @@ class TokenizedPrompts:
     over_budget: int  # prompts left out because the token budget was spent
 
 
+#: Padded tokens per batch at most (``rows x longest``): attention over a long prompt costs
+#: ``rows x heads x seq²`` floats, so long prompts go in smaller batches (one alone if need be).
+DEFAULT_MAX_BATCH_TOKENS = 4096
+
+
+def _chunks(
+    sequences: Sequence[tuple[int, ...]], batch_size: int, max_batch_tokens: int | None
+) -> list[list[tuple[int, ...]]]:
+    """Consecutive chunks of the length-sorted ``sequences``: at most ``batch_size`` rows and, when
+    given, at most ``max_batch_tokens`` padded tokens (a longer sequence still gets a chunk alone)."""
+    chunks: list[list[tuple[int, ...]]] = []
+    for seq in sequences:
+        current = chunks[-1] if chunks else None
+        fits = (
+            current is not None
+            and len(current) < batch_size
+            and (max_batch_tokens is None or (len(current) + 1) * len(seq) <= max_batch_tokens)
+        )
+        if fits:
+            current.append(seq)
+        else:
+            chunks.append([seq])
+    return chunks
+
+
 def tokenize_prompts(
     tokenizer,
     prompts: Sequence[RenderedPrompt | str],
@@ -65,13 +90,15 @@ def tokenize_prompts(
     max_length: int,
     batch_size: int,
     token_budget: int | None = None,
+    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
 ) -> TokenizedPrompts:
     """Tokenize rendered prompts (a ``str`` is a plain prompt) into right-padded batches.
 
     Each prompt is cut at ``max_length`` tokens (counted in ``truncated``); with ``token_budget``,
     prompts are taken in the given order until the budget is spent (the rest counted in
     ``over_budget``). Prompts are sorted by length (stable) so batches carry little padding; the pad id
-    is irrelevant because every consumer masks pad positions out. Empty prompts are dropped with a
+    is irrelevant because every consumer masks pad positions out; a batch holds at most
+    ``max_batch_tokens`` padded tokens (long prompts go in smaller batches). Empty prompts are dropped with a
     warning. Raises ``ValueError`` when nothing is left or the sizes are not positive.
     """
     if max_length < 1 or batch_size < 1:
@@ -96,9 +123,8 @@ def tokenize_prompts(
         raise ValueError("no prompt produced any token; cannot calibrate or evaluate on nothing")
     sequences.sort(key=len)
     batches = []
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start : start + batch_size]
-        width = max(len(s) for s in chunk)
+    for chunk in _chunks(sequences, batch_size, max_batch_tokens):
+        width = len(chunk[-1])  # sorted: the last is the longest
         input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
         attention_mask = torch.zeros(len(chunk), width, dtype=torch.long)
         for row, seq in enumerate(chunk):

@@ -93,3 +93,15 @@ def test_stats_json_round_trip_and_hooks_removed_on_error(setup):
     with pytest.raises(AttributeError):
         collect_activation_stats(model, bad, selection, progress=False)
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_batches_respect_the_padded_token_cap():
+    """Long prompts go in smaller batches (attention costs rows x seq²); a prompt longer than the cap
+    still gets a batch of its own, and every prompt is kept, in length order."""
+    from calibration.observers import _chunks
+
+    sequences = [(1,) * n for n in (3, 5, 8, 40, 60, 300)]
+    chunks = _chunks(sequences, batch_size=4, max_batch_tokens=100)
+    assert [[len(s) for s in c] for c in chunks] == [[3, 5, 8], [40], [60], [300]]
+    assert all(len(c) * len(c[-1]) <= 100 for c in chunks if len(c) > 1)
+    assert [len(c) for c in _chunks(sequences, batch_size=4, max_batch_tokens=None)] == [4, 2]
