@@ -16,11 +16,12 @@ calibration prompts; for W4A4 the rounding pass propagates each block with its i
 
 Results (``benchmarks/rounding.md`` has the full tables and the exact commands), 64 held-out prompts:
 
-| method | tier | mean KL | p99 KL | top-1 |
-| --- | --- | --- | --- | --- |
-| rtn | nvfp4a16 | 0.249 | 1.47 | 0.752 |
-| gptq-mse | nvfp4a16 | 0.060 | 0.51 | 0.874 |
-| gptq-mse (W4A16 rounding) | nvfp4 | 0.267 | 1.63 | 0.736 |
+| method | W4A16 mean KL | W4A4 mean KL (W4A16 rounding) |
+| --- | --- | --- |
+| rtn | 0.249 | 0.476 |
+| mse | 0.110 | 0.319 |
+| gptq | 0.089 | 0.309 |
+| gptq-mse | 0.060 | 0.267 |
 
 llm-compressor 0.14 on the same split: GPTQ + expanded MSE W4A16 0.092, GPTQ W4A4 0.323.
 """
