@@ -14,7 +14,16 @@ top-1 agreement, perplexity ratio. W4A4 input scales from ``collect_activation_s
 calibration prompts; for W4A4 the rounding pass propagates each block with its input fake-quant.
 ``round s`` is the wall time of :func:`calibration.rounding.round_model` (machine shared: 2 cores).
 
-Results are in ``benchmarks/rounding.md`` (written by hand from this script's output).
+Results (``benchmarks/rounding.md`` has the full tables and the exact commands), 64 held-out prompts:
+
+| method | W4A16 mean KL | W4A4 mean KL (W4A16 rounding) |
+| --- | --- | --- |
+| rtn | 0.249 | 0.476 |
+| mse | 0.110 | 0.319 |
+| gptq | 0.089 | 0.309 |
+| gptq-mse | 0.060 | 0.267 |
+
+llm-compressor 0.14 on the same split: GPTQ + expanded MSE W4A16 0.092, GPTQ W4A4 0.323.
 """
 
 from __future__ import annotations
