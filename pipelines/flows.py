@@ -91,7 +91,8 @@ def activation_stats_task(
 
 
 @task(name="target-groups", **_CACHED)
-def target_groups_task(source_dir: str, config: CalibrationConfig) -> list[str]:
+def target_groups_task(source_dir: str, config: CalibrationConfig, work_dir: str) -> list[str]:
+    """``work_dir`` only keys the cache: it names the source model's content."""
     return steps.target_groups(source_dir, config)
 
 
@@ -182,9 +183,9 @@ def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> dict[st
     calibration_set = sample_calibration_set_task(params, source_dir)
     digest = calibration_set.digest
     register_baseline_task(params.model_name, source_dir, params.tracking_uri, db_url)
-    work_dir = steps.calibration_work_dir(params, digest)
+    work_dir = steps.calibration_work_dir(params, digest, source_dir)
     stats_path = activation_stats_task(source_dir, digest, db_url, config, work_dir)
-    groups = target_groups_task(source_dir, config)
+    groups = target_groups_task(source_dir, config, work_dir)
     partitions = steps.sweep_partitions(groups, params.sweep_tasks)
     part_paths = kl_sweep_flow.with_options(task_runner=_sweep_runner(params))(
         source_dir, digest, db_url, stats_path, partitions, config, work_dir

@@ -29,6 +29,8 @@ class CanaryPlan(BaseModel):
     baseline_version: str
     candidate_dir: str
     baseline_dir: str
+    candidate_manifest: str  # sha256 of the registered checkpoint manifest, rechecked every stage
+    baseline_manifest: str
     corpus_digest: str  # the candidate's calibration set; its hold-out is the canary window
     holdout_size: int
     stages: tuple[float, ...]
@@ -134,6 +136,9 @@ def plan_canary(params: CanaryParams) -> CanaryPlan:
             f"{name} v{candidate.version} has no corpus digest tag: the canary needs the hold-out of "
             "the calibration set it was calibrated on"
         )
+    # bytes first: a checkpoint changed since registration is refused before anything else
+    candidate_dir = local_checkpoint(candidate, tracking_uri=params.tracking_uri)
+    baseline_dir = local_checkpoint(baseline, tracking_uri=params.tracking_uri)
     holdout = calibration_prompts(candidate.corpus_digest, params.db_url, Role.HOLDOUT)
     if len(holdout) < params.min_samples:
         raise ValueError(
@@ -144,8 +149,10 @@ def plan_canary(params: CanaryParams) -> CanaryPlan:
         model_name=name,
         candidate_version=candidate.version,
         baseline_version=baseline.version,
-        candidate_dir=str(local_checkpoint(candidate)),
-        baseline_dir=str(local_checkpoint(baseline)),
+        candidate_dir=str(candidate_dir),
+        baseline_dir=str(baseline_dir),
+        candidate_manifest=str(candidate.manifest_digest),
+        baseline_manifest=str(baseline.manifest_digest),
         corpus_digest=candidate.corpus_digest,
         holdout_size=len(holdout),
         stages=tuple(params.stages),
@@ -199,6 +206,27 @@ def open_rollout(plan: CanaryPlan) -> RolloutState:
     return RolloutState(rollout_id=rollout.id, stage_index=0, resumed=False)
 
 
+def verify_plan_checkpoints(plan: CanaryPlan) -> None:
+    """Rehash both checkpoints against their registered manifests before they are loaded
+    (:class:`registry.integrity.IntegrityError` when a file changed since registration)."""
+    from registry.integrity import verify_folder
+
+    for version, folder, digest in (
+        (plan.candidate_version, plan.candidate_dir, plan.candidate_manifest),
+        (plan.baseline_version, plan.baseline_dir, plan.baseline_manifest),
+    ):
+        verify_folder(folder, digest, label=f"{plan.model_name} v{version}")
+
+
+def verified_version(model_name: str, version_or_alias: str, *, tracking_uri: str | None):  # noqa: ANN201 - registry.versions.VersionInfo
+    """Resolve a version and verify its checkpoint bytes against its registered manifest."""
+    from registry.versions import local_checkpoint, resolve_version
+
+    info = resolve_version(model_name, version_or_alias, tracking_uri=tracking_uri)
+    local_checkpoint(info, tracking_uri=tracking_uri)
+    return info
+
+
 def run_stage(plan: CanaryPlan, rollout_id: int, stage_index: int) -> StageReport:
     """Replay stage ``stage_index``'s share of the hold-out through both models, judge it, record the
     verdict and the decision in the ledger, and advance the rollout when the decision says so."""
@@ -210,6 +238,7 @@ def run_stage(plan: CanaryPlan, rollout_id: int, stage_index: int) -> StageRepor
     from registry.judge import Decision, decide
 
     policy = gate_policy(plan)
+    verify_plan_checkpoints(plan)
     holdout = calibration_prompts(plan.corpus_digest, plan.db_url, Role.HOLDOUT)
     evaluator = InProcessEvaluator(
         baseline=plan.baseline_dir,
@@ -267,6 +296,7 @@ def promote_candidate(
     from registry import ledger
     from registry.mlflow_registry import promote
 
+    verified_version(plan.model_name, plan.candidate_version, tracking_uri=plan.tracking_uri)
     moves = promote(
         plan.model_name, plan.candidate_version, reason=reason, tracking_uri=plan.tracking_uri
     )
@@ -308,10 +338,9 @@ def promote_version(params: PromoteParams) -> list[dict[str, Any]]:
     """Manual promotion (default: the challenger), recorded in the ledger."""
     from registry import db, ledger
     from registry.mlflow_registry import promote
-    from registry.versions import resolve_version
 
     db.upgrade(params.db_url)
-    version = resolve_version(
+    version = verified_version(
         params.model_name, params.version or "challenger", tracking_uri=params.tracking_uri
     ).version
     moves = promote(

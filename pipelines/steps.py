@@ -144,10 +144,14 @@ def sweep_partitions(group_names: Sequence[str], parts: int) -> list[list[str]]:
 # ----------------------------------------------------------------------------------- calibration
 
 
-def calibration_work_dir(params: RecalibrateParams, corpus_digest: str) -> str:
+def calibration_work_dir(params: RecalibrateParams, corpus_digest: str, source_dir: str) -> str:
     """The work folder of one calibration run, named by a hash of everything that decides its
-    results (the calibration set, the source model, the calibration config), so reruns resume."""
-    settings = {"source_model": params.source_model, **config_record(params.calibration)}
+    results (the calibration set, the source model's CONTENT — not its path, so a model changed in
+    place never reuses stale statistics, sweeps or checkpoints — and the calibration config), so
+    reruns resume."""
+    from pipelines.content_digest import folder_digest
+
+    settings = {"source_content": folder_digest(source_dir), **config_record(params.calibration)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return str(work_dir(params.model_name, f"{corpus_digest[:16]}-{key}"))
 

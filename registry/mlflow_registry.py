@@ -38,6 +38,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from registry.db import fp4roll_home
+from registry.integrity import (
+    MANIFEST_ARTIFACT,
+    MANIFEST_TAG,
+    Manifest,
+    build_manifest,
+    manifest_digest,
+    manifest_document,
+    verify_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -314,9 +323,10 @@ def _metrics(request: RegistrationRequest) -> dict[str, float]:
     return metrics
 
 
-def _version_tags(request: RegistrationRequest, key: str) -> dict[str, str]:
+def _version_tags(request: RegistrationRequest, key: str, manifest: Manifest) -> dict[str, str]:
     tags = {
         IDEMPOTENCY_TAG: key,
+        MANIFEST_TAG: manifest_digest(manifest),
         "fp4roll.corpus_digest": request.corpus_digest,
         "fp4roll.fallback_layers": json.dumps(sorted(request.fallback_layers)),
         "fp4roll.scheme": request.scheme,
@@ -416,8 +426,33 @@ def _log_lineage(client, run_id: str, request: RegistrationRequest) -> None:  # 
     client.log_inputs(run_id, datasets=[dataset_input])
 
 
-def _log_artifacts(client, run_id: str, request: RegistrationRequest) -> None:  # noqa: ANN001
-    client.log_artifacts(run_id, str(request.checkpoint_dir), CHECKPOINT_ARTIFACT_PATH)
+def log_checkpoint(client, run_id: str, checkpoint_dir: Path, manifest: Manifest) -> None:  # noqa: ANN001
+    """Upload ``checkpoint_dir`` as the run's checkpoint and its manifest beside it; on a local
+    artifact store, verify the uploaded copy against the manifest (a partial copy is refused)."""
+    client.log_text(run_id, json.dumps(manifest_document(manifest), indent=2), MANIFEST_ARTIFACT)
+    client.log_artifacts(run_id, str(checkpoint_dir), CHECKPOINT_ARTIFACT_PATH)
+    uploaded = _local_artifact_dir(client.get_run(run_id).info.artifact_uri)
+    if uploaded is not None:
+        verify_folder(
+            uploaded / CHECKPOINT_ARTIFACT_PATH,
+            manifest_digest(manifest),
+            label=f"upload of {checkpoint_dir}",
+            expected_manifest=manifest,
+        )
+
+
+def _local_artifact_dir(artifact_uri: str) -> Path | None:
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme not in ("", "file"):
+        return None
+    path = Path(unquote(parsed.path) if parsed.scheme else artifact_uri)
+    return path if path.is_dir() else None
+
+
+def _log_artifacts(client, run_id: str, request: RegistrationRequest, manifest: Manifest) -> None:  # noqa: ANN001
+    log_checkpoint(client, run_id, request.checkpoint_dir, manifest)
     if request.calibration_json is not None:
         # always stored as ``calibration.json`` beside the checkpoint, whatever the local name
         with tempfile.TemporaryDirectory(prefix="fp4roll-calibration-") as staging:
@@ -435,7 +470,13 @@ def _log_artifacts(client, run_id: str, request: RegistrationRequest) -> None:  
     )
 
 
-def _create_run(client, experiment_id: str, request: RegistrationRequest, key: str) -> str:  # noqa: ANN001
+def _create_run(
+    client,  # noqa: ANN001
+    experiment_id: str,
+    request: RegistrationRequest,
+    key: str,
+    manifest: Manifest,
+) -> str:
     from mlflow.entities import Metric, Param, RunTag
 
     run = client.create_run(
@@ -458,10 +499,14 @@ def _create_run(client, experiment_id: str, request: RegistrationRequest, key: s
             )
         client.log_batch(
             run_id,
-            tags=[RunTag(k, v) for k, v in _version_tags(request, key).items() if k != OUTCOME_TAG],
+            tags=[
+                RunTag(k, v)
+                for k, v in _version_tags(request, key, manifest).items()
+                if k != OUTCOME_TAG
+            ],
         )
         _log_lineage(client, run_id, request)
-        _log_artifacts(client, run_id, request)
+        _log_artifacts(client, run_id, request, manifest)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -479,6 +524,7 @@ def register(
     created) is reused instead of logging a second run.
     """
     client, uri = client_for(tracking_uri)
+    manifest = build_manifest(request.checkpoint_dir)
     key = idempotency_key(request)
     name = request.model_name
     ensure_registered_model(client, name)
@@ -501,14 +547,14 @@ def register(
         run_id = run.info.run_id
         logger.info("reusing finished run %s for %s (key %s)", run_id, name, key)
     else:
-        run_id = _create_run(client, experiment_id, request, key)
+        run_id = _create_run(client, experiment_id, request, key, manifest)
     artifact_uri = client.get_run(run_id).info.artifact_uri.rstrip("/")
     source = f"{artifact_uri}/{CHECKPOINT_ARTIFACT_PATH}"
     version = client.create_model_version(
         name,
         source=source,
         run_id=run_id,
-        tags=_version_tags(request, key),
+        tags=_version_tags(request, key, manifest),
         description=redact(
             f"{request.scheme} checkpoint of {request.source_model}, corpus "
             f"{request.corpus_digest[:12]}, {len(request.fallback_layers)} fallback layers"
