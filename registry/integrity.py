@@ -19,7 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-MANIFEST_TAG = "fp4roll.checkpoint_sha256"
+from registry import tags
+
+MANIFEST_TAG = tags.CHECKPOINT_SHA256
 MANIFEST_ARTIFACT = "checkpoint_manifest.json"
 MANIFEST_FORMAT = "fp4roll-checkpoint-manifest/1"
 _CHUNK = 1 << 20

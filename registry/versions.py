@@ -22,9 +22,10 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict
 
+from registry import tags as tag
+from registry.aliases import Alias, AliasMove, VersionOutcome
 from registry.integrity import (
     MANIFEST_ARTIFACT,
-    MANIFEST_TAG,
     IntegrityError,
     Manifest,
     build_manifest,
@@ -34,10 +35,6 @@ from registry.integrity import (
 )
 from registry.mlflow_registry import (
     CHECKPOINT_ARTIFACT_PATH,
-    IDEMPOTENCY_TAG,
-    OUTCOME_TAG,
-    Alias,
-    AliasMove,
     RegistryError,
     checkpoint_digest,
     client_for,
@@ -71,17 +68,17 @@ class VersionInfo(BaseModel):
 
     @property
     def scheme(self) -> str:
-        return self.tags.get("fp4roll.scheme", "unknown")
+        return self.tags.get(tag.SCHEME, "unknown")
 
     @property
     def corpus_digest(self) -> str | None:
-        return self.tags.get("fp4roll.corpus_digest") or None
+        return self.tags.get(tag.CORPUS_DIGEST) or None
 
     @property
     def manifest_digest(self) -> str | None:
         """sha256 of the checkpoint manifest registered with the version (None: registered
         before manifests existed)."""
-        return self.tags.get(MANIFEST_TAG) or None
+        return self.tags.get(tag.CHECKPOINT_SHA256) or None
 
     @property
     def label(self) -> str:
@@ -147,9 +144,9 @@ def register_baseline(
             experiment_id,
             run_name=f"baseline-{model_dir.name}",
             tags={
-                IDEMPOTENCY_TAG: key,
-                "fp4roll.model_name": model_name,
-                "fp4roll.kind": "baseline",
+                tag.IDEMPOTENCY_KEY: key,
+                tag.MODEL_NAME: model_name,
+                tag.KIND: "baseline",
             },
         )
         try:
@@ -166,12 +163,12 @@ def register_baseline(
             source=f"{artifact_uri}/{CHECKPOINT_ARTIFACT_PATH}",
             run_id=run.info.run_id,
             tags={
-                IDEMPOTENCY_TAG: key,
-                MANIFEST_TAG: manifest_digest(manifest),
-                "fp4roll.scheme": BASELINE_SCHEME,
-                "fp4roll.source_model": redact(str(model_dir)),
-                "fp4roll.code_version": code_version(),
-                OUTCOME_TAG: "baseline",
+                tag.IDEMPOTENCY_KEY: key,
+                tag.CHECKPOINT_SHA256: manifest_digest(manifest),
+                tag.SCHEME: BASELINE_SCHEME,
+                tag.SOURCE_MODEL: redact(str(model_dir)),
+                tag.CODE_VERSION: code_version(),
+                tag.OUTCOME: VersionOutcome.BASELINE.value,
             },
             description=f"unquantized baseline ({model_dir.name})",
         )
@@ -235,7 +232,7 @@ def verify_checkpoint(
 def _require_manifest(info: VersionInfo) -> None:
     if not info.manifest_digest:
         raise IntegrityError(
-            f"{info.label} has no checkpoint manifest (tag {MANIFEST_TAG}): it was registered "
+            f"{info.label} has no checkpoint manifest (tag {tag.CHECKPOINT_SHA256}): it was registered "
             "before checkpoint integrity was recorded, so its bytes cannot be verified. Register "
             "the checkpoint again as a new version."
         )

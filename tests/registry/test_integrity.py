@@ -10,9 +10,9 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
+from registry import tags
 from registry.integrity import (
     MANIFEST_ARTIFACT,
-    MANIFEST_TAG,
     IntegrityError,
     build_manifest,
     manifest_digest,
@@ -86,7 +86,7 @@ def test_version_without_manifest_is_refused(mlflow_sqlite_uri, make_request):
     request = make_request()
     registered = register(request, tracking_uri=mlflow_sqlite_uri)
     client, _ = client_for(mlflow_sqlite_uri)
-    client.delete_model_version_tag(request.model_name, registered.version, MANIFEST_TAG)
+    client.delete_model_version_tag(request.model_name, registered.version, tags.CHECKPOINT_SHA256)
     info = resolve_version(request.model_name, registered.version, tracking_uri=mlflow_sqlite_uri)
     with pytest.raises(IntegrityError, match="has no checkpoint manifest"):
         local_checkpoint(info, tracking_uri=mlflow_sqlite_uri)
