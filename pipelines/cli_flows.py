@@ -9,10 +9,12 @@ takes ~4 s on this machine, which every ``fp4roll --help`` and ``fp4roll logs ..
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -59,6 +61,19 @@ def _params(model: type, **values: Any):  # noqa: ANN202 - a pydantic params mod
     except ValidationError as exc:
         err_console.print(f"[red]invalid parameters:[/red]\n{exc}")
         raise typer.Exit(2) from None
+
+
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """A gate's refusal or an integrity failure is a clean CLI error (exit 4), not a traceback."""
+    from registry.guards import ManualActionRefused
+    from registry.integrity import IntegrityError
+
+    try:
+        yield
+    except (ManualActionRefused, IntegrityError) as exc:
+        err_console.print(f"[red]{type(exc).__name__}:[/red] {exc}", highlight=False)
+        raise typer.Exit(4) from None
 
 
 def _print_json(payload: Any) -> None:
@@ -136,26 +151,37 @@ def promote(
     model: ModelOption = DEFAULT_MODEL_NAME,
     version: Annotated[str | None, typer.Option(help="Version (default: challenger).")] = None,
     reason: Annotated[
-        str, typer.Option(help="Kept in the ledger and on the version.")
-    ] = "manual promotion",
+        str | None,
+        typer.Option(help="Kept in the ledger and on the version (required with --force)."),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Promote a rejected, failed or never-canaried version, or during an active "
+            "rollout (needs --reason; recorded in the ledger).",
+        ),
+    ] = False,
     db: DbOption = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Make a version the champion (old champion → previous-champion)."""
+    """Make a version the champion (old champion → previous-champion). Refused for a version that
+    did not pass a canary, or during an active rollout, unless --force --reason."""
     from pipelines.flows import promote_flow
 
-    _print_json(
-        promote_flow(
+    with _refusals():
+        moves = promote_flow(
             _params(
                 PromoteParams,
                 model_name=model,
                 version=version,
                 reason=reason,
+                force=force,
                 db_url=db,
                 tracking_uri=tracking_uri,
             )
         )
-    )
+    _print_json(moves)
 
 
 def rollback(
@@ -164,24 +190,30 @@ def rollback(
     to_version: Annotated[
         str | None, typer.Option(help="Version (default: previous-champion).")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Roll back to a rejected or rolled-back version (recorded)."),
+    ] = False,
     db: DbOption = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Put the previous champion (or a named version) back as champion."""
+    """Put the previous champion (or a named version) back as champion. A rejected or
+    rolled-back target is refused unless --force."""
     from pipelines.flows import rollback_flow
 
-    _print_json(
-        rollback_flow(
+    with _refusals():
+        moves = rollback_flow(
             _params(
                 RollbackParams,
                 model_name=model,
                 to_version=to_version,
                 reason=reason,
+                force=force,
                 db_url=db,
                 tracking_uri=tracking_uri,
             )
         )
-    )
+    _print_json(moves)
 
 
 def drift_check(

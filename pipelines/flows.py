@@ -37,6 +37,10 @@ from pipelines.params import (
     RollbackParams,
 )
 from pipelines.rollout import CanaryPlan, RolloutState, StageReport
+from registry.guards import ManualActionRefused
+from registry.integrity import IntegrityError
+from registry.ledger import LedgerError
+from registry.mlflow_registry import RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +53,28 @@ _CACHED = {
     "result_serializer": "json",
     "cache_expiration": dt.timedelta(days=30),
 }
-#: Steps that talk to a database, MLflow or a file store: retried, never cached.
-_IO = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": [2, 10]}
+#: Errors that a retry cannot fix (a gate refused, bytes differ, the ledger said no): never retried.
+_DEFINITIVE = (ManualActionRefused, IntegrityError, LedgerError, RegistryError, ValueError)
+
+
+def _retry_unless_definitive(_task, _task_run, state) -> bool:  # noqa: ANN001 - Prefect objects
+    try:
+        state.result()
+    except _DEFINITIVE:
+        return False
+    except BaseException:  # noqa: BLE001 - anything else (a lock, the network) may pass on retry
+        return True
+    return True
+
+
+#: Steps that talk to a database, MLflow or a file store: retried (not after a definitive refusal),
+#: never cached.
+_IO = {
+    "cache_policy": NO_CACHE,
+    "retries": 2,
+    "retry_delay_seconds": [2, 10],
+    "retry_condition_fn": _retry_unless_definitive,
+}
 
 
 class SimulatedCrash(RuntimeError):

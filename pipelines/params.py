@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from calibration.config import CalibrationConfig, SamplingConfig
 
@@ -118,12 +118,30 @@ class CanaryParams(_Params):
 
 
 class PromoteParams(_Params):
+    """Manual promotion. Refused for a rejected, failed or never-canaried version and during an
+    active rollout (registry.guards) unless ``force`` with a ``reason``; recorded in the ledger."""
+
     model_name: str = Field(DEFAULT_MODEL_NAME, pattern=MODEL_NAME_PATTERN)
     version: str | None = Field(None, description="Default: the version under alias 'challenger'.")
-    reason: str = Field("manual promotion", min_length=1, max_length=1000)
+    reason: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1000,
+        description="Why (kept in the ledger and tags). Required with force.",
+    )
+    force: bool = Field(False, description="Override the promotion gates (needs a reason).")
+
+    @model_validator(mode="after")
+    def _force_needs_reason(self) -> PromoteParams:
+        if self.force and not (self.reason and self.reason.strip()):
+            raise ValueError("force needs a reason (kept in the ledger)")
+        return self
 
 
 class RollbackParams(_Params):
+    """Put a version back as champion. A rejected or rolled-back target is refused
+    (registry.guards) unless ``force``; recorded in the ledger."""
+
     model_name: str = Field(DEFAULT_MODEL_NAME, pattern=MODEL_NAME_PATTERN)
     to_version: str | None = Field(
         None, description="Default: the version under alias 'previous-champion'."
@@ -131,6 +149,7 @@ class RollbackParams(_Params):
     reason: str = Field(
         ..., min_length=1, max_length=1000, description="Why (kept in the ledger and tags)."
     )
+    force: bool = Field(False, description="Override the rollback gates.")
 
 
 class DriftCheckParams(_Params):

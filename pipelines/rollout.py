@@ -20,11 +20,24 @@ from pipelines.canary import run_replay_stage
 from pipelines.params import CanaryParams, PromoteParams, RollbackParams
 from pipelines.prompt_logs import calibration_prompts
 from registry import db, ledger
+from registry import tags as tag
 from registry.aliases import Alias
 from registry.db import fp4roll_home
+from registry.guards import (
+    ManualActionRefused,
+    forced_reason,
+    promote_refusal,
+    rollback_refusal,
+)
 from registry.integrity import verify_folder
 from registry.judge import Decision, decide
-from registry.mlflow_registry import RegistryError, promote, reject_challenger, rollback
+from registry.mlflow_registry import (
+    RegistryError,
+    aliases,
+    promote,
+    reject_challenger,
+    rollback,
+)
 from registry.policy import GatePolicy, default_metric_gates, load_gate_policy
 from registry.versions import find_alias, local_checkpoint, resolve_version
 
@@ -321,26 +334,70 @@ def abort_rollout(db_url: str | None, rollout_id: int, reason: str) -> bool:
 
 
 def promote_version(params: PromoteParams) -> list[dict[str, Any]]:
-    """Manual promotion (default: the challenger), recorded in the ledger."""
-
+    """Manual promotion (default: the challenger) behind the gates of :mod:`registry.guards`
+    (``force`` overrides them, never the integrity check), recorded in the ledger. Promoting the
+    candidate of a rollout whose every stage passed completes that rollout."""
     db.upgrade(params.db_url)
-    version = verified_version(
-        params.model_name, params.version or "challenger", tracking_uri=params.tracking_uri
-    ).version
-    moves = promote(
-        params.model_name, version, reason=params.reason, tracking_uri=params.tracking_uri
+    name = params.model_name
+    info = verified_version(name, params.version or "challenger", tracking_uri=params.tracking_uri)
+    version = info.version
+    current = aliases(name, tracking_uri=params.tracking_uri)
+    if current.get(Alias.CHAMPION.value) == version:
+        return []  # already serving: nothing to gate, nothing to move
+    history = ledger.rollouts(name, db_url=params.db_url)
+    refusal = promote_refusal(
+        version,
+        info.tags.get(tag.OUTCOME),
+        history,
+        ledger.rollouts_passing_every_stage(name, db_url=params.db_url),
     )
-    ledger.record_alias_moves(moves, db_url=params.db_url)
+    if refusal and not params.force:
+        raise ManualActionRefused(
+            f"promotion of {name} v{version} refused: {refusal}. "
+            "Rerun with --force --reason '…' to override (recorded in the ledger)."
+        )
+    reason = forced_reason(refusal, params.reason or "manual promotion")
+    active = next((r for r in history if r.active), None)
+    if active is not None and active.candidate_version != version:
+        ledger.mark_aborted(
+            active.id,
+            f"superseded by a manual promotion of v{version}: {reason}",
+            db_url=params.db_url,
+        )
+        active = None
+    moves = promote(name, version, reason=reason, tracking_uri=params.tracking_uri)
+    if active is not None:  # its candidate: complete the rollout with the moves
+        if active.status.value == "paused":
+            ledger.resume(active.id, db_url=params.db_url)
+        ledger.mark_promoted(active.id, moves, reason=reason, db_url=params.db_url)
+    else:
+        ledger.record_alias_moves(moves, db_url=params.db_url)
     return [m.model_dump(mode="json") for m in moves]
 
 
 def rollback_version(params: RollbackParams) -> list[dict[str, Any]]:
-    """Put ``to_version`` (default: ``previous-champion``) back as champion, recorded in the ledger."""
-
+    """Put ``to_version`` (default: ``previous-champion``) back as champion behind
+    :func:`registry.guards.rollback_refusal` (``force`` overrides), recorded in the ledger."""
     db.upgrade(params.db_url)
-    moves = rollback(
-        params.model_name, params.to_version, reason=params.reason, tracking_uri=params.tracking_uri
-    )
+    name = params.model_name
+    target = params.to_version
+    if target is None:
+        target = aliases(name, tracking_uri=params.tracking_uri).get(Alias.PREVIOUS_CHAMPION.value)
+    reason = params.reason
+    if target is not None:
+        info = resolve_version(name, target, tracking_uri=params.tracking_uri)
+        champion = aliases(name, tracking_uri=params.tracking_uri).get(Alias.CHAMPION.value)
+        if info.version != champion:
+            refusal = rollback_refusal(info.version, info.tags.get(tag.OUTCOME))
+            if refusal and not params.force:
+                raise ManualActionRefused(
+                    f"rollback of {name} to v{info.version} refused: {refusal}. "
+                    "Rerun with --force to override (recorded in the ledger)."
+                )
+            reason = forced_reason(refusal, reason)
+            if info.manifest_digest:  # wrong bytes never serve; a legacy version is let through
+                local_checkpoint(info, tracking_uri=params.tracking_uri)
+    moves = rollback(name, params.to_version, reason=reason, tracking_uri=params.tracking_uri)
     ledger.record_alias_moves(moves, db_url=params.db_url)
     return [m.model_dump(mode="json") for m in moves]
 

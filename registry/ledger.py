@@ -580,6 +580,21 @@ def rollouts(model_name: str, *, db_url: str | None = None) -> list[RolloutRecor
         return [_rollout_record(r) for r in rows]
 
 
+def rollouts_passing_every_stage(model_name: str, *, db_url: str | None = None) -> list[int]:
+    """Ids of the model's rollouts that reached their last stage and whose latest analysis of it
+    passed (promoted, or awaiting promotion)."""
+    passed: list[int] = []
+    with db.session_scope(db_url) as session:
+        rows = session.scalars(sa.select(Rollout).where(Rollout.model_name == model_name)).all()
+        for row in rows:
+            last = len(row.stages) - 1
+            if row.current_stage == last and (
+                _last_analysis_outcome(session, row.id, last) is Outcome.PASS
+            ):
+                passed.append(row.id)
+    return passed
+
+
 def stage_results(rollout_id: int, *, db_url: str | None = None) -> list[StageResultRecord]:
     with db.session_scope(db_url) as session:
         rows = session.scalars(

@@ -88,6 +88,8 @@ def test_promote_refuses_a_swapped_checkpoint(swapped):
                 version=version,
                 db_url=db_url,
                 tracking_uri=plan.tracking_uri,
+                force=True,
+                reason="even forced, wrong bytes never serve",
             )
         )
     assert aliases(name, tracking_uri=plan.tracking_uri) == before
