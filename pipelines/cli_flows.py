@@ -22,7 +22,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from pipelines.cli_options import options_command
+from pipelines.cli_options import credentials_to_environment, options_command
 from pipelines.params import (
     DEFAULT_MODEL_NAME,
     PACKAGED_SMOLLM2,
@@ -33,6 +33,7 @@ from pipelines.params import (
     RollbackParams,
 )
 from pipelines.render import print_stages, print_status
+from registry.url_redaction import redact_strings, redact_urls
 
 # Wide enough for the status tables when output is piped (rich falls back to 80 columns there).
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -56,8 +57,9 @@ TrackingOption = Annotated[
 
 def _params(model: type, **values: Any):  # noqa: ANN202 - a pydantic params model
     """Build a flow parameter model, turning validation errors into a clean CLI error."""
+    values = credentials_to_environment({k: v for k, v in values.items() if v is not None})
     try:
-        return model(**{k: v for k, v in values.items() if v is not None})
+        return model(**values)
     except ValidationError as exc:
         err_console.print(f"[red]invalid parameters:[/red]\n{exc}")
         raise typer.Exit(2) from None
@@ -77,7 +79,7 @@ def _refusals() -> Iterator[None]:
 
 
 def _print_json(payload: Any) -> None:
-    console.print_json(json.dumps(payload, default=str))
+    console.print_json(json.dumps(redact_strings(payload), default=str))
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -287,7 +289,7 @@ def ui(
 
     uri = tracking_uri or default_tracking_uri()
     if uri.startswith(("http://", "https://")):
-        console.print(f"MLflow server: {uri}")
+        console.print(f"MLflow server: {redact_urls(uri)}")
         return
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]

@@ -41,8 +41,10 @@ from registry.guards import ManualActionRefused
 from registry.integrity import IntegrityError
 from registry.ledger import LedgerError
 from registry.mlflow_registry import RegistryError
+from registry.url_redaction import install_log_redaction, redact_strings, redact_urls
 
 logger = logging.getLogger(__name__)
+install_log_redaction()  # every record a flow's process makes, whatever handler shows it
 
 #: Part of every cache key: the identity of $FP4ROLL_HOME (a wiped home must not reuse old results).
 _HOME = CacheKeyFnPolicy(cache_key_fn=lambda _context, _inputs: steps.home_instance_id())
@@ -75,6 +77,24 @@ _IO = {
     "retry_delay_seconds": [2, 10],
     "retry_condition_fn": _retry_unless_definitive,
 }
+
+
+def _markdown_artifact(*, key: str, markdown: str, description: str | None = None) -> None:
+    """A Prefect markdown artifact, its text through the one URL redactor."""
+    create_markdown_artifact(
+        key=key,
+        markdown=redact_urls(markdown),
+        description=None if description is None else redact_urls(description),
+    )
+
+
+def _table_artifact(*, key: str, table: list[dict[str, Any]], description: str) -> None:
+    """A Prefect table artifact, every string cell through the one URL redactor."""
+    create_table_artifact(
+        key=key,
+        table=redact_strings(table),
+        description=redact_urls(description),
+    )
 
 
 class SimulatedCrash(RuntimeError):
@@ -220,7 +240,7 @@ def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> dict[st
     registration = register_challenger_task(params, calibration_set, checkpoint)
 
     record = json.loads(Path(checkpoint.calibration_json).read_text())
-    create_table_artifact(
+    _table_artifact(
         key="per-group-kl",
         table=[
             {
@@ -235,7 +255,7 @@ def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> dict[st
         description=f"Per-group KL of {params.model_name}, corpus {calibration_set.digest[:12]}",
     )
     summary = steps.recalibration_summary(params, calibration_set, checkpoint, registration)
-    create_markdown_artifact(
+    _markdown_artifact(
         key="recalibration-summary", markdown=summary, description="fp4roll recalibration"
     )
     return {
@@ -345,7 +365,7 @@ def canary_flow(params: CanaryParams = CanaryParams()) -> dict[str, Any]:  # noq
             plan.db_url, state.rollout_id, f"canary flow stopped: {type(exc).__name__}: {exc}"
         )
         raise
-    create_table_artifact(
+    _table_artifact(
         key="canary-stages",
         table=[
             {
@@ -361,7 +381,7 @@ def canary_flow(params: CanaryParams = CanaryParams()) -> dict[str, Any]:  # noq
         ],
         description=f"Canary of {plan.model_name} v{plan.candidate_version} vs v{plan.baseline_version}",
     )
-    create_markdown_artifact(
+    _markdown_artifact(
         key="canary-summary", markdown=rollout_steps.canary_summary(plan, state, reports, outcome)
     )
     return {
@@ -408,7 +428,7 @@ def check_drift_task(params: DriftCheckParams) -> dict[str, Any]:
 def drift_check_flow(params: DriftCheckParams = DriftCheckParams()) -> dict[str, Any]:  # noqa: B008
     """Compare recent logs with the champion's calibration set; recalibrate when drift is confirmed."""
     verdict = check_drift_task(params)
-    create_markdown_artifact(key="drift-check", markdown=steps.drift_summary(verdict))
+    _markdown_artifact(key="drift-check", markdown=steps.drift_summary(verdict))
     if verdict["drifted"] and params.recalibrate_on_drift:
         recal = params.recalibrate.model_copy(
             update={

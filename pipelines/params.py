@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from calibration.config import CalibrationConfig, SamplingConfig
+from registry.url_redaction import has_credentials
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -19,17 +27,38 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 PACKAGED_SMOLLM2 = "smollm2"
 
 
+#: Where a URL that carries credentials must come from instead of a flow parameter.
+CREDENTIAL_ENV = {"db_url": "FP4ROLL_DB_URL", "tracking_uri": "MLFLOW_TRACKING_URI"}
+
+
+def refuse_credentials(value: str | None, info: ValidationInfo) -> str | None:
+    """Flow parameters are stored by Prefect and shown in its UI: a URL carrying a password or
+    token is refused (the value is never echoed; models set ``hide_input_in_errors``)."""
+    if value is not None and has_credentials(value):
+        env = CREDENTIAL_ENV.get(info.field_name or "", "the environment")
+        raise ValueError(
+            f"{info.field_name} carries credentials; flow parameters are persisted and shown in "
+            f"the Prefect UI. Set ${env} in the worker's environment instead (or leave the "
+            "credentials out of the URL and use the driver's own mechanism, e.g. PGPASSWORD)."
+        )
+    return value
+
+
 class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     db_url: str | None = Field(
         None,
-        description="Store URL (SQLite or PostgreSQL). Default: $FP4ROLL_DB_URL or SQLite under $FP4ROLL_HOME.",
+        description="Store URL (SQLite or PostgreSQL) without credentials. Default: "
+        "$FP4ROLL_DB_URL or SQLite under $FP4ROLL_HOME.",
     )
     tracking_uri: str | None = Field(
         None,
-        description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI or SQLite under $FP4ROLL_HOME.",
+        description="MLflow tracking URI without credentials. Default: $MLFLOW_TRACKING_URI or "
+        "SQLite under $FP4ROLL_HOME.",
     )
+
+    _no_credentials = field_validator("db_url", "tracking_uri")(refuse_credentials)
 
 
 class RecalibrateParams(_Params):
@@ -63,7 +92,7 @@ class SampleParams(BaseModel):
     """Sample calibration, sensitivity and canary hold-out prompts from the stored logs, rendered as
     the model's server sees them, and store the set."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     source_model: str = Field(
         PACKAGED_SMOLLM2,
@@ -71,8 +100,12 @@ class SampleParams(BaseModel):
     )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     db_url: str | None = Field(
-        None, description="Store URL. Default: $FP4ROLL_DB_URL or SQLite under $FP4ROLL_HOME."
+        None,
+        description="Store URL without credentials. Default: $FP4ROLL_DB_URL or SQLite under "
+        "$FP4ROLL_HOME.",
     )
+
+    _no_credentials = field_validator("db_url")(refuse_credentials)
 
 
 class CanaryParams(_Params):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from registry.url_redaction import redact_strings
+
 
 def model_status(
     model_name: str,
@@ -52,21 +54,23 @@ def model_status(
     recent = sorted(ledger.rollouts(model_name, db_url=db_url), key=lambda r: r.id, reverse=True)[
         :rollouts
     ]
-    return {
-        "model_name": model_name,
-        "aliases": aliases,
-        "versions": rows,
-        "rollouts": [
-            {
-                "id": r.id,
-                "candidate_version": r.candidate_version,
-                "baseline_version": r.baseline_version,
-                "status": r.status.value,
-                "stages": list(r.stages),
-                "current_stage": r.current_stage,
-                "reason": r.reason,
-                "updated_at": r.updated_at.isoformat(),
-            }
-            for r in recent
-        ],
-    }
+    return redact_strings(
+        {
+            "model_name": model_name,
+            "aliases": aliases,
+            "versions": rows,
+            "rollouts": [
+                {
+                    "id": r.id,
+                    "candidate_version": r.candidate_version,
+                    "baseline_version": r.baseline_version,
+                    "status": r.status.value,
+                    "stages": list(r.stages),
+                    "current_stage": r.current_stage,
+                    "reason": r.reason,
+                    "updated_at": r.updated_at.isoformat(),
+                }
+                for r in recent
+            ],
+        }
+    )

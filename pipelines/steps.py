@@ -39,6 +39,7 @@ from registry.aliases import Alias
 from registry.db import fp4roll_home, safe_url
 from registry.mlflow_registry import RegistrationMetrics, RegistrationRequest, default_tracking_uri
 from registry.prompt_logs import list_calibration_sets
+from registry.url_redaction import redact_urls
 from registry.versions import find_alias
 
 logger = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ def run_url(tracking_uri: str | None, experiment_id: str, run_id: str) -> str:
 
     uri = tracking_uri or default_tracking_uri()
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return redact_urls(f"{base}/#/experiments/{experiment_id}/runs/{run_id}")
 
 
 def register_baseline(

@@ -35,6 +35,7 @@ from registry.aliases import AliasMove as AliasMoveRecord
 from registry.judge import Decision, Outcome, RolloutProgress
 from registry.judge import StageVerdict as JudgeVerdict
 from registry.schema import AliasMove, Rollout, RolloutStatus, StageResult, StageVerdict
+from registry.url_redaction import redact_urls
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ def start_rollout(
                 status=RolloutStatus.running,
                 stages=stage_list,
                 current_stage=0,
-                reason=reason,
+                reason=None if reason is None else redact_urls(reason),
                 calibration_set_id=calibration_set_id,
             )
             session.add(row)
@@ -312,7 +313,7 @@ def _transition(
     now = db_now()
     update: dict[str, Any] = {"status": target, "updated_at": now, **(values or {})}
     if reason is not None:
-        update["reason"] = reason
+        update["reason"] = redact_urls(reason)  # exception text may hold a URL with credentials
     if target in TERMINAL:
         update["finished_at"] = now
     result = session.execute(
@@ -468,7 +469,7 @@ def _add_alias_moves(
             alias=Alias(move.alias).value,
             from_version=move.from_version,
             to_version=move.to_version,
-            reason=move.reason,
+            reason=redact_urls(move.reason),
             rollout_id=rollout_id,
             created_at=move.moved_at,
         )

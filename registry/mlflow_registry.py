@@ -47,6 +47,7 @@ from registry.integrity import (
     manifest_document,
     verify_folder,
 )
+from registry.url_redaction import redact_urls
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +57,6 @@ _MAX_PARAM_LENGTH = 6000  # MLflow 3 limit for a param value
 _MAX_TAG_LENGTH = 8000
 _MLFLOW_DIGEST_LENGTH = 36  # datasets.digest is VARCHAR(36) in MLflow's SQL store
 
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
-_SECRET_QUERY = re.compile(
-    r"(?P<key>[?&;](?:password|passwd|pwd|token|secret|api[_-]?key|access[_-]?key|sig)=)[^&;\s]*",
-    re.IGNORECASE,
-)
 _METRIC_NAME_BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
@@ -69,9 +65,9 @@ class RegistryError(RuntimeError):
 
 
 def redact(text: str) -> str:
-    """``text`` with URL user-info and secret query values replaced by ``***``."""
-    text = _URL_USERINFO.sub(r"\g<scheme>***@", text)
-    return _SECRET_QUERY.sub(r"\g<key>***", text)
+    """``text`` with URL user-info and secret query values replaced by ``***``
+    (:func:`registry.url_redaction.redact_urls`)."""
+    return redact_urls(text)
 
 
 def sanitize_metric_name(name: str) -> str:
