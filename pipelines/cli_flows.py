@@ -14,12 +14,12 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
 from pipelines.cli_options import credentials_to_environment, options_command
@@ -33,7 +33,10 @@ from pipelines.params import (
     RollbackParams,
 )
 from pipelines.render import print_stages, print_status
+from pipelines.results import CanaryOutcome
 from registry.url_redaction import redact_strings, redact_urls
+
+ParamsT = TypeVar("ParamsT", bound=BaseModel)
 
 # Wide enough for the status tables when output is piped (rich falls back to 80 columns there).
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -55,7 +58,7 @@ TrackingOption = Annotated[
 ]
 
 
-def _params(model: type, **values: Any):  # noqa: ANN202 - a pydantic params model
+def _params(model: type[ParamsT], **values: Any) -> ParamsT:
     """Build a flow parameter model, turning validation errors into a clean CLI error."""
     values = credentials_to_environment({k: v for k, v in values.items() if v is not None})
     try:
@@ -78,8 +81,13 @@ def _refusals() -> Iterator[None]:
         raise typer.Exit(4) from None
 
 
-def _print_json(payload: Any) -> None:
-    console.print_json(json.dumps(redact_strings(payload), default=str))
+def _print_json(payload: BaseModel | Sequence[BaseModel]) -> None:
+    """A flow's typed result (or a sequence of them) as JSON, through the one URL redactor."""
+    if isinstance(payload, BaseModel):
+        data = payload.model_dump(mode="json")
+    else:
+        data = [item.model_dump(mode="json") for item in payload]
+    console.print_json(json.dumps(redact_strings(data)))
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -145,7 +153,7 @@ def canary(
     )
     result = canary_flow(params)
     print_stages(console, result)
-    if result["outcome"] == "rolled_back":
+    if result.outcome is CanaryOutcome.ROLLED_BACK:
         raise typer.Exit(3)
 
 
@@ -246,7 +254,7 @@ def drift_check(
     )
     verdict = drift_check_flow(params)
     _print_json(verdict)
-    raise typer.Exit(3 if verdict["drifted"] else 0)
+    raise typer.Exit(3 if verdict.drifted else 0)
 
 
 def status(
@@ -281,20 +289,36 @@ def serve(
 
 
 def ui(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    port: Annotated[int, typer.Option(help="MLflow UI port on 127.0.0.1.")] = 5000,
+    prefect_port: Annotated[
+        int, typer.Option(help="Prefect UI port on 127.0.0.1 (0: no Prefect UI).")
+    ] = 4200,
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Open the MLflow UI over the embedded store (runs, metrics, artifacts, versions, aliases)."""
+    """Open the MLflow UI over the embedded store (runs, metrics, artifacts, versions, aliases) and the
+    Prefect UI (flow runs, artifacts). Runs until Ctrl+C, then stops every process it started."""
+    from pipelines.prefect_api import server_command, server_env
+    from pipelines.processes import run_until_interrupted, start_group
     from registry.mlflow_registry import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
+    procs = []
     if uri.startswith(("http://", "https://")):
         console.print(f"MLflow server: {redact_urls(uri)}")
+    else:
+        mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+        cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+        procs.append(start_group(cmd))
+        console.print(f"MLflow UI on http://127.0.0.1:{port}")
+    if os.environ.get("PREFECT_API_URL"):
+        console.print(f"Prefect server: {redact_urls(os.environ['PREFECT_API_URL'])}")
+    elif prefect_port:
+        procs.append(start_group(server_command(prefect_port, ui=True), env=server_env()))
+        console.print(f"Prefect UI on http://127.0.0.1:{prefect_port}")
+    if not procs:
         return
-    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
-    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl+C to stop)")
-    os.execvp(cmd[0], cmd)
+    console.print("Ctrl+C to stop")
+    raise typer.Exit(run_until_interrupted(procs))
 
 
 def demo(model: ModelOption = DEFAULT_MODEL_NAME) -> None:

@@ -15,7 +15,7 @@ import datetime as dt
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -31,6 +31,9 @@ from rich.table import Table
 
 from pipelines.cli_options import options_command
 from pipelines.params import SampleParams
+
+if TYPE_CHECKING:
+    from registry.prompt_logs import ImportReport
 
 logger = logging.getLogger(__name__)
 console = Console()
@@ -78,7 +81,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _print_report(report) -> None:  # noqa: ANN001 - registry.prompt_logs.ImportReport
+def _print_report(report: ImportReport) -> None:
     table = Table(title="Import", show_header=False)
     table.add_row("sources", str(len(report.sources)))
     table.add_row("lines read", f"{report.lines:,}")

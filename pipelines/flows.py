@@ -24,7 +24,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
 from prefect.futures import as_completed
 from prefect.input import RunInput
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from calibration.config import CalibrationConfig
 from pipelines import rollout as rollout_steps
@@ -36,9 +36,18 @@ from pipelines.params import (
     RecalibrateParams,
     RollbackParams,
 )
-from pipelines.rollout import CanaryPlan, RolloutState, StageReport
+from pipelines.results import (
+    CanaryOutcome,
+    CanaryRecord,
+    DriftRecord,
+    RecalibrationRecord,
+    StageReport,
+)
+from pipelines.rollout import CanaryPlan, RolloutState
+from registry.aliases import AliasMove
 from registry.guards import ManualActionRefused
 from registry.integrity import IntegrityError
+from registry.judge import Decision
 from registry.ledger import LedgerError
 from registry.mlflow_registry import RegistryError
 from registry.url_redaction import install_log_redaction, redact_strings, redact_urls
@@ -59,7 +68,7 @@ _CACHED = {
 _DEFINITIVE = (ManualActionRefused, IntegrityError, LedgerError, RegistryError, ValueError)
 
 
-def _retry_unless_definitive(_task, _task_run, state) -> bool:  # noqa: ANN001 - Prefect objects
+def _retry_unless_definitive(_task, _task_run, state) -> bool:
     try:
         state.result()
     except _DEFINITIVE:
@@ -206,7 +215,7 @@ def kl_sweep_flow(
     return [future.result() for future in futures]
 
 
-def _sweep_runner(params: RecalibrateParams):  # noqa: ANN202 - a Prefect task runner
+def _sweep_runner(params: RecalibrateParams) -> TaskRunner:
     """Dask when a scheduler is given; else a thread pool with one task per GPU (on a CPU-only host
     torch already spreads one task over every core, so concurrent tasks would only contend)."""
     if params.dask_address:
@@ -220,7 +229,7 @@ def _sweep_runner(params: RecalibrateParams):  # noqa: ANN202 - a Prefect task r
 
 
 @flow(name="recalibrate", log_prints=False)
-def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> dict[str, Any]:  # noqa: B008
+def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> RecalibrationRecord:  # noqa: B008
     """Sample logs → activation stats → per-group KL sweep → fallback plan → pack → register challenger."""
     config, db_url = params.calibration, params.db_url
     source_dir = resolve_source_model_task(params.source_model)
@@ -258,17 +267,17 @@ def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> dict[st
     _markdown_artifact(
         key="recalibration-summary", markdown=summary, description="fp4roll recalibration"
     )
-    return {
-        "model_name": params.model_name,
-        "version": registration.version,
-        "run_id": registration.run_id,
-        "run_url": registration.run_url,
-        "corpus_digest": calibration_set.digest,
-        "checkpoint_dir": str(checkpoint.checkpoint_dir),
-        "fallback_groups": list(checkpoint.fallback_groups),
-        "plan_mean_kl": checkpoint.plan_mean_kl,
-        "all_quantized_mean_kl": checkpoint.all_quantized_mean_kl,
-    }
+    return RecalibrationRecord(
+        model_name=params.model_name,
+        version=registration.version,
+        run_id=registration.run_id,
+        run_url=registration.run_url,
+        corpus_digest=calibration_set.digest,
+        checkpoint_dir=str(checkpoint.checkpoint_dir),
+        fallback_groups=tuple(checkpoint.fallback_groups),
+        plan_mean_kl=checkpoint.plan_mean_kl,
+        all_quantized_mean_kl=checkpoint.all_quantized_mean_kl,
+    )
 
 
 # ------------------------------------------------------------------------------------ canary tasks
@@ -312,14 +321,14 @@ def hold_rollout_task(plan: CanaryPlan, rollout_id: int, reason: str) -> None:
 
 
 @flow(name="canary", log_prints=False)
-def canary_flow(params: CanaryParams = CanaryParams()) -> dict[str, Any]:  # noqa: B008
+def canary_flow(params: CanaryParams = CanaryParams()) -> CanaryRecord:  # noqa: B008
     """Staged replay canary (1 % → 10 % → 50 % → 100 % by default) of the challenger against the
     champion. Pass every stage → promote; a Fail → automatic rollback (champion untouched, challenger
     rejected); not enough evidence → hold. A crash marks the rollout aborted; champion never moves."""
     plan = plan_canary_task(params)
     state = open_rollout_task(plan)
     reports: list[StageReport] = []
-    outcome = "held"
+    outcome = CanaryOutcome.HELD
     try:
         stage_index = state.stage_index
         while True:
@@ -331,34 +340,34 @@ def canary_flow(params: CanaryParams = CanaryParams()) -> dict[str, Any]:  # noq
                     rollout_steps.abort_rollout(
                         plan.db_url, state.rollout_id, f"not approved: {answer.note}"
                     )
-                    outcome = "aborted"
+                    outcome = CanaryOutcome.ABORTED
                     break
             report = canary_stage_task(plan, state.rollout_id, stage_index)
             reports.append(report)
-            if report.decision == "advance":
+            if report.decision is Decision.ADVANCE:
                 if params.fail_after_stage is not None and params.fail_after_stage == stage_index:
                     raise SimulatedCrash(f"simulated crash after stage {stage_index}")
                 stage_index += 1
                 continue
-            if report.decision == "promote":
+            if report.decision is Decision.PROMOTE:
                 if params.auto_promote:
                     promote_candidate_task(plan, state.rollout_id)
-                    outcome = "promoted"
+                    outcome = CanaryOutcome.PROMOTED
                 else:
                     hold_rollout_task(
                         plan, state.rollout_id, "every stage passed; awaiting manual promotion"
                     )
-                    outcome = "awaiting-promotion"
-            elif report.decision == "rollback":
+                    outcome = CanaryOutcome.AWAITING_PROMOTION
+            elif report.decision is Decision.ROLLBACK:
                 reject_candidate_task(
                     plan, state.rollout_id, f"stage {stage_index} failed: {report.reason}"
                 )
-                outcome = "rolled_back"
+                outcome = CanaryOutcome.ROLLED_BACK
             else:
                 hold_rollout_task(
                     plan, state.rollout_id, f"stage {stage_index} inconclusive: {report.reason}"
                 )
-                outcome = "held"
+                outcome = CanaryOutcome.HELD
             break
     except BaseException as exc:
         rollout_steps.abort_rollout(
@@ -372,8 +381,8 @@ def canary_flow(params: CanaryParams = CanaryParams()) -> dict[str, Any]:  # noq
                 "stage": r.stage_index,
                 "traffic_%": r.traffic_percent,
                 "requests": r.requests,
-                "outcome": r.outcome,
-                "decision": r.decision,
+                "outcome": r.outcome.value,
+                "decision": r.decision.value,
                 "score": round(r.score, 1),
                 "failed": ", ".join(r.failed_metrics),
             }
@@ -384,57 +393,57 @@ def canary_flow(params: CanaryParams = CanaryParams()) -> dict[str, Any]:  # noq
     _markdown_artifact(
         key="canary-summary", markdown=rollout_steps.canary_summary(plan, state, reports, outcome)
     )
-    return {
-        "model_name": plan.model_name,
-        "rollout_id": state.rollout_id,
-        "candidate_version": plan.candidate_version,
-        "baseline_version": plan.baseline_version,
-        "outcome": outcome,
-        "stages": [r.model_dump(mode="json") for r in reports],
-    }
+    return CanaryRecord(
+        model_name=plan.model_name,
+        rollout_id=state.rollout_id,
+        candidate_version=plan.candidate_version,
+        baseline_version=plan.baseline_version,
+        outcome=outcome,
+        stages=tuple(reports),
+    )
 
 
 # ------------------------------------------------------------------------ promote / rollback / drift
 
 
 @task(name="promote-version", **_IO)
-def promote_version_task(params: PromoteParams) -> list[dict[str, Any]]:
+def promote_version_task(params: PromoteParams) -> tuple[AliasMove, ...]:
     return rollout_steps.promote_version(params)
 
 
 @task(name="rollback-version", **_IO)
-def rollback_version_task(params: RollbackParams) -> list[dict[str, Any]]:
+def rollback_version_task(params: RollbackParams) -> tuple[AliasMove, ...]:
     return rollout_steps.rollback_version(params)
 
 
 @flow(name="promote", log_prints=False)
-def promote_flow(params: PromoteParams = PromoteParams()) -> list[dict[str, Any]]:  # noqa: B008
+def promote_flow(params: PromoteParams = PromoteParams()) -> tuple[AliasMove, ...]:  # noqa: B008
     """Make a version (default: the challenger) the champion; the old champion → previous-champion."""
     return promote_version_task(params)
 
 
 @flow(name="rollback", log_prints=False)
-def rollback_flow(params: RollbackParams) -> list[dict[str, Any]]:
+def rollback_flow(params: RollbackParams) -> tuple[AliasMove, ...]:
     """Put a version (default: previous-champion) back as champion, with a reason for the ledger."""
     return rollback_version_task(params)
 
 
 @task(name="check-drift", **_IO)
-def check_drift_task(params: DriftCheckParams) -> dict[str, Any]:
+def check_drift_task(params: DriftCheckParams) -> DriftRecord:
     return steps.check_drift(params)
 
 
 @flow(name="drift-check", log_prints=False)
-def drift_check_flow(params: DriftCheckParams = DriftCheckParams()) -> dict[str, Any]:  # noqa: B008
+def drift_check_flow(params: DriftCheckParams = DriftCheckParams()) -> DriftRecord:  # noqa: B008
     """Compare recent logs with the champion's calibration set; recalibrate when drift is confirmed."""
     verdict = check_drift_task(params)
     _markdown_artifact(key="drift-check", markdown=steps.drift_summary(verdict))
-    if verdict["drifted"] and params.recalibrate_on_drift:
+    if verdict.drifted and params.recalibrate_on_drift:
         recal = params.recalibrate.model_copy(
             update={
                 "db_url": params.recalibrate.db_url or params.db_url,
                 "tracking_uri": params.recalibrate.tracking_uri or params.tracking_uri,
             }
         )
-        verdict["recalibration"] = recalibrate_flow(recal)
+        verdict = verdict.model_copy(update={"recalibration": recalibrate_flow(recal)})
     return verdict

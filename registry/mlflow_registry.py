@@ -30,9 +30,9 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -49,9 +49,15 @@ from registry.integrity import (
 )
 from registry.url_redaction import redact_urls
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+    from mlflow.entities.model_registry import ModelVersion
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_ARTIFACT_PATH = "checkpoint"
+GROUP_TABLE = "per_group_kl.json"  # the run's per-group table (MLflow "Evaluation"/artifact view)
 CALIBRATION_CONTEXT = "calibration"
 _MAX_PARAM_LENGTH = 6000  # MLflow 3 limit for a param value
 _MAX_TAG_LENGTH = 8000
@@ -124,7 +130,6 @@ class RegistrationMetrics(BaseModel):
     bytes_before: int | None = Field(None, ge=0)
     bytes_after: int | None = Field(None, ge=0)
     bytes_by_tier: dict[str, int] = Field(default_factory=dict)  # checkpoint bytes per tier
-    group_kl: dict[str, float] = Field(default_factory=dict)
 
 
 class RegistrationRequest(BaseModel):
@@ -150,6 +155,8 @@ class RegistrationRequest(BaseModel):
     calibration_json: Path | None = None
     kl_plot: Path | None = None
     calibration_summary: Path | None = None
+    #: one row per fused group (name, tier, KL, ...), logged as one MLflow table, not as metrics
+    group_table: tuple[dict[str, Any], ...] = ()
     code_version: str = Field(default_factory=code_version)
     extra_params: dict[str, str] = Field(default_factory=dict)
 
@@ -184,7 +191,8 @@ class RegisteredVersion(BaseModel):
     reused: bool
 
 
-def client_for(tracking_uri: str | None):  # noqa: ANN202 - mlflow.MlflowClient
+def client_for(tracking_uri: str | None) -> tuple[MlflowClient, str]:
+    """An MLflow client on ``tracking_uri`` (default: :func:`default_tracking_uri`) and that URI."""
     from mlflow import MlflowClient
 
     uri = tracking_uri or default_tracking_uri()
@@ -275,11 +283,6 @@ def _metrics(request: RegistrationRequest) -> dict[str, float]:
         metrics["compression_ratio"] = figures.bytes_before / figures.bytes_after
     for tier, size in figures.bytes_by_tier.items():
         metrics[sanitize_metric_name(f"bytes/{tier}")] = float(size)
-    for group, kl in figures.group_kl.items():
-        key = sanitize_metric_name(f"group_kl/{group}")
-        if key in metrics:
-            raise ValueError(f"group names collide after sanitizing: {key!r}")
-        metrics[key] = float(kl)
     return metrics
 
 
@@ -298,7 +301,7 @@ def _version_tags(request: RegistrationRequest, key: str, manifest: Manifest) ->
     return {k: _clip(redact(v), _MAX_TAG_LENGTH) for k, v in tags.items()}
 
 
-def ensure_registered_model(client, name: str) -> None:  # noqa: ANN001
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -315,11 +318,15 @@ def ensure_registered_model(client, name: str) -> None:  # noqa: ANN001
                 raise
 
 
-def ensure_experiment(client, name: str, tracking_uri: str) -> str:  # noqa: ANN001
+def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if tag.EXPERIMENT_KIND not in (experiment.tags or {}):  # made by an older fp4roll
+            client.set_experiment_tag(
+                experiment.experiment_id, tag.EXPERIMENT_KIND, tag.EXPERIMENT_KIND_MODEL_DEVELOPMENT
+            )
         return experiment.experiment_id
     artifact_location = None
     if not _is_remote(tracking_uri):
@@ -327,7 +334,11 @@ def ensure_experiment(client, name: str, tracking_uri: str) -> str:  # noqa: ANN
         root.mkdir(parents=True, exist_ok=True)
         artifact_location = (root / name.replace("/", "_")).resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(
+            name,
+            artifact_location=artifact_location,
+            tags={tag.EXPERIMENT_KIND: tag.EXPERIMENT_KIND_MODEL_DEVELOPMENT},
+        )
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -338,7 +349,7 @@ def experiment_name(model_name: str) -> str:
     return f"fp4roll/{model_name}"
 
 
-def find_version_by_key(client, model_name: str, key: str):  # noqa: ANN001, ANN201
+def find_version_by_key(client: MlflowClient, model_name: str, key: str) -> ModelVersion | None:
     """The model version tagged with idempotency ``key``, or None."""
     found = client.search_model_versions(
         f"name = '{model_name}' and tags.`{tag.IDEMPOTENCY_KEY}` = '{key}'"
@@ -347,7 +358,7 @@ def find_version_by_key(client, model_name: str, key: str):  # noqa: ANN001, ANN
     return found[0] if found else None
 
 
-def _finished_run_with_key(client, experiment_id: str, key: str):  # noqa: ANN001, ANN202
+def _finished_run_with_key(client: MlflowClient, experiment_id: str, key: str) -> Run | None:
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{tag.IDEMPOTENCY_KEY}` = '{key}' and attributes.status = 'FINISHED'",
@@ -356,7 +367,7 @@ def _finished_run_with_key(client, experiment_id: str, key: str):  # noqa: ANN00
     return runs[0] if runs else None
 
 
-def _log_lineage(client, run_id: str, request: RegistrationRequest) -> None:  # noqa: ANN001
+def _log_lineage(client: MlflowClient, run_id: str, request: RegistrationRequest) -> None:
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
@@ -386,7 +397,9 @@ def _log_lineage(client, run_id: str, request: RegistrationRequest) -> None:  # 
     client.log_inputs(run_id, datasets=[dataset_input])
 
 
-def log_checkpoint(client, run_id: str, checkpoint_dir: Path, manifest: Manifest) -> None:  # noqa: ANN001
+def log_checkpoint(
+    client: MlflowClient, run_id: str, checkpoint_dir: Path, manifest: Manifest
+) -> None:
     """Upload ``checkpoint_dir`` as the run's checkpoint and its manifest beside it; on a local
     artifact store, verify the uploaded copy against the manifest (a partial copy is refused)."""
     client.log_text(run_id, json.dumps(manifest_document(manifest), indent=2), MANIFEST_ARTIFACT)
@@ -411,7 +424,9 @@ def _local_artifact_dir(artifact_uri: str) -> Path | None:
     return path if path.is_dir() else None
 
 
-def _log_artifacts(client, run_id: str, request: RegistrationRequest, manifest: Manifest) -> None:  # noqa: ANN001
+def _log_artifacts(
+    client: MlflowClient, run_id: str, request: RegistrationRequest, manifest: Manifest
+) -> None:
     log_checkpoint(client, run_id, request.checkpoint_dir, manifest)
     if request.calibration_json is not None:
         # always stored as ``calibration.json`` beside the checkpoint, whatever the local name
@@ -428,10 +443,18 @@ def _log_artifacts(client, run_id: str, request: RegistrationRequest, manifest: 
         json.dumps(sorted(request.fallback_layers), indent=2),
         "fallback_layers.json",
     )
+    if request.group_table:
+        client.log_table(run_id, data=table_columns(request.group_table), artifact_file=GROUP_TABLE)
+
+
+def table_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Rows (dicts) → the column form ``log_table`` takes; a key missing from a row gives None."""
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    return {name: [row.get(name) for row in rows] for name in names}
 
 
 def _create_run(
-    client,  # noqa: ANN001
+    client: MlflowClient,
     experiment_id: str,
     request: RegistrationRequest,
     key: str,
@@ -551,7 +574,7 @@ def aliases(model_name: str, *, tracking_uri: str | None = None) -> dict[str, st
     return _aliases(client, model_name)
 
 
-def _aliases(client, model_name: str) -> dict[str, str]:  # noqa: ANN001
+def _aliases(client: MlflowClient, model_name: str) -> dict[str, str]:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -563,7 +586,7 @@ def _aliases(client, model_name: str) -> dict[str, str]:  # noqa: ANN001
     return {alias: str(version) for alias, version in (model.aliases or {}).items()}
 
 
-def _require_version(client, model_name: str, version: str) -> None:  # noqa: ANN001
+def _require_version(client: MlflowClient, model_name: str, version: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -575,7 +598,7 @@ def _require_version(client, model_name: str, version: str) -> None:  # noqa: AN
 
 
 def move_alias(
-    client,  # noqa: ANN001
+    client: MlflowClient,
     model_name: str,
     alias: Alias,
     current: Mapping[str, str],
@@ -604,7 +627,7 @@ def move_alias(
     )
 
 
-def _tag(client, model_name: str, version: str, tags: Mapping[str, str]) -> None:  # noqa: ANN001
+def _tag(client: MlflowClient, model_name: str, version: str, tags: Mapping[str, str]) -> None:
     for key, value in tags.items():
         client.set_model_version_tag(
             model_name, version, key, _clip(redact(value), _MAX_TAG_LENGTH)
@@ -720,7 +743,7 @@ def rollback(
 
 
 def _finish_rollback(
-    client,  # noqa: ANN001
+    client: MlflowClient,
     model_name: str,
     champion: str,
     champion_tags: Mapping[str, str],

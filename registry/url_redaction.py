@@ -94,7 +94,7 @@ def install_log_redaction() -> None:
         return
     previous = logging.getLogRecordFactory()
 
-    def factory(*args, **kwargs) -> logging.LogRecord:  # noqa: ANN002, ANN003
+    def factory(*args, **kwargs) -> logging.LogRecord:
         return _redact_record(previous(*args, **kwargs))
 
     logging.setLogRecordFactory(factory)

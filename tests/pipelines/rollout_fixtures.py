@@ -22,7 +22,7 @@ POLICY = GatePolicy(
 )
 
 
-def verdict(stage: int, outcome: Outcome = Outcome.PASS):  # noqa: ANN201 - judge.StageVerdict
+def verdict(stage: int, outcome: Outcome = Outcome.PASS):
     """A real judge verdict for ``stage`` (pass: same distribution; fail: candidate 2x worse)."""
     rng = np.random.default_rng(stage)
     base = rng.normal(1.0, 0.05, 60)
@@ -32,7 +32,7 @@ def verdict(stage: int, outcome: Outcome = Outcome.PASS):  # noqa: ANN201 - judg
     return result
 
 
-def record_stage(rollout_id: int, stage: int, db_url: str, outcome: Outcome = Outcome.PASS):  # noqa: ANN201
+def record_stage(rollout_id: int, stage: int, db_url: str, outcome: Outcome = Outcome.PASS):
     """Judge, record and (on ADVANCE) advance, as ``pipelines.rollout.run_stage`` does."""
     from registry import ledger
 

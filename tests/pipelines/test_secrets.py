@@ -93,10 +93,12 @@ def test_no_surface_shows_a_credential(secret_env, prefect_harness, monkeypatch,
     from pipelines.cli import app
     from pipelines.flows import canary_flow
     from pipelines.params import CanaryParams
-    from pipelines.rollout import CanaryPlan, StageReport
+    from pipelines.results import StageReport
+    from pipelines.rollout import CanaryPlan
     from pipelines.status import model_status
     from pipelines.steps import run_url
     from registry import db, ledger
+    from registry.judge import Outcome
     from registry.versions import resolve_version
 
     db_url, tracking = secret_env
@@ -129,20 +131,20 @@ def test_no_surface_shows_a_credential(secret_env, prefect_harness, monkeypatch,
             tracking_uri=params.tracking_uri,
         )
 
-    def failing_stage(plan, rollout_id, stage_index):  # noqa: ANN001
+    def failing_stage(plan, rollout_id, stage_index):
         raise ConnectionError(
             f"lost {os.environ['MLFLOW_TRACKING_URI']} and {os.environ['FP4ROLL_DB_URL']}"
         )
 
-    def passing_stage(plan, rollout_id, stage_index):  # noqa: ANN001
+    def passing_stage(plan, rollout_id, stage_index):
         decision = record_stage(rollout_id, stage_index, os.environ["FP4ROLL_DB_URL"])
         return StageReport(
             rollout_id=rollout_id,
             stage_index=stage_index,
             traffic_percent=STAGES[stage_index],
             requests=60,
-            outcome="pass",
-            decision=decision.value,
+            outcome=Outcome.PASS,
+            decision=decision,
             score=100.0,
             reason="all gates passed",
             failed_metrics=(),
@@ -156,7 +158,7 @@ def test_no_surface_shows_a_credential(secret_env, prefect_harness, monkeypatch,
         canary_flow(CanaryParams(model_name=name))
     monkeypatch.setattr(rollout_steps, "run_stage", passing_stage)
     result = canary_flow(CanaryParams(model_name=name))
-    assert result["outcome"] == "promoted"
+    assert result.outcome.value == "promoted"
     aborted = ledger.rollouts(name)[0]
     assert aborted.status.value == "aborted" and "***@" in aborted.reason
 
