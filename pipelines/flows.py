@@ -48,7 +48,7 @@ from registry.aliases import AliasMove
 from registry.guards import ManualActionRefused
 from registry.integrity import IntegrityError
 from registry.judge import Decision
-from registry.ledger import LedgerError
+from registry.ledger import LedgerError, LostOwnershipError, RolloutOwnedError
 from registry.mlflow_registry import RegistryError
 from registry.url_redaction import install_log_redaction, redact_strings, redact_urls
 
@@ -301,8 +301,10 @@ def open_rollout_task(plan: CanaryPlan) -> RolloutState:
 
 
 @task(name="canary-stage", cache_policy=NO_CACHE, persist_result=True, result_serializer="json")
-def canary_stage_task(plan: CanaryPlan, rollout_id: int, stage_index: int) -> StageReport:
-    return rollout_steps.run_stage(plan, rollout_id, stage_index)
+def canary_stage_task(
+    plan: CanaryPlan, rollout_id: int, stage_index: int, owner: str
+) -> StageReport:
+    return rollout_steps.run_stage(plan, rollout_id, stage_index, owner)
 
 
 @task(name="promote-candidate", **_IO)
@@ -320,6 +322,60 @@ def hold_rollout_task(plan: CanaryPlan, rollout_id: int, reason: str) -> None:
     rollout_steps.hold_rollout(plan, rollout_id, reason)
 
 
+def _drive_stages(
+    params: CanaryParams, plan: CanaryPlan, state: RolloutState, reports: list[StageReport]
+) -> CanaryOutcome:
+    """Run stages from ``state.stage_index`` until a decision other than advance; act on it."""
+    outcome = CanaryOutcome.HELD
+    if state.promotion_pending:  # every stage passed before a crash: only the promotion is left
+        promote_candidate_task(plan, state.rollout_id)
+        return CanaryOutcome.PROMOTED
+    if state.rejection_pending:  # a stage failed before a crash: only the rejection is left
+        reject_candidate_task(
+            plan, state.rollout_id, f"stage {state.stage_index} failed (completed after a crash)"
+        )
+        return CanaryOutcome.ROLLED_BACK
+    stage_index = state.stage_index
+    while True:
+        if params.require_approval and stage_index == len(plan.stages) - 1:
+            from prefect.flow_runs import pause_flow_run
+
+            answer = pause_flow_run(wait_for_input=Approval, timeout=24 * 3600, poll_interval=2)
+            if not answer.approve:
+                rollout_steps.abort_rollout(
+                    plan.db_url, state.rollout_id, f"not approved: {answer.note}"
+                )
+                outcome = CanaryOutcome.ABORTED
+                return outcome
+        report = canary_stage_task(plan, state.rollout_id, stage_index, state.owner)
+        reports.append(report)
+        if report.decision is Decision.ADVANCE:
+            if params.fail_after_stage is not None and params.fail_after_stage == stage_index:
+                raise SimulatedCrash(f"simulated crash after stage {stage_index}")
+            stage_index += 1
+            continue
+        if report.decision is Decision.PROMOTE:
+            if params.auto_promote:
+                promote_candidate_task(plan, state.rollout_id)
+                outcome = CanaryOutcome.PROMOTED
+            else:
+                hold_rollout_task(
+                    plan, state.rollout_id, "every stage passed; awaiting manual promotion"
+                )
+                outcome = CanaryOutcome.AWAITING_PROMOTION
+        elif report.decision is Decision.ROLLBACK:
+            reject_candidate_task(
+                plan, state.rollout_id, f"stage {stage_index} failed: {report.reason}"
+            )
+            outcome = CanaryOutcome.ROLLED_BACK
+        else:
+            hold_rollout_task(
+                plan, state.rollout_id, f"stage {stage_index} inconclusive: {report.reason}"
+            )
+            outcome = CanaryOutcome.HELD
+        return outcome
+
+
 @flow(name="canary", log_prints=False)
 def canary_flow(params: CanaryParams = CanaryParams()) -> CanaryRecord:  # noqa: B008
     """Staged replay canary (1 % → 10 % → 50 % → 100 % by default) of the challenger against the
@@ -330,45 +386,10 @@ def canary_flow(params: CanaryParams = CanaryParams()) -> CanaryRecord:  # noqa:
     reports: list[StageReport] = []
     outcome = CanaryOutcome.HELD
     try:
-        stage_index = state.stage_index
-        while True:
-            if params.require_approval and stage_index == len(plan.stages) - 1:
-                from prefect.flow_runs import pause_flow_run
-
-                answer = pause_flow_run(wait_for_input=Approval, timeout=24 * 3600, poll_interval=2)
-                if not answer.approve:
-                    rollout_steps.abort_rollout(
-                        plan.db_url, state.rollout_id, f"not approved: {answer.note}"
-                    )
-                    outcome = CanaryOutcome.ABORTED
-                    break
-            report = canary_stage_task(plan, state.rollout_id, stage_index)
-            reports.append(report)
-            if report.decision is Decision.ADVANCE:
-                if params.fail_after_stage is not None and params.fail_after_stage == stage_index:
-                    raise SimulatedCrash(f"simulated crash after stage {stage_index}")
-                stage_index += 1
-                continue
-            if report.decision is Decision.PROMOTE:
-                if params.auto_promote:
-                    promote_candidate_task(plan, state.rollout_id)
-                    outcome = CanaryOutcome.PROMOTED
-                else:
-                    hold_rollout_task(
-                        plan, state.rollout_id, "every stage passed; awaiting manual promotion"
-                    )
-                    outcome = CanaryOutcome.AWAITING_PROMOTION
-            elif report.decision is Decision.ROLLBACK:
-                reject_candidate_task(
-                    plan, state.rollout_id, f"stage {stage_index} failed: {report.reason}"
-                )
-                outcome = CanaryOutcome.ROLLED_BACK
-            else:
-                hold_rollout_task(
-                    plan, state.rollout_id, f"stage {stage_index} inconclusive: {report.reason}"
-                )
-                outcome = CanaryOutcome.HELD
-            break
+        with rollout_steps.lease_heartbeat(plan, state):
+            outcome = _drive_stages(params, plan, state, reports)
+    except (LostOwnershipError, RolloutOwnedError):
+        raise  # another run owns the rollout now: never abort it from here
     except BaseException as exc:
         rollout_steps.abort_rollout(
             plan.db_url, state.rollout_id, f"canary flow stopped: {type(exc).__name__}: {exc}"

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from registry import tags as tag
 from registry.aliases import Alias, AliasMove, VersionOutcome
 from registry.db import fp4roll_home
+from registry.faults import crash_point
 from registry.integrity import (
     MANIFEST_ARTIFACT,
     Manifest,
@@ -609,10 +610,12 @@ def move_alias(
     from_version = current.get(alias.value)
     if from_version == to_version:
         return
+    crash_point(f"move:before:{alias.value}")
     if to_version is None:
         client.delete_registered_model_alias(model_name, alias.value)
     else:
         client.set_registered_model_alias(model_name, alias.value, to_version)
+    crash_point(f"move:after:{alias.value}")
     moves.append(
         AliasMove(
             model_name=model_name,
@@ -644,39 +647,54 @@ def promote(
     *,
     reason: str = "canary passed",
     tracking_uri: str | None = None,
+    before: Mapping[str, str] | None = None,
 ) -> tuple[AliasMove, ...]:
     """Make ``version`` the champion; the old champion becomes ``previous-champion``; the
-    ``challenger`` alias is removed if it pointed at ``version``. Idempotent: promoting the current
-    champion moves nothing and returns ``()``."""
+    ``challenger`` alias is removed if it pointed at ``version``.
+
+    ``before``: the aliases when the promotion was decided (its ledger intent). Given, a retry after
+    a crash anywhere midway completes the SAME promotion: the old champion and the
+    ``previous_champion_before`` tag come from ``before``, never from a half-moved state, so a retry
+    cannot overwrite them; every step is idempotent (aliases already in place are not moved, tags
+    already written are kept). Without it the current aliases are used, and promoting the current
+    champion moves nothing. Returns the moves made by this call."""
     client, _ = client_for(tracking_uri)
     version = str(version)
     _require_version(client, model_name, version)
     current = _aliases(client, model_name)
+    decided = dict(before) if before is not None else current
     moves: list[AliasMove] = []
-    old_champion = current.get(Alias.CHAMPION.value)
-    if old_champion != version:
-        # remember what previous-champion was, so a rollback restores the state exactly
-        _tag(
-            client,
-            model_name,
-            version,
-            {tag.PREVIOUS_CHAMPION_BEFORE: current.get(Alias.PREVIOUS_CHAMPION.value) or ""},
-        )
+    old_champion = decided.get(Alias.CHAMPION.value)
+    if old_champion != version and (
+        before is not None or current.get(Alias.CHAMPION.value) != version
+    ):
+        tags = client.get_model_version(model_name, version).tags
+        promoted = tags.get(tag.OUTCOME) == VersionOutcome.PROMOTED.value
+        if not promoted:
+            # remember what previous-champion was, so a rollback restores the state exactly
+            _tag(
+                client,
+                model_name,
+                version,
+                {tag.PREVIOUS_CHAMPION_BEFORE: decided.get(Alias.PREVIOUS_CHAMPION.value) or ""},
+            )
         if old_champion is not None:
             move_alias(
                 client, model_name, Alias.PREVIOUS_CHAMPION, current, old_champion, reason, moves
             )
         move_alias(client, model_name, Alias.CHAMPION, current, version, reason, moves)
-        _tag(
-            client,
-            model_name,
-            version,
-            {
-                tag.OUTCOME: VersionOutcome.PROMOTED.value,
-                tag.PROMOTED_AT: _now(),
-                tag.PROMOTE_REASON: reason,
-            },
-        )
+        if not promoted:
+            _tag(
+                client,
+                model_name,
+                version,
+                {
+                    tag.OUTCOME: VersionOutcome.PROMOTED.value,
+                    tag.PROMOTED_AT: _now(),
+                    tag.PROMOTE_REASON: reason,
+                },
+            )
+            crash_point("tags:after-outcome")
         if old_champion is not None:
             _tag(
                 client,
@@ -695,39 +713,46 @@ def rollback(
     *,
     reason: str,
     tracking_uri: str | None = None,
+    before: Mapping[str, str] | None = None,
 ) -> tuple[AliasMove, ...]:
     """Put ``to_version`` (default: ``previous-champion``) back as champion.
 
     The rolled-back champion is tagged ``rolled_back`` with ``reason``; ``previous-champion`` is
     restored to what it was before that champion's promotion, so promote-then-rollback leaves
-    ``champion`` and ``previous-champion`` exactly as they were. Idempotent: when the champion was
-    put in place by a rollback (tag ``fp4roll.outcome=restored``) a default call only completes
-    that rollback (after a crash) and otherwise moves nothing; to go further back, name
-    ``to_version``. Returns the alias moves made (``()`` when none).
+    ``champion`` and ``previous-champion`` exactly as they were. ``before`` (the aliases when the
+    rollback was decided, its ledger intent): a retry completes the same rollback. Without it:
+    idempotent too — when the champion was put in place by a rollback (tag
+    ``fp4roll.outcome=restored``) a default call only completes that rollback (after a crash) and
+    otherwise moves nothing; to go further back, name ``to_version``. Returns the moves made.
     """
     if not reason or not reason.strip():
         raise ValueError("rollback needs a reason")
     client, _ = client_for(tracking_uri)
     current = _aliases(client, model_name)
-    champion = current.get(Alias.CHAMPION.value)
     moves: list[AliasMove] = []
-    if champion is not None and (to_version is None or str(to_version) == champion):
-        champion_tags = client.get_model_version(model_name, champion).tags
-        if champion_tags.get(tag.OUTCOME) == VersionOutcome.RESTORED.value:
-            _finish_rollback(client, model_name, champion, champion_tags, current, moves)
-            return tuple(moves)
-        if to_version is not None:
-            return ()  # already the champion, nothing to undo
-    target = (
-        str(to_version) if to_version is not None else current.get(Alias.PREVIOUS_CHAMPION.value)
-    )
+    if before is not None:
+        champion = before.get(Alias.CHAMPION.value)
+        previous_now = before.get(Alias.PREVIOUS_CHAMPION.value)
+    else:
+        champion = current.get(Alias.CHAMPION.value)
+        previous_now = current.get(Alias.PREVIOUS_CHAMPION.value)
+        if champion is not None and (to_version is None or str(to_version) == champion):
+            champion_tags = client.get_model_version(model_name, champion).tags
+            if champion_tags.get(tag.OUTCOME) == VersionOutcome.RESTORED.value:
+                _finish_rollback(client, model_name, champion, champion_tags, current, moves)
+                return tuple(moves)
+            if to_version is not None:
+                return ()  # already the champion, nothing to undo
+    target = str(to_version) if to_version is not None else previous_now
     if target is None:
         raise RegistryError(f"{model_name}: no previous-champion to roll back to")
+    if target == champion:
+        return ()
     _require_version(client, model_name, target)
-    previous_after = current.get(Alias.PREVIOUS_CHAMPION.value)
-    if champion is not None and target == previous_after:
-        before = client.get_model_version(model_name, champion).tags
-        previous_after = before.get(tag.PREVIOUS_CHAMPION_BEFORE) or None
+    previous_after = previous_now
+    if champion is not None and target == previous_now:
+        champion_tags = client.get_model_version(model_name, champion).tags
+        previous_after = champion_tags.get(tag.PREVIOUS_CHAMPION_BEFORE) or None
     # the target's tags record the whole rollback first, so a crash midway can be completed
     target_tags = {
         tag.OUTCOME: VersionOutcome.RESTORED.value,
@@ -736,7 +761,12 @@ def rollback(
         tag.RESTORED_AT: _now(),
         tag.ROLLBACK_REASON: reason,
     }
-    _tag(client, model_name, target, target_tags)
+    existing = client.get_model_version(model_name, target).tags
+    if not (
+        existing.get(tag.OUTCOME) == VersionOutcome.RESTORED.value
+        and existing.get(tag.RESTORED_FROM) == (champion or "")
+    ):
+        _tag(client, model_name, target, target_tags)
     move_alias(client, model_name, Alias.CHAMPION, current, target, reason, moves)
     _finish_rollback(client, model_name, target, target_tags, current, moves)
     return tuple(moves)
@@ -794,6 +824,7 @@ def reject_challenger(
         version,
         {tag.OUTCOME: VersionOutcome.REJECTED.value, tag.REJECT_REASON: reason},
     )
+    crash_point("tags:after-outcome")
     return tuple(moves)
 
 

@@ -171,7 +171,7 @@ def test_no_surface_shows_a_credential(secret_env, prefect_harness, monkeypatch,
         ["promote", "--model", name, "--version", v_a, "--force", "--reason", "drill"],
         ["rollback", "--model", name, "--reason", "drill over", "--db", db_url],
         ["status", "--model", name, "--tracking-uri", tracking],
-        ["ui", "--tracking-uri", tracking],
+        ["ui", "--tracking-uri", tracking, "--prefect-port", "0"],
     ):
         invoked = runner.invoke(app, args)
         assert invoked.exit_code == 0, (args, invoked.output, invoked.exception)
