@@ -264,8 +264,14 @@ def status(
 ) -> None:
     """Aliases, versions (scheme, KL, corpus digest) and recent rollouts of a model."""
     from pipelines.status import model_status
+    from registry.db import SchemaOutdatedError
 
-    print_status(console, model_status(model, db_url=db, tracking_uri=tracking_uri))
+    try:
+        status = model_status(model, db_url=db, tracking_uri=tracking_uri)
+    except SchemaOutdatedError as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    print_status(console, status)
 
 
 def serve(

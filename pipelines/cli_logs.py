@@ -255,7 +255,13 @@ logs_app.command("sample")(
 @logs_app.command("sets")
 def sets_cmd(db: DbOption = None) -> None:
     """List stored calibration sets, newest first."""
+    from registry import db as store_db
     from registry.prompt_logs import list_calibration_sets
+
+    try:
+        store_db.require_schema(db)
+    except store_db.SchemaOutdatedError as exc:
+        _fail(str(exc))
 
     table = Table(title="Calibration sets")
     table.add_column("digest", no_wrap=True)
@@ -291,6 +297,7 @@ def drift_cmd(
 ) -> None:
     """Compare recent logs with a calibration set (exit 0 no drift, 3 drift, 4 inconclusive)."""
     from pipelines.prompt_logs import DriftParameters, check_drift
+    from registry.db import SchemaOutdatedError
 
     try:
         params = DriftParameters(
@@ -301,7 +308,7 @@ def drift_cmd(
             psi_threshold=psi_threshold,
         )
         verdict = check_drift(params, db)
-    except (LookupError, ValueError) as exc:
+    except (LookupError, ValueError, SchemaOutdatedError) as exc:
         _fail(str(exc))
     if json_out:
         typer.echo(json.dumps(verdict.as_dict(), indent=2))

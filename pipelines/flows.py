@@ -43,7 +43,6 @@ from pipelines.results import (
     RecalibrationRecord,
     StageReport,
 )
-from pipelines.rollout import CanaryPlan, RolloutState
 from registry.aliases import AliasMove
 from registry.guards import ManualActionRefused
 from registry.integrity import IntegrityError
@@ -111,82 +110,20 @@ class SimulatedCrash(RuntimeError):
 
 
 # ------------------------------------------------------------------------------- recalibrate tasks
+# Each task IS its step function (one task → one plain function): the name, caching and retries are
+# decided here, the code lives in pipelines/steps.py and pipelines/rollout.py.
 
 
-@task(name="resolve-source-model", **_IO)
-def resolve_source_model_task(source_model: str) -> str:
-    return steps.resolve_source_model(source_model)
-
-
-@task(name="sample-calibration-set", **_IO)
-def sample_calibration_set_task(
-    params: RecalibrateParams, source_dir: str
-) -> steps.CalibrationSetRef:
-    return steps.sample_calibration_set(params, source_dir)
-
-
-@task(name="register-baseline", **_IO)
-def register_baseline_task(
-    model_name: str, source_dir: str, tracking_uri: str | None, db_url: str | None
-) -> str:
-    return steps.register_baseline(model_name, source_dir, tracking_uri=tracking_uri, db_url=db_url)
-
-
-@task(name="activation-stats", **_CACHED)
-def activation_stats_task(
-    source_dir: str,
-    corpus_digest: str,
-    db_url: str | None,
-    config: CalibrationConfig,
-    work_dir: str,
-) -> str:
-    return steps.activation_stats(source_dir, corpus_digest, db_url, config, work_dir)
-
-
-@task(name="target-groups", **_CACHED)
-def target_groups_task(source_dir: str, config: CalibrationConfig, work_dir: str) -> list[str]:
-    """``work_dir`` only keys the cache: it names the source model's content."""
-    return steps.target_groups(source_dir, config)
-
-
-@task(name="kl-sweep-part", **_CACHED)
-def kl_sweep_part_task(
-    source_dir: str,
-    corpus_digest: str,
-    db_url: str | None,
-    stats_path: str,
-    groups: list[str],
-    part: int,
-    config: CalibrationConfig,
-    work_dir: str,
-) -> str:
-    return steps.kl_sweep_part(
-        source_dir, corpus_digest, db_url, stats_path, groups, part, config, work_dir
-    )
-
-
-@task(name="plan-and-export", **_CACHED)
-def plan_and_export_task(
-    source_dir: str,
-    corpus_digest: str,
-    db_url: str | None,
-    stats_path: str,
-    part_paths: list[str],
-    config: CalibrationConfig,
-    work_dir: str,
-) -> steps.CalibratedCheckpoint:
-    return steps.plan_and_export(
-        source_dir, corpus_digest, db_url, stats_path, part_paths, config, work_dir
-    )
-
-
-@task(name="register-challenger", **_IO)
-def register_challenger_task(
-    params: RecalibrateParams,
-    calibration_set: steps.CalibrationSetRef,
-    checkpoint: steps.CalibratedCheckpoint,
-) -> steps.Registration:
-    return steps.register_challenger(params, calibration_set, checkpoint)
+resolve_source_model_task = task(name="resolve-source-model", **_IO)(steps.resolve_source_model)
+sample_calibration_set_task = task(name="sample-calibration-set", **_IO)(
+    steps.sample_calibration_set
+)
+register_baseline_task = task(name="register-baseline", **_IO)(steps.register_baseline)
+activation_stats_task = task(name="activation-stats", **_CACHED)(steps.activation_stats)
+target_groups_task = task(name="target-groups", **_CACHED)(steps.target_groups)
+kl_sweep_part_task = task(name="kl-sweep-part", **_CACHED)(steps.kl_sweep_part)
+plan_and_export_task = task(name="plan-and-export", **_CACHED)(steps.plan_and_export)
+register_challenger_task = task(name="register-challenger", **_IO)(steps.register_challenger)
 
 
 @flow(name="kl-sweep", log_prints=False)
@@ -235,7 +172,9 @@ def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> Recalib
     source_dir = resolve_source_model_task(params.source_model)
     calibration_set = sample_calibration_set_task(params, source_dir)
     digest = calibration_set.digest
-    register_baseline_task(params.model_name, source_dir, params.tracking_uri, db_url)
+    register_baseline_task(
+        params.model_name, source_dir, tracking_uri=params.tracking_uri, db_url=db_url
+    )
     work_dir = steps.calibration_work_dir(params, digest, source_dir)
     stats_path = activation_stats_task(source_dir, digest, db_url, config, work_dir)
     groups = target_groups_task(source_dir, config, work_dir)
@@ -290,36 +229,16 @@ class Approval(RunInput):
     note: str = ""
 
 
-@task(name="plan-canary", **_IO)
-def plan_canary_task(params: CanaryParams) -> CanaryPlan:
-    return rollout_steps.plan_canary(params)
+plan_canary_task = task(name="plan-canary", **_IO)(rollout_steps.plan_canary)
+open_rollout_task = task(name="open-rollout", **_IO)(rollout_steps.open_rollout)
+canary_stage_task = task(
+    name="canary-stage", cache_policy=NO_CACHE, persist_result=True, result_serializer="json"
+)(rollout_steps.run_stage)
 
 
-@task(name="open-rollout", **_IO)
-def open_rollout_task(plan: CanaryPlan) -> RolloutState:
-    return rollout_steps.open_rollout(plan)
-
-
-@task(name="canary-stage", cache_policy=NO_CACHE, persist_result=True, result_serializer="json")
-def canary_stage_task(
-    plan: CanaryPlan, rollout_id: int, stage_index: int, owner: str
-) -> StageReport:
-    return rollout_steps.run_stage(plan, rollout_id, stage_index, owner)
-
-
-@task(name="promote-candidate", **_IO)
-def promote_candidate_task(plan: CanaryPlan, rollout_id: int) -> str:
-    return rollout_steps.promote_candidate(plan, rollout_id)
-
-
-@task(name="reject-candidate", **_IO)
-def reject_candidate_task(plan: CanaryPlan, rollout_id: int, reason: str) -> str:
-    return rollout_steps.reject_candidate(plan, rollout_id, reason)
-
-
-@task(name="hold-rollout", **_IO)
-def hold_rollout_task(plan: CanaryPlan, rollout_id: int, reason: str) -> None:
-    rollout_steps.hold_rollout(plan, rollout_id, reason)
+promote_candidate_task = task(name="promote-candidate", **_IO)(rollout_steps.promote_candidate)
+reject_candidate_task = task(name="reject-candidate", **_IO)(rollout_steps.reject_candidate)
+hold_rollout_task = task(name="hold-rollout", **_IO)(rollout_steps.hold_rollout)
 
 
 def _drive_stages(
@@ -427,14 +346,8 @@ def canary_flow(params: CanaryParams = CanaryParams()) -> CanaryRecord:  # noqa:
 # ------------------------------------------------------------------------ promote / rollback / drift
 
 
-@task(name="promote-version", **_IO)
-def promote_version_task(params: PromoteParams) -> tuple[AliasMove, ...]:
-    return rollout_steps.promote_version(params)
-
-
-@task(name="rollback-version", **_IO)
-def rollback_version_task(params: RollbackParams) -> tuple[AliasMove, ...]:
-    return rollout_steps.rollback_version(params)
+promote_version_task = task(name="promote-version", **_IO)(rollout_steps.promote_version)
+rollback_version_task = task(name="rollback-version", **_IO)(rollout_steps.rollback_version)
 
 
 @flow(name="promote", log_prints=False)
@@ -449,9 +362,7 @@ def rollback_flow(params: RollbackParams) -> tuple[AliasMove, ...]:
     return rollback_version_task(params)
 
 
-@task(name="check-drift", **_IO)
-def check_drift_task(params: DriftCheckParams) -> DriftRecord:
-    return steps.check_drift(params)
+check_drift_task = task(name="check-drift", **_IO)(steps.check_drift)
 
 
 @flow(name="drift-check", log_prints=False)

@@ -210,7 +210,7 @@ def open_rollout(plan: CanaryPlan, owner: str | None = None) -> RolloutState:
     """Reconcile ledger and aliases, then resume the active rollout (refused while another run's
     lease lives, or when its pinned stages / gate policy / baseline differ from the plan's) or
     start a new one owned by this run (:func:`registry.rollout_actions.open_rollout`)."""
-    db.upgrade(plan.db_url)
+    db.ensure_schema(plan.db_url)
     owner = owner or current_owner()
     opened = rollout_actions.open_rollout(
         rollout_pins(plan),
@@ -358,7 +358,7 @@ def promote_version(params: PromoteParams) -> tuple[AliasMove, ...]:
     """Manual promotion (default: the challenger) behind the gates of :mod:`registry.guards`
     (``force`` overrides them, never the integrity check), recorded in the ledger. Promoting the
     candidate of a rollout whose every stage passed completes that rollout."""
-    db.upgrade(params.db_url)
+    db.ensure_schema(params.db_url)
     name = params.model_name
     rollout_actions.reconcile(name, db_url=params.db_url, tracking_uri=params.tracking_uri)
     info = verified_version(name, params.version or "challenger", tracking_uri=params.tracking_uri)
@@ -400,7 +400,7 @@ def promote_version(params: PromoteParams) -> tuple[AliasMove, ...]:
 def rollback_version(params: RollbackParams) -> tuple[AliasMove, ...]:
     """Put ``to_version`` (default: ``previous-champion``) back as champion behind
     :func:`registry.guards.rollback_refusal` (``force`` overrides), recorded in the ledger."""
-    db.upgrade(params.db_url)
+    db.ensure_schema(params.db_url)
     name = params.model_name
     rollout_actions.reconcile(name, db_url=params.db_url, tracking_uri=params.tracking_uri)
     target = params.to_version

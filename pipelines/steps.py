@@ -106,7 +106,7 @@ def sample_calibration_set(params: RecalibrateParams, source_dir: str) -> Calibr
     calibration, sensitivity and canary hold-out prompts from the log window, record them in the store
     (idempotent: same content, same digest) and export them."""
 
-    db.upgrade(params.db_url)
+    db.ensure_schema(params.db_url)
     tokenizer = load_tokenizer(source_dir)
     if tokenizer is None:
         raise ValueError(f"{source_dir} has no tokenizer: prompts cannot be rendered for it")
@@ -181,8 +181,11 @@ def activation_stats(
     return str(recalibrate.collect_stats_file(source_dir, prompts, out, config, progress=False))
 
 
-def target_groups(source_dir: str, config: CalibrationConfig) -> list[str]:
-    """Names of the fused groups the sweep scores, in model order."""
+def target_groups(
+    source_dir: str, config: CalibrationConfig, work_dir: str | None = None
+) -> list[str]:
+    """Names of the fused groups the sweep scores, in model order. ``work_dir`` only keys the
+    task cache: it names the source model's content, so a model changed in place is re-read."""
 
     return list(recalibrate.target_group_names(source_dir, config))
 
@@ -269,7 +272,7 @@ def register_baseline(
 
     info, moves = versions.register_baseline(model_name, source_dir, tracking_uri=tracking_uri)
     if moves:
-        db.upgrade(db_url)
+        db.ensure_schema(db_url)
         ledger.record_alias_moves(moves, db_url=db_url)
     return info.version
 
