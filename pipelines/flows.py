@@ -43,6 +43,7 @@ from pipelines.results import (
     RecalibrationRecord,
     StageReport,
 )
+from pipelines.rollout import CanaryPlan, RolloutState
 from registry.aliases import AliasMove
 from registry.guards import ManualActionRefused
 from registry.integrity import IntegrityError
