@@ -57,13 +57,17 @@ def redact_strings(value: Any) -> Any:
 
 
 def has_credentials(url: str) -> bool:
-    """True when ``url`` carries a user-info part or a secret query parameter."""
+    """True when ``url`` carries a password (``user:pw@``), a bare user-info on HTTP(S) (a token
+    as user name), or a secret query parameter. ``postgresql://user@host`` alone is not one."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return redact_urls(url) != url
     if "@" in parts.netloc:
-        return True
+        userinfo = parts.netloc.rsplit("@", 1)[0]
+        # a password always; a bare user name only where it is the usual place for a token
+        if ":" in userinfo or parts.scheme.lower() in ("http", "https"):
+            return True
     return any(_SECRET_QUERY_KEY.match(key) for key, _ in parse_qsl(parts.query))
 
 

@@ -70,6 +70,22 @@ MATRIX = (
 )
 
 
+#: On PostgreSQL a representative subset runs by default (each case costs two child processes and
+#: ~30-60 s on a shared 2-core machine); FP4ROLL_FULL_CRASH_MATRIX=1 runs every point there too.
+POSTGRES_SUBSET = {
+    ("canary-pass", "stage:after-record"),
+    ("canary-pass", "intent:after-begin"),
+    ("canary-pass", "move:after:previous-champion"),
+    ("canary-pass", "move:after:champion"),
+    ("canary-pass", "tags:after-outcome"),
+    ("canary-pass", "intent:before-complete"),
+    ("canary-fail", "stage:after-record"),
+    ("canary-fail", "move:after:challenger"),
+    ("rollback", "move:after:champion"),
+    ("rollback", "intent:before-complete"),
+}
+
+
 def _run(args: list[str], *, crash_at: str | None, owner: str, lease: float):
     env = {**os.environ, "FP4ROLL_ROLLOUT_OWNER": owner, "FP4ROLL_LEASE_SECONDS": str(lease)}
     env.pop("FP4ROLL_CRASH_AT", None)
@@ -99,6 +115,12 @@ def test_kill9_then_rerun_is_consistent_and_complete(
     scenario, point, migrated_db_url, mlflow_sqlite_uri, tmp_path
 ):
     url, uri = migrated_db_url, mlflow_sqlite_uri
+    if (
+        url.startswith("postgresql")
+        and (scenario, point) not in POSTGRES_SUBSET
+        and not os.environ.get("FP4ROLL_FULL_CRASH_MATRIX")
+    ):
+        pytest.skip("PostgreSQL runs a subset of the matrix; FP4ROLL_FULL_CRASH_MATRIX=1 for all")
     name = f"crash-{os.getpid()}-{next(_names)}"
     baseline, (candidate,) = register_baseline_and_challenger(name, tmp_path, uri)
     rollout_actions.reconcile(name, db_url=url, tracking_uri=uri)  # initial aliases recorded

@@ -80,7 +80,7 @@ def test_never_canaried_version_is_refused_then_forced_and_recorded(setup):
         _promote(setup, v_a)
     assert _champion(setup) == baseline
     moves = _promote(setup, v_a, force=True, reason="hotfix approved by on-call")
-    assert _champion(setup) == v_a and {m["alias"] for m in moves} >= {"champion"}
+    assert _champion(setup) == v_a and {m.alias.value for m in moves} >= {"champion"}
     recorded = [m for m in ledger.alias_moves(name, db_url=url) if m.alias == "champion"]
     assert recorded[-1].to_version == v_a
     assert recorded[-1].reason.startswith(f"FORCED past 'v{v_a} never passed every stage")
@@ -137,4 +137,4 @@ def test_promoting_a_rollout_awaiting_promotion_completes_it(setup):
         m.alias == "champion" and m.to_version == v_a
         for m in ledger.alias_moves(name, rollout_id=rollout.id, db_url=url)
     )
-    assert _promote(setup, v_a) == []  # already champion: a no-op, not a refusal
+    assert _promote(setup, v_a) == ()  # already champion: a no-op, not a refusal
