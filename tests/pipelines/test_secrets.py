@@ -89,7 +89,7 @@ def test_cli_moves_credential_urls_to_the_environment(monkeypatch):
 def test_no_surface_shows_a_credential(secret_env, prefect_harness, monkeypatch, caplog, tmp_path):
     from prefect.client.orchestration import get_client
 
-    from pipelines import rollout as rollout_steps
+    from pipelines import flows
     from pipelines.cli import app
     from pipelines.flows import canary_flow
     from pipelines.params import CanaryParams
@@ -152,11 +152,12 @@ def test_no_surface_shows_a_credential(secret_env, prefect_harness, monkeypatch,
             replay_path="unused",
         )
 
-    monkeypatch.setattr(rollout_steps, "plan_canary", fake_plan)
-    monkeypatch.setattr(rollout_steps, "run_stage", failing_stage)
+    # the tasks are the step functions themselves: swap what they run
+    monkeypatch.setattr(flows.plan_canary_task, "fn", fake_plan)
+    monkeypatch.setattr(flows.canary_stage_task, "fn", failing_stage)
     with pytest.raises(ConnectionError):
         canary_flow(CanaryParams(model_name=name))
-    monkeypatch.setattr(rollout_steps, "run_stage", passing_stage)
+    monkeypatch.setattr(flows.canary_stage_task, "fn", passing_stage)
     result = canary_flow(CanaryParams(model_name=name))
     assert result.outcome.value == "promoted"
     aborted = ledger.rollouts(name)[0]
