@@ -15,8 +15,8 @@ glues the two). The pipeline, in order:
 3. **Near duplicates**: MinHash (64 permutations) over character 5-gram shingles of the normalised
    text, LSH with 16 bands x 4 rows to find candidate pairs, then the *exact* Jaccard similarity of
    the shingle sets must reach ``near_duplicate_threshold`` (default 0.8); pairs are merged with
-   union-find. Within an LSH bucket a prompt is checked against at most 8 representatives (linear,
-   not quadratic in the bucket size). Each cluster keeps one representative (earliest ``received_at``), so near-duplicates
+   union-find. Within an LSH bucket a prompt is checked against at most its 64 first members (linear,
+   not quadratic in the bucket size; identical to all pairs for buckets up to that size). Each cluster keeps one representative (earliest ``received_at``), so near-duplicates
    can never straddle the calibration / hold-out split.
 4. **Stratification** by (route, length bucket); the canary hold-out is allocated first, proportionally
    to the stratum sizes (largest remainder), then the sensitivity slice (scores each group and verifies
@@ -243,10 +243,10 @@ class _UnionFind:
             self.parent[max(ri, rj)] = min(ri, rj)
 
 
-#: Per LSH bucket, a new member is compared with at most this many cluster representatives already
-#: in the bucket (each check an exact Jaccard at most): linear in the bucket size, not quadratic. A
-#: bucket of thousands of near-identical prompts costs thousands of checks, not millions.
-_BUCKET_REPRESENTATIVES = 8
+#: Per LSH bucket, a new member is compared with at most this many earlier members of the bucket
+#: (the first ones): linear in the bucket size, not quadratic. Buckets up to this size give exactly
+#: the pairwise result (the clusters are the connected components of the same checked edges).
+_BUCKET_REPRESENTATIVES = 64
 
 
 def near_duplicate_clusters(texts: Sequence[str], threshold: float) -> list[int]:
@@ -254,7 +254,7 @@ def near_duplicate_clusters(texts: Sequence[str], threshold: float) -> list[int]
 
     Memory: one 64-value signature per text; shingle sets are rebuilt for the pairs the LSH
     proposes instead of being kept for every text. Work: per band, each member is checked against
-    at most :data:`_BUCKET_REPRESENTATIVES` representatives of its bucket."""
+    at most :data:`_BUCKET_REPRESENTATIVES` earlier members of its bucket."""
     signatures = (
         np.stack([_minhash(_shingles(t)) for t in texts]) if texts else np.zeros((0, _NUM_PERM))
     )
@@ -272,25 +272,20 @@ def near_duplicate_clusters(texts: Sequence[str], threshold: float) -> list[int]
     # Candidates whose MinHash estimate is far below the threshold skip the exact check.
     estimate_floor = max(0.0, threshold - 0.25)
     for band in range(_BANDS):
-        buckets: dict[bytes, list[int]] = defaultdict(list)  # key -> representatives
+        buckets: dict[bytes, list[int]] = defaultdict(list)  # key -> first members
         rows = signatures[:, band * _ROWS : (band + 1) * _ROWS]
         for j in range(len(texts)):
             representatives = buckets[rows[j].tobytes()]
-            merged = False
-            for i in representatives:
-                if uf.find(i) == uf.find(j):
-                    merged = True
-                    break
-                if (i, j) in checked:
-                    continue
-                checked.add((i, j))
-                if (signatures[i] == signatures[j]).mean() < estimate_floor:
-                    continue
-                if _jaccard(shingles(i), shingles(j)) >= threshold:
-                    uf.union(i, j)
-                    merged = True
-                    break
-            if not merged and len(representatives) < _BUCKET_REPRESENTATIVES:
+            if representatives:
+                estimates = (signatures[representatives] == signatures[j]).mean(axis=1)
+                for offset in np.flatnonzero(estimates >= estimate_floor):
+                    i = representatives[int(offset)]
+                    if (i, j) in checked or uf.find(i) == uf.find(j):
+                        continue
+                    checked.add((i, j))
+                    if _jaccard(shingles(i), shingles(j)) >= threshold:
+                        uf.union(i, j)
+            if len(representatives) < _BUCKET_REPRESENTATIVES:
                 representatives.append(j)
     return [uf.find(i) for i in range(len(texts))]
 

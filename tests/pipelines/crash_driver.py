@@ -25,8 +25,9 @@ def canary(
     owner = os.environ["FP4ROLL_ROLLOUT_OWNER"]
     lease = float(os.environ.get("FP4ROLL_LEASE_SECONDS", "300"))
     rollout_actions.reconcile(model, db_url=db_url, tracking_uri=uri)
-    if aliases(model, tracking_uri=uri).get("champion") == candidate:
-        return "already-champion"  # what plan_canary refuses: candidate == champion
+    if aliases(model, tracking_uri=uri).get("challenger") != candidate:
+        # what plan_canary does: the candidate is the challenger (a finished rollout cleared it)
+        return "candidate is no longer the challenger"
     pins = ledger.Pins(candidate, baseline, STAGES, "policy-sha")
     opened = rollout_actions.open_rollout(
         pins,
