@@ -131,12 +131,12 @@ def test_no_surface_shows_a_credential(secret_env, prefect_harness, monkeypatch,
             tracking_uri=params.tracking_uri,
         )
 
-    def failing_stage(plan, rollout_id, stage_index):
+    def failing_stage(plan, rollout_id, stage_index, owner=None):
         raise ConnectionError(
             f"lost {os.environ['MLFLOW_TRACKING_URI']} and {os.environ['FP4ROLL_DB_URL']}"
         )
 
-    def passing_stage(plan, rollout_id, stage_index):
+    def passing_stage(plan, rollout_id, stage_index, owner=None):
         decision = record_stage(rollout_id, stage_index, os.environ["FP4ROLL_DB_URL"])
         return StageReport(
             rollout_id=rollout_id,
