@@ -8,7 +8,9 @@ I/O tasks retry. Each flow takes one pydantic parameter model, which the Prefect
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import functools
 import json
 import logging
 from pathlib import Path
@@ -78,6 +80,25 @@ def _retry_unless_definitive(_task, _task_run, state) -> bool:
     return True
 
 
+def _redact_errors(fn):
+    """``fn`` whose exceptions carry their text through the one URL redactor: Prefect persists a
+    failed task's exception (message included) in its result storage and shows it in the UI."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            redacted = tuple(redact_urls(a) if isinstance(a, str) else a for a in exc.args)
+            if redacted == exc.args:
+                raise
+            clean = copy.copy(exc)
+            clean.args = redacted
+            raise clean from None
+
+    return wrapper
+
+
 #: Steps that talk to a database, MLflow or a file store: retried (not after a definitive refusal),
 #: never cached.
 _IO = {
@@ -115,16 +136,22 @@ class SimulatedCrash(RuntimeError):
 # decided here, the code lives in pipelines/steps.py and pipelines/rollout.py.
 
 
-resolve_source_model_task = task(name="resolve-source-model", **_IO)(steps.resolve_source_model)
-sample_calibration_set_task = task(name="sample-calibration-set", **_IO)(
-    steps.sample_calibration_set
+resolve_source_model_task = task(name="resolve-source-model", **_IO)(
+    _redact_errors(steps.resolve_source_model)
 )
-register_baseline_task = task(name="register-baseline", **_IO)(steps.register_baseline)
+sample_calibration_set_task = task(name="sample-calibration-set", **_IO)(
+    _redact_errors(steps.sample_calibration_set)
+)
+register_baseline_task = task(name="register-baseline", **_IO)(
+    _redact_errors(steps.register_baseline)
+)
 activation_stats_task = task(name="activation-stats", **_CACHED)(steps.activation_stats)
 target_groups_task = task(name="target-groups", **_CACHED)(steps.target_groups)
 kl_sweep_part_task = task(name="kl-sweep-part", **_CACHED)(steps.kl_sweep_part)
 plan_and_export_task = task(name="plan-and-export", **_CACHED)(steps.plan_and_export)
-register_challenger_task = task(name="register-challenger", **_IO)(steps.register_challenger)
+register_challenger_task = task(name="register-challenger", **_IO)(
+    _redact_errors(steps.register_challenger)
+)
 
 
 @flow(name="kl-sweep", log_prints=False)
@@ -230,16 +257,20 @@ class Approval(RunInput):
     note: str = ""
 
 
-plan_canary_task = task(name="plan-canary", **_IO)(rollout_steps.plan_canary)
-open_rollout_task = task(name="open-rollout", **_IO)(rollout_steps.open_rollout)
+plan_canary_task = task(name="plan-canary", **_IO)(_redact_errors(rollout_steps.plan_canary))
+open_rollout_task = task(name="open-rollout", **_IO)(_redact_errors(rollout_steps.open_rollout))
 canary_stage_task = task(
     name="canary-stage", cache_policy=NO_CACHE, persist_result=True, result_serializer="json"
-)(rollout_steps.run_stage)
+)(_redact_errors(rollout_steps.run_stage))
 
 
-promote_candidate_task = task(name="promote-candidate", **_IO)(rollout_steps.promote_candidate)
-reject_candidate_task = task(name="reject-candidate", **_IO)(rollout_steps.reject_candidate)
-hold_rollout_task = task(name="hold-rollout", **_IO)(rollout_steps.hold_rollout)
+promote_candidate_task = task(name="promote-candidate", **_IO)(
+    _redact_errors(rollout_steps.promote_candidate)
+)
+reject_candidate_task = task(name="reject-candidate", **_IO)(
+    _redact_errors(rollout_steps.reject_candidate)
+)
+hold_rollout_task = task(name="hold-rollout", **_IO)(_redact_errors(rollout_steps.hold_rollout))
 
 
 def _drive_stages(
@@ -347,8 +378,12 @@ def canary_flow(params: CanaryParams = CanaryParams()) -> CanaryRecord:  # noqa:
 # ------------------------------------------------------------------------ promote / rollback / drift
 
 
-promote_version_task = task(name="promote-version", **_IO)(rollout_steps.promote_version)
-rollback_version_task = task(name="rollback-version", **_IO)(rollout_steps.rollback_version)
+promote_version_task = task(name="promote-version", **_IO)(
+    _redact_errors(rollout_steps.promote_version)
+)
+rollback_version_task = task(name="rollback-version", **_IO)(
+    _redact_errors(rollout_steps.rollback_version)
+)
 
 
 @flow(name="promote", log_prints=False)
@@ -363,7 +398,7 @@ def rollback_flow(params: RollbackParams) -> tuple[AliasMove, ...]:
     return rollback_version_task(params)
 
 
-check_drift_task = task(name="check-drift", **_IO)(steps.check_drift)
+check_drift_task = task(name="check-drift", **_IO)(_redact_errors(steps.check_drift))
 
 
 @flow(name="drift-check", log_prints=False)

@@ -962,6 +962,28 @@ def open_intent(model_name: str, *, db_url: str | None = None) -> IntentRecord |
         return _intent_record(row) if row is not None else None
 
 
+def latest_intent(model_name: str, *, db_url: str | None = None) -> IntentRecord | None:
+    """The model's most recent alias intent (open or closed)."""
+    with db.session_scope(db_url) as session:
+        row = session.scalars(
+            sa.select(AliasIntent)
+            .where(AliasIntent.model_name == model_name)
+            .order_by(AliasIntent.id.desc())
+            .limit(1)
+        ).first()
+        return _intent_record(row) if row is not None else None
+
+
+def moves_after(model_name: str, moment: dt.datetime, *, db_url: str | None = None) -> int:
+    """How many alias moves of the model were recorded after ``moment``."""
+    with db.session_scope(db_url) as session:
+        return session.scalar(
+            sa.select(sa.func.count())
+            .select_from(AliasMove)
+            .where(AliasMove.model_name == model_name, AliasMove.created_at > moment)
+        )
+
+
 def complete_intent(
     intent_id: int, after: Mapping[str, str], *, db_url: str | None = None
 ) -> list[AliasMoveRow]:

@@ -134,6 +134,15 @@ def _act(
         redact_urls(reason),
     ):
         return recorded  # this very action was interrupted by a crash and is now complete
+    last = ledger.latest_intent(model_name, db_url=db_url)
+    if (
+        completed is None
+        and last is not None
+        and last.completed_at is not None
+        and (last.action, last.version, last.reason) == (action, version, redact_urls(reason))
+        and not ledger.moves_after(model_name, last.completed_at, db_url=db_url)
+    ):
+        return ()  # a rerun of the action that completed last, nothing moved since: done
     before = _current(model_name, tracking_uri)
     if action == "rollback" and version is None and not before.get(Alias.PREVIOUS_CHAMPION.value):
         raise RegistryError(f"{model_name}: no previous-champion to roll back to")

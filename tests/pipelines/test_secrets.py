@@ -154,7 +154,8 @@ def test_no_surface_shows_a_credential(secret_env, prefect_harness, monkeypatch,
 
     # the tasks are the step functions themselves: swap what they run
     monkeypatch.setattr(flows.plan_canary_task, "fn", fake_plan)
-    monkeypatch.setattr(flows.canary_stage_task, "fn", failing_stage)
+    # as in production, the stage's function runs inside the redacting wrapper
+    monkeypatch.setattr(flows.canary_stage_task, "fn", flows._redact_errors(failing_stage))
     with pytest.raises(ConnectionError):
         canary_flow(CanaryParams(model_name=name))
     monkeypatch.setattr(flows.canary_stage_task, "fn", passing_stage)
