@@ -1,0 +1,1 @@
+"""The canary: evaluators against live endpoints, traffic routers, per-route judging."""
