@@ -23,11 +23,10 @@ from calibration.evaluate import (
     CanaryEvaluator,
     Prompt,
     ReplayResult,
-    judge_samples,
     save_replay,
     stage_request_indices,
 )
-from registry.judge import Decision, RolloutProgress, StageVerdict, decide, judge_stage
+from registry.judge import Decision, RolloutProgress, StageVerdict, decide
 from registry.policy import GatePolicy
 
 logger = logging.getLogger(__name__)
@@ -62,9 +61,11 @@ def stage_requests(
 def judge_replay(
     result: ReplayResult, policy: GatePolicy | None = None, *, stage_index: int = 0
 ) -> StageVerdict:
-    """The judge's verdict on a replay (per-request samples from :func:`judge_samples`)."""
-    baseline, candidate = judge_samples(result)
-    return judge_stage(baseline, candidate, policy, stage_index=stage_index)
+    """The judge's verdict on a replay: the pool, and every route with enough requests judged on its
+    own (:func:`pipelines.canary.judging.judge_window`; a route regressing fails the stage)."""
+    from pipelines.canary.judging import judge_window
+
+    return judge_window(result, policy or GatePolicy(), stage_index=stage_index)
 
 
 def run_replay_stage(

@@ -386,7 +386,8 @@ def judge_stage_with_routes(
         outcome = Outcome.FAIL
         critical = any(v.critical_failure for v in failed.values())
         reason = "route regression: " + "; ".join(
-            f"{name} ({', '.join(v.failed_metrics)}: {v.reason})" for name, v in sorted(failed.items())
+            f"{name} ({', '.join(v.failed_metrics)}: {v.reason})"
+            for name, v in sorted(failed.items())
         )
     if undecided:
         reason += f" [routes without enough data: {', '.join(undecided)}]"

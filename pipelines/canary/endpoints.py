@@ -366,7 +366,9 @@ class EndpointClient:
         )
         return int(body["count"])
 
-    async def score(self, text: str, n_response: int, attempts: _Attempts) -> list[PositionLogprobs]:
+    async def score(
+        self, text: str, n_response: int, attempts: _Attempts
+    ) -> list[PositionLogprobs]:
         """Teacher-forced log-probabilities of the last ``n_response`` tokens of ``text``."""
         k = self.settings.top_k
         if self.endpoint.flavor is ServerFlavor.LLAMACPP:

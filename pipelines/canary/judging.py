@@ -18,7 +18,12 @@ from typing import Any
 from calibration.evaluate import ReplayRecord, ReplayResult, judge_samples
 from pipelines.canary.tasks import TASK_JUDGE_METRICS, family_judge_metrics, route_family
 from registry.judge import StageVerdict, judge_stage, judge_stage_with_routes
-from registry.policy import GatePolicy, default_metric_gates, endpoint_metric_gates, load_gate_policy
+from registry.policy import (
+    GatePolicy,
+    default_metric_gates,
+    endpoint_metric_gates,
+    load_gate_policy,
+)
 
 #: Pool metrics that only make sense per route (families mix in the pool).
 TASK_METRICS = tuple(TASK_JUDGE_METRICS)
@@ -158,9 +163,7 @@ def build_endpoint_policy(
     if unknown:
         raise ValueError(f"metric_overrides names unknown metrics: {unknown}")
     data: dict[str, Any] = {
-        "metrics": [
-            {**dataclasses.asdict(g), **per_metric.get(g.name, {})} for g in base.metrics
-        ],
+        "metrics": [{**dataclasses.asdict(g), **per_metric.get(g.name, {})} for g in base.metrics],
         "min_samples": min_samples,
         **overrides,
     }

@@ -46,7 +46,9 @@ _REFUSAL = re.compile(
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
-def route_family(route: str | None, overrides: Mapping[str, RouteFamily] | None = None) -> RouteFamily:
+def route_family(
+    route: str | None, overrides: Mapping[str, RouteFamily] | None = None
+) -> RouteFamily:
     """The family of ``route`` (``overrides`` first, then name hints; unknown → chat)."""
     if route is None:
         return RouteFamily.CHAT
@@ -82,7 +84,9 @@ def code_parses(text: str) -> float:
 
     Code is every fenced block tagged python/py or untagged; an answer without a fence counts as
     code only when it parses as a module with at least one def/class/import statement."""
-    blocks = [m.group(2) for m in _FENCE.finditer(text) if m.group(1).lower() in ("", "python", "py")]
+    blocks = [
+        m.group(2) for m in _FENCE.finditer(text) if m.group(1).lower() in ("", "python", "py")
+    ]
     if not blocks:
         try:
             tree = ast.parse(text)
@@ -145,7 +149,9 @@ def task_metrics(family: RouteFamily, baseline: str, candidate: str) -> dict[str
                 agreement = 1.0 if not cand_obj else 0.0
             else:
                 same = sum(
-                    1 for k, v in base_obj.items() if k in cand_obj and _normal(cand_obj[k]) == _normal(v)
+                    1
+                    for k, v in base_obj.items()
+                    if k in cand_obj and _normal(cand_obj[k]) == _normal(v)
                 )
                 agreement = same / len(base_obj)
             out["task_agreement"] = agreement

@@ -181,7 +181,9 @@ def test_timeouts_are_failures_of_that_side():
         raise httpx.ReadTimeout("read timed out", request=request)
 
     evaluator = _evaluator(FakeModel(), FakeModel())
-    evaluator = type(evaluator)(**{**evaluator.__dict__, "transport_candidate": httpx.MockTransport(slow)})
+    evaluator = type(evaluator)(
+        **{**evaluator.__dict__, "transport_candidate": httpx.MockTransport(slow)}
+    )
     result = evaluator(PROMPTS[:2])
     assert all(r.failed_side == "candidate" and "timeout" in r.error for r in result.records)
 
