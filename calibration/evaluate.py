@@ -16,14 +16,8 @@ and the candidate model on CPU (teacher-forced over the prompt tokens, one forwa
   ~200 layers of a model exceeds its range would grow with depth and says little per layer.)
 
 Records are saved/loaded as strict JSON (:func:`save_replay` / :func:`load_replay`, NaN stored as
-``null``) because Prefect tasks pass paths, never tensors. :func:`judge_samples` turns a result into
-the judge's per-metric samples (``registry.judge.judge_stage`` input). :func:`stage_request_indices`
-picks the requests a canary stage replays.
-
-Stage sampling is NESTED: one seeded permutation of the hold-out window, stage k takes its first
-``max(min_samples, ceil(share_k * window))`` entries, so every stage's sample is a superset of the
-previous one (a replay window cannot give disjoint 1 %/10 %/50 %/100 % slices; nesting also lets a
-driver reuse earlier records and only replay the increment).
+``null``) because Prefect tasks pass paths, never tensors. Which requests a canary stage replays and
+how a result becomes the judge's samples live with the canary (``pipelines/canary.py``).
 
 A remote evaluator (mirrored traffic to two OpenAI-compatible endpoints, e.g. vLLM) implements the same
 :class:`CanaryEvaluator` protocol: it fills the same records (latency from the two HTTP calls, KL and
@@ -38,8 +32,6 @@ import json
 import logging
 import math
 import os
-import random
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -49,6 +41,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from calibration import atomic
 from calibration.prompts import Prompt, PromptError, RenderedPrompt, encode_prompt, render_prompt
 from kernels.formats import FP4_E2M1_MAX, FP8_E4M3_MAX
 
@@ -60,15 +53,6 @@ REPLAY_FORMAT_VERSION = 1
 #: What :func:`replay` accepts for a model: a module, ``(model, tokenizer, ...)`` as the loaders return,
 #: a model folder (plain HF or our NVFP4 checkpoint), or a zero-argument callable returning any of those.
 ModelSource = nn.Module | tuple | str | os.PathLike | Callable[[], Any]
-
-#: Judge metric names (``registry.policy.default_metric_gates``).
-METRIC_LATENCY = "latency_ms"
-METRIC_NLL = "nll"
-METRIC_TOP1 = "top1_agreement"
-METRIC_KL_MEAN = "kl_mean"
-METRIC_KL_P99 = "kl_p99"
-METRIC_OUTLIER = "outlier_fallback_rate"
-METRIC_ERROR_RATE = "error_rate"
 
 
 class ReplayError(ValueError):
@@ -737,21 +721,8 @@ def replay_from_dict(data: Mapping[str, Any]) -> ReplayResult:
 
 
 def save_replay(result: ReplayResult, path: str | os.PathLike) -> Path:
-    """Write ``result`` as JSON atomically (temp file in the same folder, then rename)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(replay_to_dict(result), indent=1, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    """Write ``result`` as strict JSON, atomically (:func:`calibration.atomic.write_text`)."""
+    return atomic.write_text(path, json.dumps(replay_to_dict(result), indent=1, allow_nan=False))
 
 
 def load_replay(path: str | os.PathLike) -> ReplayResult:
@@ -760,79 +731,3 @@ def load_replay(path: str | os.PathLike) -> ReplayResult:
     if not source.is_file():
         raise FileNotFoundError(f"replay result not found: {source}")
     return replay_from_dict(json.loads(source.read_text(encoding="utf-8")))
-
-
-# --------------------------------------------------------------------------------------- judge
-
-
-def judge_samples(
-    result: ReplayResult,
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """``(baseline, candidate)`` per-metric samples for ``registry.judge.judge_stage``.
-
-    * ``latency_ms``, ``nll``: both sides measured (two-sample metrics);
-    * ``kl_mean``, ``kl_p99``, ``top1_agreement``: relative to the baseline already; the baseline side
-      gets its self-values (0, 0, 1.0) — the judge only looks at the candidate for these;
-    * ``outlier_fallback_rate``: measured on both (a champion may itself be W4A4).
-    * ``error_rate``: 1.0 for a request whose side failed, else 0.0 — every request counts, so a
-      failed request is never dropped (the quality metrics of a failed request are NaN, i.e.
-      missing data, on both sides).
-    """
-    base: dict[str, list[float]] = {}
-    cand: dict[str, list[float]] = {}
-
-    def put(metric: str, baseline_value: float, candidate_value: float) -> None:
-        base.setdefault(metric, []).append(baseline_value)
-        cand.setdefault(metric, []).append(candidate_value)
-
-    for rec in result.records:
-        bad = not rec.ok
-        nan = math.nan
-        put(METRIC_ERROR_RATE, float(rec.baseline_failed), float(rec.candidate_failed))
-        put(
-            METRIC_LATENCY,
-            nan if bad else rec.latency_baseline_s * 1000.0,
-            nan if bad else rec.latency_candidate_s * 1000.0,
-        )
-        put(METRIC_NLL, nan if bad else rec.nll_baseline, nan if bad else rec.nll_candidate)
-        put(METRIC_TOP1, nan if bad else 1.0, nan if bad else rec.top1_agreement)
-        put(METRIC_KL_MEAN, nan if bad else 0.0, nan if bad else rec.kl_mean)
-        put(METRIC_KL_P99, nan if bad else 0.0, nan if bad else rec.kl_p99)
-        put(
-            METRIC_OUTLIER,
-            nan if bad else rec.outlier_fallback_rate_baseline,
-            nan if bad else rec.outlier_fallback_rate_candidate,
-        )
-    return base, cand
-
-
-# --------------------------------------------------------------------------------------- stages
-
-
-def stage_sample_count(window_size: int, traffic_percent: float, min_samples: int) -> int:
-    """``max(min_samples, ceil(window * share))`` capped at the window (the judge then reports a
-    short window as Inconclusive)."""
-    if window_size < 0 or min_samples < 0:
-        raise ReplayError("window_size and min_samples must be >= 0")
-    if not 0 < traffic_percent <= 100:
-        raise ReplayError(f"traffic_percent must lie in (0, 100], got {traffic_percent}")
-    wanted = max(min_samples, math.ceil(window_size * traffic_percent / 100.0 - 1e-9))
-    return min(window_size, wanted)
-
-
-def stage_request_indices(
-    window_size: int, traffic_percent: float, *, min_samples: int, seed: int
-) -> tuple[int, ...]:
-    """Sorted hold-out window positions a stage replays: the first :func:`stage_sample_count` entries
-    of one permutation seeded by ``seed``, so a later (larger) stage's sample contains every earlier
-    one. Deterministic for a given ``(window_size, seed)``."""
-    count = stage_sample_count(window_size, traffic_percent, min_samples)
-    if count < min_samples:
-        logger.warning(
-            "hold-out window has %d requests < minimum %d: the stage will be inconclusive",
-            window_size,
-            min_samples,
-        )
-    order = list(range(window_size))
-    random.Random(seed).shuffle(order)
-    return tuple(sorted(order[:count]))

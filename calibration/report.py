@@ -14,12 +14,12 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from calibration import atomic
 from calibration.plan import FallbackPlan, FallbackReason
 from calibration.precision import Tier
 from calibration.sensitivity import GroupSensitivity, QualityScore
@@ -140,23 +140,10 @@ def build_calibration_record(
     }
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_calibration_json(record: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write ``record`` atomically (temp file, then rename)."""
     text = json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    return _atomic_write_bytes(Path(path), text.encode())
+    return atomic.write_bytes(path, text.encode())
 
 
 def render_kl_chart(
@@ -204,4 +191,4 @@ def write_kl_chart(
     title: str = "",
 ) -> Path:
     """Render the KL chart and write it atomically to ``path``."""
-    return _atomic_write_bytes(Path(path), render_kl_chart(sensitivities, plan, title=title))
+    return atomic.write_bytes(path, render_kl_chart(sensitivities, plan, title=title))

@@ -1,6 +1,6 @@
 """Calibration sampling from production prompt logs: redact, deduplicate, stratify, split, hash.
 
-Pure functions over ``PromptRecord`` values (the store lives in ``registry/``; ``pipelines/logs.py``
+Pure functions over ``PromptRecord`` values (the store lives in ``registry/``; ``pipelines/prompt_logs.py``
 glues the two). The pipeline, in order:
 
 1. **Redaction** (``calibration.redaction``) of every prompt first: nothing unredacted goes further.

@@ -2,6 +2,9 @@
 
 Every pipeline command runs its Prefect flow in this process (against ``$PREFECT_API_URL`` when set,
 otherwise a temporary local API), with the same parameter models the Prefect UI shows as forms.
+
+Flows are imported inside the commands that run them: importing ``pipelines.flows`` (Prefect, torch)
+takes ~4 s on this machine, which every ``fp4roll --help`` and ``fp4roll logs ...`` would pay.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.table import Table
 
 from pipelines.cli_options import options_command
 from pipelines.params import (
@@ -28,6 +30,7 @@ from pipelines.params import (
     RecalibrateParams,
     RollbackParams,
 )
+from pipelines.render import print_stages, print_status
 
 # Wide enough for the status tables when output is piped (rich falls back to 80 columns there).
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -124,7 +127,7 @@ def canary(
         tracking_uri=tracking_uri,
     )
     result = canary_flow(params)
-    _print_stages(result)
+    print_stages(console, result)
     if result["outcome"] == "rolled_back":
         raise typer.Exit(3)
 
@@ -220,7 +223,7 @@ def status(
     """Aliases, versions (scheme, KL, corpus digest) and recent rollouts of a model."""
     from pipelines.status import model_status
 
-    _print_status(model_status(model, db_url=db, tracking_uri=tracking_uri))
+    print_status(console, model_status(model, db_url=db, tracking_uri=tracking_uri))
 
 
 def serve(
@@ -266,79 +269,6 @@ def demo(model: ModelOption = DEFAULT_MODEL_NAME) -> None:
     from pipelines.demo import run_demo
 
     run_demo(model_name=model, console=console)
-
-
-# ---------------------------------------------------------------------------------------- printing
-
-
-def _print_stages(result: dict[str, Any]) -> None:
-    table = Table(
-        title=f"canary of v{result['candidate_version']} vs v{result['baseline_version']}: {result['outcome']}"
-    )
-    for column in (
-        "stage",
-        "traffic",
-        "requests",
-        "outcome",
-        "decision",
-        "score",
-        "failed metrics",
-    ):
-        table.add_column(column)
-    for s in result["stages"]:
-        table.add_row(
-            str(s["stage_index"]),
-            f"{s['traffic_percent']:g} %",
-            str(s["requests"]),
-            s["outcome"],
-            s["decision"],
-            f"{s['score']:.1f}",
-            ", ".join(s["failed_metrics"]) or "-",
-        )
-    console.print(table)
-
-
-def _print_status(status: dict[str, Any]) -> None:
-    aliases = status["aliases"]
-    table = Table(title=f"{status['model_name']}: versions")
-    for column in (
-        "version",
-        "aliases",
-        "scheme",
-        "combined KL",
-        "top-1",
-        "BF16 layers",
-        "corpus",
-        "outcome",
-    ):
-        table.add_column(column)
-    for v in status["versions"]:
-        names = ", ".join(a for a, ver in aliases.items() if ver == v["version"])
-        table.add_row(
-            v["version"],
-            names,
-            v["scheme"],
-            "" if v["combined_kl"] is None else f"{v['combined_kl']:.4f}",
-            "" if v["top1_agreement"] is None else f"{v['top1_agreement']:.3f}",
-            "" if v["fallback_count"] is None else str(v["fallback_count"]),
-            (v["corpus_digest"] or "")[:12],
-            v["outcome"] or "",
-        )
-    console.print(table)
-    rollouts = Table(title="recent rollouts")
-    for column in ("id", "candidate", "baseline", "status", "stage", "reason", "updated"):
-        rollouts.add_column(column)
-    for r in status["rollouts"]:
-        rollouts.add_row(
-            str(r["id"]),
-            r["candidate_version"],
-            r["baseline_version"] or "",
-            r["status"],
-            f"{r['current_stage'] + 1}/{len(r['stages'])}",
-            (r["reason"] or "")[:80],
-            r["updated_at"][:19],
-        )
-    console.print(rollouts)
 
 
 def register(app: typer.Typer) -> None:

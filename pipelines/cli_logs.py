@@ -123,7 +123,7 @@ def import_cmd(
     ] = True,
 ) -> None:
     """Import prompt logs (OpenAI chat requests or {"prompt": ...} lines); re-imports add nothing."""
-    from pipelines.logs import import_logs
+    from pipelines.prompt_logs import import_logs
     from registry.db import SchemaOutdatedError
 
     tasks: dict[str, int] = {}
@@ -142,7 +142,7 @@ def import_cmd(
     if redact and report.imported:
         # Redact each new prompt once, now, and keep the result beside it (see store_redactions).
         from calibration.redaction import REDACTOR_VERSION
-        from pipelines.logs import store_redactions
+        from pipelines.prompt_logs import store_redactions
 
         with err_console.status("redacting the new prompts"):
             done = store_redactions(db)
@@ -204,7 +204,7 @@ def _sample(params: SampleParams, *, json_out: bool = False) -> None:
     from calibration.models import load_tokenizer
     from calibration.prompts import PromptRenderer
     from calibration.sampling import NotEnoughPromptsError
-    from pipelines.logs import sample_and_store
+    from pipelines.prompt_logs import sample_and_store
     from pipelines.steps import resolve_source_model
     from registry.db import SchemaOutdatedError
 
@@ -285,7 +285,7 @@ def drift_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
 ) -> None:
     """Compare recent logs with a calibration set (exit 0 no drift, 3 drift, 4 inconclusive)."""
-    from pipelines.logs import DriftParameters, check_drift
+    from pipelines.prompt_logs import DriftParameters, check_drift
 
     try:
         params = DriftParameters(
@@ -347,7 +347,7 @@ def purge_cmd(
     redacted members. Without --yes nothing changes: the counts of what would be erased."""
     from pydantic import ValidationError
 
-    from pipelines.logs import PurgeParameters, purge_logs
+    from pipelines.prompt_logs import PurgeParameters, purge_logs
     from registry.db import SchemaOutdatedError
 
     try:

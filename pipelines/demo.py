@@ -16,7 +16,17 @@ from pathlib import Path
 from rich.console import Console
 
 from calibration.config import CalibrationConfig, SamplingConfig
+from calibration.evaluate import load_replay
+from pipelines.canary import judge_replay
+from pipelines.flows import canary_flow, drift_check_flow, recalibrate_flow
 from pipelines.params import CanaryParams, DriftCheckParams, RecalibrateParams
+from pipelines.prompt_logs import import_logs
+from pipelines.render import print_stages, print_status
+from pipelines.rollout import build_gate_policy
+from pipelines.status import model_status
+from pipelines.steps import resolve_source_model
+from registry.db import fp4roll_home, safe_url
+from registry.mlflow_registry import aliases, default_tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +56,6 @@ def shipped_logs() -> Path:
 
 
 def run_demo(*, model_name: str, console: Console | None = None) -> dict:
-    from pipelines.cli_flows import _print_stages, _print_status
-    from pipelines.flows import canary_flow, drift_check_flow, recalibrate_flow
-    from pipelines.logs import import_logs
-    from pipelines.status import model_status
-    from pipelines.steps import resolve_source_model
-    from registry.db import fp4roll_home, safe_url
-    from registry.mlflow_registry import aliases, default_tracking_uri
-
     console = console or Console()
     started = time.perf_counter()
     home = fp4roll_home()
@@ -97,7 +99,7 @@ def run_demo(*, model_name: str, console: Console | None = None) -> dict:
                 gate_policy=SMOLLM2_DEMO_GATES,
             )
         )
-        _print_stages(canary)
+        print_stages(console, canary)
         console.print(production_gates_verdict(canary))
     else:
         console.print(
@@ -113,7 +115,7 @@ def run_demo(*, model_name: str, console: Console | None = None) -> dict:
     )
 
     console.rule("6/6 status")
-    _print_status(model_status(model_name))
+    print_status(console, model_status(model_name))
     elapsed = time.perf_counter() - started
     tracking = default_tracking_uri()
     console.print(
@@ -129,10 +131,6 @@ def run_demo(*, model_name: str, console: Console | None = None) -> dict:
 
 def production_gates_verdict(canary: dict) -> str:
     """What the production (DESIGN.md) gates decide on the canary's first-stage replay."""
-    from calibration.evaluate import load_replay
-    from pipelines.canary_stage import judge_replay
-    from pipelines.params import CanaryParams
-    from pipelines.rollout import build_gate_policy
 
     defaults = CanaryParams()
     policy = build_gate_policy(defaults.stages, defaults.min_samples)

@@ -7,14 +7,25 @@ anywhere can be rerun: :func:`open_rollout` resumes (or aborts) what the crash l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from calibration.evaluate import InProcessEvaluator
+from calibration.sampling import Role
+from pipelines.canary import run_replay_stage
 from pipelines.params import CanaryParams, PromoteParams, RollbackParams
+from pipelines.prompt_logs import calibration_prompts
+from registry import db, ledger
+from registry.aliases import Alias
 from registry.db import fp4roll_home
+from registry.judge import Decision, decide
+from registry.mlflow_registry import RegistryError, promote, reject_challenger, rollback
+from registry.policy import GatePolicy, default_metric_gates, load_gate_policy
+from registry.versions import find_alias, local_checkpoint, resolve_version
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +86,11 @@ IN_PROCESS_REPORTED_ONLY = ("latency_ms",)
 
 def build_gate_policy(
     stages: Sequence[float], min_samples: int, overrides: dict[str, Any] | None = None
-):  # noqa: ANN201 - registry.policy.GatePolicy
+) -> GatePolicy:
     """The judge's policy: DESIGN.md gate defaults (latency reported only, see
     :data:`IN_PROCESS_REPORTED_ONLY`), ``stages`` and ``min_samples``, then the ``overrides``:
     ``{"metric_overrides": {"top1_agreement": {"ceiling": 0.9}}, "confidence": 0.99, ...}`` changes
     fields of named default gates; ``{"metrics": [...]}`` replaces the metric list entirely."""
-    import dataclasses
-
-    from registry.policy import default_metric_gates, load_gate_policy
 
     overrides = dict(overrides or {})
     per_metric = dict(overrides.pop("metric_overrides", None) or {})
@@ -106,17 +114,13 @@ def build_gate_policy(
     return load_gate_policy(overrides)
 
 
-def gate_policy(plan: CanaryPlan):  # noqa: ANN201 - registry.policy.GatePolicy
+def gate_policy(plan: CanaryPlan) -> GatePolicy:
     """:func:`build_gate_policy` for a canary plan."""
     return build_gate_policy(plan.stages, plan.min_samples, plan.gate_policy)
 
 
 def plan_canary(params: CanaryParams) -> CanaryPlan:
     """Resolve candidate (default ``challenger``) and baseline (default ``champion``) to local folders."""
-    from calibration.sampling import Role
-    from pipelines.logs import calibration_prompts
-    from registry.mlflow_registry import RegistryError
-    from registry.versions import local_checkpoint, resolve_version
 
     name = params.model_name
     candidate = resolve_version(
@@ -162,9 +166,6 @@ def plan_canary(params: CanaryParams) -> CanaryPlan:
 
 def open_rollout(plan: CanaryPlan) -> RolloutState:
     """Resume this candidate's active rollout, abort another candidate's, or start a new one."""
-    from registry import db, ledger
-    from registry.mlflow_registry import Alias
-    from registry.versions import find_alias
 
     db.upgrade(plan.db_url)
     champion = find_alias(plan.model_name, Alias.CHAMPION, tracking_uri=plan.tracking_uri)
@@ -202,12 +203,6 @@ def open_rollout(plan: CanaryPlan) -> RolloutState:
 def run_stage(plan: CanaryPlan, rollout_id: int, stage_index: int) -> StageReport:
     """Replay stage ``stage_index``'s share of the hold-out through both models, judge it, record the
     verdict and the decision in the ledger, and advance the rollout when the decision says so."""
-    from calibration.evaluate import InProcessEvaluator
-    from calibration.sampling import Role
-    from pipelines.canary_stage import run_replay_stage
-    from pipelines.logs import calibration_prompts
-    from registry import ledger
-    from registry.judge import Decision, decide
 
     policy = gate_policy(plan)
     holdout = calibration_prompts(plan.corpus_digest, plan.db_url, Role.HOLDOUT)
@@ -264,8 +259,6 @@ def promote_candidate(
     plan: CanaryPlan, rollout_id: int, reason: str = "every canary stage passed"
 ) -> str:
     """Move ``champion`` to the candidate (old champion → ``previous-champion``); mark promoted."""
-    from registry import ledger
-    from registry.mlflow_registry import promote
 
     moves = promote(
         plan.model_name, plan.candidate_version, reason=reason, tracking_uri=plan.tracking_uri
@@ -276,8 +269,6 @@ def promote_candidate(
 
 def reject_candidate(plan: CanaryPlan, rollout_id: int, reason: str) -> str:
     """A failed canary: traffic stays on the champion, the challenger is tagged rejected."""
-    from registry import ledger
-    from registry.mlflow_registry import reject_challenger
 
     moves = reject_challenger(
         plan.model_name, plan.candidate_version, reason=reason, tracking_uri=plan.tracking_uri
@@ -288,14 +279,12 @@ def reject_candidate(plan: CanaryPlan, rollout_id: int, reason: str) -> str:
 
 def hold_rollout(plan: CanaryPlan, rollout_id: int, reason: str) -> None:
     """Not enough evidence to advance: pause (a later canary run with more logs resumes it)."""
-    from registry import ledger
 
     ledger.pause(rollout_id, reason, db_url=plan.db_url)
 
 
 def abort_rollout(db_url: str | None, rollout_id: int, reason: str) -> bool:
     """Mark an active rollout aborted (a crash or an operator stop). Champion is never touched."""
-    from registry import ledger
 
     rollout = ledger.get_rollout(rollout_id, db_url=db_url)
     if not rollout.active:
@@ -306,9 +295,6 @@ def abort_rollout(db_url: str | None, rollout_id: int, reason: str) -> bool:
 
 def promote_version(params: PromoteParams) -> list[dict[str, Any]]:
     """Manual promotion (default: the challenger), recorded in the ledger."""
-    from registry import db, ledger
-    from registry.mlflow_registry import promote
-    from registry.versions import resolve_version
 
     db.upgrade(params.db_url)
     version = resolve_version(
@@ -323,8 +309,6 @@ def promote_version(params: PromoteParams) -> list[dict[str, Any]]:
 
 def rollback_version(params: RollbackParams) -> list[dict[str, Any]]:
     """Put ``to_version`` (default: ``previous-champion``) back as champion, recorded in the ledger."""
-    from registry import db, ledger
-    from registry.mlflow_registry import rollback
 
     db.upgrade(params.db_url)
     moves = rollback(

@@ -20,11 +20,26 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from calibration import recalibrate
 from calibration.config import CalibrationConfig
+from calibration.models import check_model_dir, load_tokenizer, prepare_smollm2
+from calibration.prompts import PromptRenderer
 from calibration.recalibrate import RecalibrationResult, config_record
 from calibration.sampling import Role
+from pipelines import prompt_logs
 from pipelines.params import PACKAGED_SMOLLM2, DriftCheckParams, RecalibrateParams
-from registry.db import fp4roll_home
+from pipelines.prompt_logs import (
+    DriftParameters,
+    calibration_prompts,
+    export_calibration_set,
+    sample_and_store,
+)
+from registry import db, ledger, mlflow_registry, versions
+from registry.aliases import Alias
+from registry.db import fp4roll_home, safe_url
+from registry.mlflow_registry import RegistrationMetrics, RegistrationRequest, default_tracking_uri
+from registry.prompt_logs import list_calibration_sets
+from registry.versions import find_alias
 
 logger = logging.getLogger(__name__)
 
@@ -56,20 +71,11 @@ def work_dir(*parts: str) -> Path:
     return path
 
 
-def _write_json_atomic(path: Path, payload: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-    return path
-
-
 # ------------------------------------------------------------------------------------------ source
 
 
 def resolve_source_model(source_model: str) -> str:
     """``'smollm2'`` → the packaged SmolLM2 converted once to safetensors; else a checked local folder."""
-    from calibration.models import check_model_dir, prepare_smollm2
 
     if source_model == PACKAGED_SMOLLM2:
         return str(prepare_smollm2())
@@ -98,10 +104,6 @@ def sample_calibration_set(params: RecalibrateParams, source_dir: str) -> Calibr
     """Sample (stratified, deduplicated, redacted, rendered with the source model's chat template)
     calibration, sensitivity and canary hold-out prompts from the log window, record them in the store
     (idempotent: same content, same digest) and export them."""
-    from calibration.models import load_tokenizer
-    from calibration.prompts import PromptRenderer
-    from pipelines.logs import export_calibration_set, sample_and_store
-    from registry import db
 
     db.upgrade(params.db_url)
     tokenizer = load_tokenizer(source_dir)
@@ -153,7 +155,6 @@ def calibration_work_dir(params: RecalibrateParams, corpus_digest: str) -> str:
 
 
 def _prompts(corpus_digest: str, db_url: str | None, role: Role):  # noqa: ANN202
-    from pipelines.logs import calibration_prompts
 
     prompts = calibration_prompts(corpus_digest, db_url, role)
     if not prompts:
@@ -169,18 +170,16 @@ def activation_stats(
     work_dir: str,
 ) -> str:
     """Static input amax of every targeted Linear over every calibration prompt → JSON path."""
-    from calibration.recalibrate import collect_stats_file
 
     out = Path(work_dir) / "activation_stats.json"
     prompts = _prompts(corpus_digest, db_url, Role.CALIBRATION)
-    return str(collect_stats_file(source_dir, prompts, out, config, progress=False))
+    return str(recalibrate.collect_stats_file(source_dir, prompts, out, config, progress=False))
 
 
 def target_groups(source_dir: str, config: CalibrationConfig) -> list[str]:
     """Names of the fused groups the sweep scores, in model order."""
-    from calibration.recalibrate import target_group_names
 
-    return list(target_group_names(source_dir, config))
+    return list(recalibrate.target_group_names(source_dir, config))
 
 
 def kl_sweep_part(
@@ -194,11 +193,12 @@ def kl_sweep_part(
     work_dir: str,
 ) -> str:
     """Score ``groups`` (each quantized alone) on the sensitivity prompts → JSON path of the records."""
-    from calibration.recalibrate import sweep_file
 
     out = Path(work_dir) / f"sweep-part-{part:03d}.json"
     prompts = _prompts(corpus_digest, db_url, Role.SENSITIVITY)
-    return str(sweep_file(source_dir, prompts, stats_path, groups, out, config, progress=False))
+    return str(
+        recalibrate.sweep_file(source_dir, prompts, stats_path, groups, out, config, progress=False)
+    )
 
 
 class CalibratedCheckpoint(RecalibrationResult):
@@ -222,11 +222,10 @@ def plan_and_export(
     work_dir: str,
 ) -> CalibratedCheckpoint:
     """Merge the sweep, plan, score the plan, export the checkpoint (idempotent)."""
-    from calibration.recalibrate import plan_and_export as plan_and_export_checkpoint
 
     prompts = _prompts(corpus_digest, db_url, Role.SENSITIVITY)
     out_dir = Path(work_dir) / "checkpoint"
-    result = plan_and_export_checkpoint(
+    result = recalibrate.plan_and_export(
         source_dir, prompts, stats_path, part_paths, corpus_digest, out_dir, config, progress=False
     )
     return CalibratedCheckpoint(
@@ -252,7 +251,6 @@ class Registration(BaseModel):
 
 def run_url(tracking_uri: str | None, experiment_id: str, run_id: str) -> str:
     """Where to see a run: the server's page, or the page `fp4roll ui` serves for a local store."""
-    from registry.mlflow_registry import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
@@ -263,10 +261,8 @@ def register_baseline(
     model_name: str, source_dir: str, *, tracking_uri: str | None = None, db_url: str | None = None
 ) -> str:
     """Register the unquantized source model once; make it champion if there is none (ledger noted)."""
-    from registry import db, ledger
-    from registry.versions import register_baseline as register
 
-    info, moves = register(model_name, source_dir, tracking_uri=tracking_uri)
+    info, moves = versions.register_baseline(model_name, source_dir, tracking_uri=tracking_uri)
     if moves:
         db.upgrade(db_url)
         ledger.record_alias_moves(moves, db_url=db_url)
@@ -277,8 +273,6 @@ def register_challenger(
     params: RecalibrateParams, calibration_set: CalibrationSetRef, checkpoint: CalibratedCheckpoint
 ) -> Registration:
     """Log the run (params, metrics, artifacts, lineage) and create/reuse the version as challenger."""
-    from registry.db import safe_url
-    from registry.mlflow_registry import RegistrationMetrics, RegistrationRequest, register
 
     record = json.loads(Path(checkpoint.calibration_json).read_text())
     request = RegistrationRequest(
@@ -316,7 +310,7 @@ def register_challenger(
             "seed": str(params.sampling.seed),
         },
     )
-    registered = register(request, tracking_uri=params.tracking_uri)
+    registered = mlflow_registry.register(request, tracking_uri=params.tracking_uri)
     return Registration(
         model_name=registered.model_name,
         version=registered.version,
@@ -362,11 +356,6 @@ def recalibration_summary(
 
 def check_drift(params: DriftCheckParams) -> dict[str, Any]:
     """Compare the last ``window_days`` of logs with the champion's calibration set (or the one given)."""
-    from pipelines.logs import DriftParameters
-    from pipelines.logs import check_drift as compare
-    from registry.mlflow_registry import Alias
-    from registry.prompt_logs import list_calibration_sets
-    from registry.versions import find_alias
 
     digest = params.calibration_digest
     if digest is None:
@@ -380,7 +369,7 @@ def check_drift(params: DriftCheckParams) -> dict[str, Any]:
         if not stored:
             raise ValueError("no calibration set stored yet: run the recalibrate flow first")
         digest = max(stored, key=lambda s: s.created_at).digest
-    verdict = compare(
+    verdict = prompt_logs.check_drift(
         DriftParameters(
             calibration_set=digest,
             window_days=params.window_days,

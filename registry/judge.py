@@ -427,12 +427,3 @@ def decide(
     return Decision.ADVANCE, replace(
         progress, stage_index=progress.stage_index + 1, consecutive_inconclusive=0
     )
-
-
-def stage_sample_size(policy: GatePolicy, stage_index: int, window_size: int) -> int:
-    """Requests to replay for a stage: its traffic share of the window, never below the minimum."""
-    if window_size < 0:
-        raise ValueError("window_size must be >= 0")
-    share = policy.plan.steps[stage_index] / 100.0
-    minimum = max(policy.min_samples_for(gate) for gate in policy.metrics)
-    return max(minimum, math.ceil(window_size * share))

@@ -30,10 +30,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from registry import db
+from registry.aliases import Alias
+from registry.aliases import AliasMove as AliasMoveRecord
 from registry.judge import Decision, Outcome, RolloutProgress
 from registry.judge import StageVerdict as JudgeVerdict
-from registry.mlflow_registry import Alias
-from registry.mlflow_registry import AliasMove as AliasMoveRecord
 from registry.schema import AliasMove, Rollout, RolloutStatus, StageResult, StageVerdict
 
 logger = logging.getLogger(__name__)
@@ -420,19 +420,6 @@ def record_stage_result(
         return [_stage_record(r) for r in rows]
 
 
-def record_stage_results(
-    rollout_id: int,
-    verdicts: Iterable[tuple[JudgeVerdict, Decision | None]],
-    *,
-    db_url: str | None = None,
-) -> list[StageResultRecord]:
-    """Several analyses in order (each its own transaction)."""
-    records: list[StageResultRecord] = []
-    for verdict, decision in verdicts:
-        records.extend(record_stage_result(rollout_id, verdict, decision, db_url=db_url))
-    return records
-
-
 def _last_analysis_outcome(session: Session, rollout_id: int, stage: int) -> Outcome | None:
     rows = session.scalars(
         sa.select(StageResult)
@@ -555,15 +542,6 @@ def mark_aborted(rollout_id: int, reason: str, *, db_url: str | None = None) -> 
     with db.session_scope(db_url) as session:
         return _rollout_record(
             _transition(session, rollout_id, RolloutStatus.aborted, reason=reason)
-        )
-
-
-def mark_failed(rollout_id: int, reason: str, *, db_url: str | None = None) -> RolloutRecord:
-    """→ failed with ``reason`` (the pipeline itself errored)."""
-    _require_reason(reason)
-    with db.session_scope(db_url) as session:
-        return _rollout_record(
-            _transition(session, rollout_id, RolloutStatus.failed, reason=reason)
         )
 
 

@@ -31,22 +31,17 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Mapping
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from registry import tags as tag
+from registry.aliases import Alias, AliasMove, VersionOutcome
 from registry.db import fp4roll_home
 
 logger = logging.getLogger(__name__)
 
-TAG_PREFIX = "fp4roll."
-IDEMPOTENCY_TAG = "fp4roll.idempotency_key"
-OUTCOME_TAG = "fp4roll.outcome"
-PREVIOUS_CHAMPION_BEFORE_TAG = "fp4roll.previous_champion_before"
-RESTORED_FROM_TAG = "fp4roll.restored_from"
-RESTORE_PREVIOUS_TAG = "fp4roll.restore_previous_champion"
 CHECKPOINT_ARTIFACT_PATH = "checkpoint"
 CALIBRATION_CONTEXT = "calibration"
 _MAX_PARAM_LENGTH = 6000  # MLflow 3 limit for a param value
@@ -59,23 +54,6 @@ _SECRET_QUERY = re.compile(
     re.IGNORECASE,
 )
 _METRIC_NAME_BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
-
-
-class Alias(str, Enum):
-    CHAMPION = "champion"
-    CHALLENGER = "challenger"
-    PREVIOUS_CHAMPION = "previous-champion"
-
-
-class VersionOutcome(str, Enum):
-    """Value of the ``fp4roll.outcome`` tag on a model version."""
-
-    CHALLENGER = "challenger"
-    PROMOTED = "promoted"
-    SUPERSEDED = "superseded"
-    ROLLED_BACK = "rolled_back"
-    RESTORED = "restored"
-    REJECTED = "rejected"
 
 
 class RegistryError(RuntimeError):
@@ -202,19 +180,6 @@ class RegisteredVersion(BaseModel):
     reused: bool
 
 
-class AliasMove(BaseModel):
-    """One alias change (a ledger row). ``to_version=None`` means the alias was removed."""
-
-    model_config = ConfigDict(frozen=True)
-
-    model_name: str
-    alias: Alias
-    from_version: str | None
-    to_version: str | None
-    reason: str
-    moved_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
-
-
 def client_for(tracking_uri: str | None):  # noqa: ANN202 - mlflow.MlflowClient
     from mlflow import MlflowClient
 
@@ -316,14 +281,14 @@ def _metrics(request: RegistrationRequest) -> dict[str, float]:
 
 def _version_tags(request: RegistrationRequest, key: str) -> dict[str, str]:
     tags = {
-        IDEMPOTENCY_TAG: key,
-        "fp4roll.corpus_digest": request.corpus_digest,
-        "fp4roll.fallback_layers": json.dumps(sorted(request.fallback_layers)),
-        "fp4roll.scheme": request.scheme,
-        "fp4roll.block_size": str(request.block_size),
-        "fp4roll.code_version": request.code_version,
-        "fp4roll.source_model": request.source_model,
-        OUTCOME_TAG: VersionOutcome.CHALLENGER.value,
+        tag.IDEMPOTENCY_KEY: key,
+        tag.CORPUS_DIGEST: request.corpus_digest,
+        tag.FALLBACK_LAYERS: json.dumps(sorted(request.fallback_layers)),
+        tag.SCHEME: request.scheme,
+        tag.BLOCK_SIZE: str(request.block_size),
+        tag.CODE_VERSION: request.code_version,
+        tag.SOURCE_MODEL: request.source_model,
+        tag.OUTCOME: VersionOutcome.CHALLENGER.value,
     }
     return {k: _clip(redact(v), _MAX_TAG_LENGTH) for k, v in tags.items()}
 
@@ -371,7 +336,7 @@ def experiment_name(model_name: str) -> str:
 def find_version_by_key(client, model_name: str, key: str):  # noqa: ANN001, ANN201
     """The model version tagged with idempotency ``key``, or None."""
     found = client.search_model_versions(
-        f"name = '{model_name}' and tags.`{IDEMPOTENCY_TAG}` = '{key}'"
+        f"name = '{model_name}' and tags.`{tag.IDEMPOTENCY_KEY}` = '{key}'"
     )
     found = sorted(found, key=lambda mv: int(mv.version))
     return found[0] if found else None
@@ -380,7 +345,7 @@ def find_version_by_key(client, model_name: str, key: str):  # noqa: ANN001, ANN
 def _finished_run_with_key(client, experiment_id: str, key: str):  # noqa: ANN001, ANN202
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{IDEMPOTENCY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`{tag.IDEMPOTENCY_KEY}` = '{key}' and attributes.status = 'FINISHED'",
         max_results=1,
     )
     return runs[0] if runs else None
@@ -410,7 +375,7 @@ def _log_lineage(client, run_id: str, request: RegistrationRequest) -> None:  # 
         dataset=dataset._to_mlflow_entity(),
         tags=[
             InputTag(key="mlflow.data.context", value=CALIBRATION_CONTEXT),
-            InputTag(key="fp4roll.corpus_digest", value=digest),
+            InputTag(key=tag.CORPUS_DIGEST, value=digest),
         ],
     )
     client.log_inputs(run_id, datasets=[dataset_input])
@@ -442,9 +407,9 @@ def _create_run(client, experiment_id: str, request: RegistrationRequest, key: s
         experiment_id,
         run_name=f"recalibrate-{request.corpus_digest[:8]}-{key[:8]}",
         tags={
-            IDEMPOTENCY_TAG: key,
-            "fp4roll.model_name": request.model_name,
-            "fp4roll.corpus_digest": request.corpus_digest,
+            tag.IDEMPOTENCY_KEY: key,
+            tag.MODEL_NAME: request.model_name,
+            tag.CORPUS_DIGEST: request.corpus_digest,
         },
     )
     run_id = run.info.run_id
@@ -458,7 +423,7 @@ def _create_run(client, experiment_id: str, request: RegistrationRequest, key: s
             )
         client.log_batch(
             run_id,
-            tags=[RunTag(k, v) for k, v in _version_tags(request, key).items() if k != OUTCOME_TAG],
+            tags=[RunTag(k, v) for k, v in _version_tags(request, key).items() if k != tag.OUTCOME],
         )
         _log_lineage(client, run_id, request)
         _log_artifacts(client, run_id, request)
@@ -631,7 +596,7 @@ def promote(
             client,
             model_name,
             version,
-            {PREVIOUS_CHAMPION_BEFORE_TAG: current.get(Alias.PREVIOUS_CHAMPION.value) or ""},
+            {tag.PREVIOUS_CHAMPION_BEFORE: current.get(Alias.PREVIOUS_CHAMPION.value) or ""},
         )
         if old_champion is not None:
             move_alias(
@@ -643,9 +608,9 @@ def promote(
             model_name,
             version,
             {
-                OUTCOME_TAG: VersionOutcome.PROMOTED.value,
-                "fp4roll.promoted_at": _now(),
-                "fp4roll.promote_reason": reason,
+                tag.OUTCOME: VersionOutcome.PROMOTED.value,
+                tag.PROMOTED_AT: _now(),
+                tag.PROMOTE_REASON: reason,
             },
         )
         if old_champion is not None:
@@ -653,7 +618,7 @@ def promote(
                 client,
                 model_name,
                 old_champion,
-                {OUTCOME_TAG: VersionOutcome.SUPERSEDED.value, "fp4roll.superseded_by": version},
+                {tag.OUTCOME: VersionOutcome.SUPERSEDED.value, tag.SUPERSEDED_BY: version},
             )
     if current.get(Alias.CHALLENGER.value) == version:
         move_alias(client, model_name, Alias.CHALLENGER, current, None, reason, moves)
@@ -684,7 +649,7 @@ def rollback(
     moves: list[AliasMove] = []
     if champion is not None and (to_version is None or str(to_version) == champion):
         champion_tags = client.get_model_version(model_name, champion).tags
-        if champion_tags.get(OUTCOME_TAG) == VersionOutcome.RESTORED.value:
+        if champion_tags.get(tag.OUTCOME) == VersionOutcome.RESTORED.value:
             _finish_rollback(client, model_name, champion, champion_tags, current, moves)
             return tuple(moves)
         if to_version is not None:
@@ -698,14 +663,14 @@ def rollback(
     previous_after = current.get(Alias.PREVIOUS_CHAMPION.value)
     if champion is not None and target == previous_after:
         before = client.get_model_version(model_name, champion).tags
-        previous_after = before.get(PREVIOUS_CHAMPION_BEFORE_TAG) or None
+        previous_after = before.get(tag.PREVIOUS_CHAMPION_BEFORE) or None
     # the target's tags record the whole rollback first, so a crash midway can be completed
     target_tags = {
-        OUTCOME_TAG: VersionOutcome.RESTORED.value,
-        RESTORED_FROM_TAG: champion or "",
-        RESTORE_PREVIOUS_TAG: previous_after or "",
-        "fp4roll.restored_at": _now(),
-        "fp4roll.rollback_reason": reason,
+        tag.OUTCOME: VersionOutcome.RESTORED.value,
+        tag.RESTORED_FROM: champion or "",
+        tag.RESTORE_PREVIOUS_CHAMPION: previous_after or "",
+        tag.RESTORED_AT: _now(),
+        tag.ROLLBACK_REASON: reason,
     }
     _tag(client, model_name, target, target_tags)
     move_alias(client, model_name, Alias.CHAMPION, current, target, reason, moves)
@@ -722,21 +687,21 @@ def _finish_rollback(
     moves: list[AliasMove],
 ) -> None:
     """Second half of a rollback to ``champion``: restore previous-champion, tag the loser."""
-    reason = champion_tags.get("fp4roll.rollback_reason", "rollback")
-    previous = champion_tags.get(RESTORE_PREVIOUS_TAG) or None
+    reason = champion_tags.get(tag.ROLLBACK_REASON, "rollback")
+    previous = champion_tags.get(tag.RESTORE_PREVIOUS_CHAMPION) or None
     move_alias(client, model_name, Alias.PREVIOUS_CHAMPION, current, previous, reason, moves)
-    rolled_back = champion_tags.get(RESTORED_FROM_TAG) or None
+    rolled_back = champion_tags.get(tag.RESTORED_FROM) or None
     if rolled_back is not None:
         tags = client.get_model_version(model_name, rolled_back).tags
-        if tags.get(OUTCOME_TAG) != VersionOutcome.ROLLED_BACK.value:
+        if tags.get(tag.OUTCOME) != VersionOutcome.ROLLED_BACK.value:
             _tag(
                 client,
                 model_name,
                 rolled_back,
                 {
-                    OUTCOME_TAG: VersionOutcome.ROLLED_BACK.value,
-                    "fp4roll.rolled_back_at": _now(),
-                    "fp4roll.rollback_reason": reason,
+                    tag.OUTCOME: VersionOutcome.ROLLED_BACK.value,
+                    tag.ROLLED_BACK_AT: _now(),
+                    tag.ROLLBACK_REASON: reason,
                 },
             )
 
@@ -763,7 +728,7 @@ def reject_challenger(
         client,
         model_name,
         version,
-        {OUTCOME_TAG: VersionOutcome.REJECTED.value, "fp4roll.reject_reason": reason},
+        {tag.OUTCOME: VersionOutcome.REJECTED.value, tag.REJECT_REASON: reason},
     )
     return tuple(moves)
 

@@ -27,6 +27,18 @@ from pathlib import Path
 from typing import Any
 
 
+class Metric(str, Enum):
+    """The metrics a canary replay measures per request (the default gates' names)."""
+
+    LATENCY_MS = "latency_ms"
+    NLL = "nll"  # per-request mean NLL, nats/token; its effect is the perplexity ratio
+    TOP1_AGREEMENT = "top1_agreement"
+    KL_MEAN = "kl_mean"
+    KL_P99 = "kl_p99"
+    OUTLIER_FALLBACK_RATE = "outlier_fallback_rate"
+    ERROR_RATE = "error_rate"  # 1.0 per failed request of a side, never NaN
+
+
 class Direction(str, Enum):
     """Which way is better for a metric."""
 
@@ -196,7 +208,7 @@ def default_metric_gates() -> tuple[MetricGate, ...]:
     """The DESIGN.md gate defaults (see the module docstring)."""
     return (
         MetricGate(
-            name="latency_ms",
+            name=Metric.LATENCY_MS.value,
             direction=Direction.LOWER_IS_BETTER,
             statistic=Statistic.P99,
             effect=Effect.RATIO,
@@ -206,7 +218,7 @@ def default_metric_gates() -> tuple[MetricGate, ...]:
         ),
         MetricGate(
             # samples: per-request mean NLL (nats/token); effect: perplexity ratio
-            name="nll",
+            name=Metric.NLL.value,
             direction=Direction.LOWER_IS_BETTER,
             statistic=Statistic.MEAN,
             effect=Effect.EXP_DIFFERENCE,
@@ -216,7 +228,7 @@ def default_metric_gates() -> tuple[MetricGate, ...]:
         ),
         MetricGate(
             # samples: per-request share of tokens whose top-1 matches the baseline's
-            name="top1_agreement",
+            name=Metric.TOP1_AGREEMENT.value,
             direction=Direction.HIGHER_IS_BETTER,
             comparison=Comparison.CANDIDATE_ONLY,
             ceiling=0.99,
@@ -224,7 +236,7 @@ def default_metric_gates() -> tuple[MetricGate, ...]:
         ),
         MetricGate(
             # samples: per-request mean next-token KL(P_baseline || P_candidate), nats
-            name="kl_mean",
+            name=Metric.KL_MEAN.value,
             direction=Direction.LOWER_IS_BETTER,
             comparison=Comparison.CANDIDATE_ONLY,
             ceiling=0.05,
@@ -232,7 +244,7 @@ def default_metric_gates() -> tuple[MetricGate, ...]:
         ),
         MetricGate(
             # samples: per-request p99 next-token KL, nats; summarised by the mean over requests
-            name="kl_p99",
+            name=Metric.KL_P99.value,
             direction=Direction.LOWER_IS_BETTER,
             comparison=Comparison.CANDIDATE_ONLY,
             ceiling=0.5,
@@ -240,7 +252,7 @@ def default_metric_gates() -> tuple[MetricGate, ...]:
         ),
         MetricGate(
             # samples: per-request share of tokens with activations beyond the calibrated range
-            name="outlier_fallback_rate",
+            name=Metric.OUTLIER_FALLBACK_RATE.value,
             direction=Direction.LOWER_IS_BETTER,
             comparison=Comparison.CANDIDATE_ONLY,
             ceiling=0.005,
@@ -259,7 +271,7 @@ def error_rate_gate(max_error_rate: float = DEFAULT_MAX_ERROR_RATE) -> MetricGat
     0.0 per request, never NaN, so a failed request can never be dropped as missing data. The mean
     is the candidate's error rate; above ``max_error_rate`` is a critical failure (roll back)."""
     return MetricGate(
-        name="error_rate",
+        name=Metric.ERROR_RATE.value,
         direction=Direction.LOWER_IS_BETTER,
         comparison=Comparison.CANDIDATE_ONLY,
         statistic=Statistic.MEAN,

@@ -19,12 +19,10 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict
 
+from registry import tags as tag
+from registry.aliases import Alias, AliasMove, VersionOutcome
 from registry.mlflow_registry import (
     CHECKPOINT_ARTIFACT_PATH,
-    IDEMPOTENCY_TAG,
-    OUTCOME_TAG,
-    Alias,
-    AliasMove,
     RegistryError,
     checkpoint_digest,
     client_for,
@@ -56,11 +54,11 @@ class VersionInfo(BaseModel):
 
     @property
     def scheme(self) -> str:
-        return self.tags.get("fp4roll.scheme", "unknown")
+        return self.tags.get(tag.SCHEME, "unknown")
 
     @property
     def corpus_digest(self) -> str | None:
-        return self.tags.get("fp4roll.corpus_digest") or None
+        return self.tags.get(tag.CORPUS_DIGEST) or None
 
 
 def _info(model_name: str, mv) -> VersionInfo:  # noqa: ANN001 - mlflow ModelVersion
@@ -121,9 +119,9 @@ def register_baseline(
             experiment_id,
             run_name=f"baseline-{model_dir.name}",
             tags={
-                IDEMPOTENCY_TAG: key,
-                "fp4roll.model_name": model_name,
-                "fp4roll.kind": "baseline",
+                tag.IDEMPOTENCY_KEY: key,
+                tag.MODEL_NAME: model_name,
+                tag.KIND: "baseline",
             },
         )
         try:
@@ -140,11 +138,11 @@ def register_baseline(
             source=f"{artifact_uri}/{CHECKPOINT_ARTIFACT_PATH}",
             run_id=run.info.run_id,
             tags={
-                IDEMPOTENCY_TAG: key,
-                "fp4roll.scheme": BASELINE_SCHEME,
-                "fp4roll.source_model": redact(str(model_dir)),
-                "fp4roll.code_version": code_version(),
-                OUTCOME_TAG: "baseline",
+                tag.IDEMPOTENCY_KEY: key,
+                tag.SCHEME: BASELINE_SCHEME,
+                tag.SOURCE_MODEL: redact(str(model_dir)),
+                tag.CODE_VERSION: code_version(),
+                tag.OUTCOME: VersionOutcome.BASELINE.value,
             },
             description=f"unquantized baseline ({model_dir.name})",
         )

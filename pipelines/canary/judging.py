@@ -1,6 +1,6 @@
 """Judge a canary window: pooled samples, per-route samples, the endpoint gate policy.
 
-:func:`replay_samples` extends :func:`calibration.evaluate.judge_samples` with what an endpoint
+:func:`replay_samples` extends :func:`pipelines.canary.replay.judge_samples` with what an endpoint
 evaluator measures (TTFT, time per output token, task metrics of the generations);
 :func:`judge_window` judges the pool with the stage policy and every route with its own policy
 (quality guards + the task metrics of its family, ``route_min_samples``) and combines them with
@@ -15,7 +15,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from calibration.evaluate import ReplayRecord, ReplayResult, judge_samples
+from calibration.evaluate import ReplayRecord, ReplayResult
+from pipelines.canary.replay import judge_samples
 from pipelines.canary.tasks import TASK_JUDGE_METRICS, family_judge_metrics, route_family
 from registry.judge import StageVerdict, judge_stage, judge_stage_with_routes
 from registry.policy import (

@@ -20,8 +20,8 @@ def test_kl_sweep_on_dask_matches_thread_pool(
     from pipelines import steps
     from pipelines.demo import shipped_logs
     from pipelines.flows import kl_sweep_flow
-    from pipelines.logs import import_logs
     from pipelines.params import RecalibrateParams
+    from pipelines.prompt_logs import import_logs
 
     monkeypatch.setenv("FP4ROLL_HOME", str(tmp_path / "home"))  # inherited by the Dask workers
     import_logs([shipped_logs()])

@@ -26,7 +26,7 @@ MODEL = "tiny-llama"
 def stack(prefect_harness, tiny_llama_dir, tmp_path_factory):
     """A fresh FP4ROLL_HOME with the shipped logs imported (SQLite store, SQLite MLflow)."""
     from pipelines.demo import shipped_logs
-    from pipelines.logs import import_logs
+    from pipelines.prompt_logs import import_logs
 
     home = tmp_path_factory.mktemp("flows-home")
     patch = pytest.MonkeyPatch()

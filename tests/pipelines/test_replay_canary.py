@@ -5,19 +5,23 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import math
 
 import pytest
 import torch
 
-from calibration.evaluate import InProcessEvaluator, load_replay
-from pipelines.canary_stage import (
+from calibration.evaluate import InProcessEvaluator, ReplayRecord, ReplayResult, load_replay, replay
+from pipelines.canary import (
     judge_replay,
+    judge_samples,
     run_replay_canary,
     run_replay_stage,
+    stage_request_indices,
     stage_requests,
+    stage_sample_count,
 )
-from registry.judge import Decision, Outcome, stage_sample_size
-from registry.policy import GatePolicy
+from registry.judge import Decision, Outcome
+from registry.policy import GatePolicy, Metric
 from tests.calibration.replay_helpers import char_tokenizer, fake_quantized_copy, tiny_llama
 
 HOLDOUT_SIZE = 100
@@ -78,11 +82,72 @@ def model(tokenizer):
 
 
 @pytest.mark.parametrize("window", [10, 200, 5000])
-def test_stage_requests_agree_with_the_judge(window):
+def test_stage_requests_follow_the_policy_plan(window):
     policy = GatePolicy()
-    for stage in range(len(policy.plan.steps)):
+    minimum = max(policy.min_samples_for(gate) for gate in policy.metrics)
+    for stage, share in enumerate(policy.plan.steps):
         indices = stage_requests(policy, stage, window, seed=3)
-        assert len(indices) == min(window, stage_sample_size(policy, stage, window))
+        assert len(indices) == min(window, max(minimum, math.ceil(window * share / 100)))
+        assert indices == stage_request_indices(window, share, min_samples=minimum, seed=3)
+
+
+def test_judge_samples_shape(model, tokenizer, holdout):
+    result = replay(model, fake_quantized_copy(model), holdout[:4], tokenizer=tokenizer, max_len=24)
+    base, cand = judge_samples(result)
+    assert set(base) == set(cand) == {m.value for m in Metric}
+    assert all(len(v) == 4 for v in [*base.values(), *cand.values()])
+    assert base[Metric.TOP1_AGREEMENT] == [1.0] * 4 and base[Metric.KL_MEAN] == [0.0] * 4
+    rec = result.records[2]
+    assert cand[Metric.LATENCY_MS][2] == pytest.approx(rec.latency_candidate_s * 1000)
+    assert cand[Metric.NLL][2] == rec.nll_candidate and base[Metric.NLL][2] == rec.nll_baseline
+    assert cand[Metric.KL_P99][2] == rec.kl_p99
+    assert cand[Metric.OUTLIER_FALLBACK_RATE][2] == rec.outlier_fallback_rate_candidate
+
+
+def test_failed_requests_are_missing_on_both_sides_and_counted_as_errors():
+    ok = ReplayRecord(0, "a", 5, 0.01, 0.02, 0.1, 0.3, 0.9, 2.0, 2.1, 0.0, 0.001)
+    failed = ReplayRecord(1, "b", 0, *[math.nan] * 9, error="boom")
+    cand_only = ReplayRecord(2, "c", 0, *[math.nan] * 9, error="HTTP 500", failed_side="candidate")
+    result = ReplayResult(
+        records=(ok, failed, cand_only),
+        baseline_name="b",
+        candidate_name="c",
+        seed=0,
+        max_len=8,
+        batch_size=1,
+    )
+    base, cand = judge_samples(result)
+    for metric in Metric:
+        assert not math.isnan(base[metric][0]) and not math.isnan(cand[metric][0])
+        if metric is Metric.ERROR_RATE:
+            continue
+        assert math.isnan(base[metric][1]) and math.isnan(cand[metric][1])
+    assert cand[Metric.LATENCY_MS][0] == pytest.approx(20.0)
+    # failed requests are counted, never NaN: in process a failure is both sides'
+    assert cand[Metric.ERROR_RATE] == [0.0, 1.0, 1.0]
+    assert base[Metric.ERROR_RATE] == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("window", [0, 10, 49, 50, 120, 1000, 12_345])
+def test_stage_sampling_meets_minimum_and_nests(window):
+    steps = (1.0, 10.0, 50.0, 100.0)
+    samples = [stage_request_indices(window, s, min_samples=50, seed=7) for s in steps]
+    for step, sample in zip(steps, samples, strict=True):
+        assert len(sample) == len(set(sample)) == stage_sample_count(window, step, 50)
+        assert len(sample) == min(window, max(50, math.ceil(window * step / 100)))
+        assert all(0 <= i < window for i in sample)
+    for smaller, larger in zip(samples, samples[1:], strict=False):
+        assert set(smaller) <= set(larger)  # each stage is a superset of the previous one
+    assert samples[-1] == tuple(range(window))
+    assert samples == [stage_request_indices(window, s, min_samples=50, seed=7) for s in steps]
+
+
+def test_stage_sampling_depends_on_seed():
+    a = stage_request_indices(1000, 10.0, min_samples=50, seed=1)
+    b = stage_request_indices(1000, 10.0, min_samples=50, seed=2)
+    assert len(a) == len(b) == 100 and a != b
+    with pytest.raises(ValueError, match="traffic_percent"):
+        stage_request_indices(1000, 0.0, min_samples=50, seed=1)
 
 
 def test_aa_canary_passes_every_stage_on_sample_logs(model, tokenizer, holdout, tmp_path):

@@ -14,7 +14,6 @@ from registry.judge import (
     decide,
     judge_metric,
     judge_stage,
-    stage_sample_size,
 )
 from registry.policy import GatePolicy, MetricGate, StagePlan
 
@@ -238,13 +237,6 @@ def test_decide_limits():
 
     with pytest.raises(ValueError, match="stage"):
         decide(non_critical_fail, RolloutProgress(stage_index=2), policy)
-
-
-def test_stage_sample_size_never_below_minimum():
-    policy = GatePolicy()
-    assert stage_sample_size(policy, 0, 1000) == 50  # 1 % of 1000 = 10 < 50
-    assert stage_sample_size(policy, 2, 1000) == 500
-    assert stage_sample_size(policy, 3, 1000) == 1000
 
 
 def test_reported_only_metric_never_decides_the_stage():

@@ -10,9 +10,9 @@ import pytest
 import sqlalchemy as sa
 
 from registry import db, ledger
+from registry.aliases import Alias, AliasMove
 from registry.judge import Decision, Outcome, RolloutProgress, decide, judge_stage
 from registry.ledger import IllegalTransitionError, LedgerError, RolloutConflictError
-from registry.mlflow_registry import Alias, AliasMove
 from registry.policy import GatePolicy, MetricGate, StagePlan
 from registry.schema import Rollout, RolloutStatus
 

@@ -15,7 +15,7 @@ from calibration.data import SAMPLE_PROMPT_LOGS
 from calibration.prompts import PromptRenderer, RenderedPrompt
 from calibration.redaction import find_pii
 from calibration.sampling import Role, near_duplicate_clusters, normalize_text
-from pipelines import logs
+from pipelines import prompt_logs as logs
 from registry import db
 from registry import prompt_logs as store
 from registry.schema import CalibrationSetMember, PromptLog

@@ -10,8 +10,8 @@ import pytest
 from mlflow import MlflowClient
 from pydantic import ValidationError
 
+from registry.aliases import Alias
 from registry.mlflow_registry import (
-    Alias,
     RegistryError,
     aliases,
     idempotency_key,

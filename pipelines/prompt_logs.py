@@ -7,6 +7,7 @@ flows call these. Nothing here logs prompt text.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from calibration.atomic import atomic_dir
 from calibration.config import SamplingConfig
 from calibration.drift import DriftThresholds, DriftVerdict, compare
 from calibration.prompts import PromptRenderer, RenderedPrompt
@@ -223,45 +225,39 @@ def export_calibration_set(digest: str, out_dir: str | Path, db_url: str | None 
     Atomic: written to a temp folder beside ``out_dir`` and renamed; an existing ``out_dir`` is
     refused. Returns ``out_dir``. Meant as an MLflow artifact / audit record.
     """
-    import json
-    import os
-    import tempfile
-
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; refusing to overwrite")
     stored = store.load_calibration_set(digest, db_url)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        header = {
-            "digest": stored.digest,
-            "created_at": stored.created_at.isoformat(),
-            "size": stored.size,
-            "sensitivity_size": stored.sensitivity_size,
-            "holdout_size": stored.holdout_size,
-            "seed": stored.seed,
-            "filters": dict(stored.filters),
-            "summary": dict(stored.summary),
+    header = {
+        "digest": stored.digest,
+        "created_at": stored.created_at.isoformat(),
+        "size": stored.size,
+        "sensitivity_size": stored.sensitivity_size,
+        "holdout_size": stored.holdout_size,
+        "seed": stored.seed,
+        "filters": dict(stored.filters),
+        "summary": dict(stored.summary),
+    }
+    members = [
+        {
+            "role": m.role,
+            "position": m.position,
+            "route": m.route,
+            "text": m.redacted_text,
+            "rendered_text": m.rendered_text,
+            "templated": m.templated,
         }
-        (tmp / "calibration_set.json").write_text(json.dumps(header, indent=2, ensure_ascii=False))
-        with open(tmp / "members.jsonl", "w", encoding="utf-8") as fh:
-            for m in stored.members:
-                record = {
-                    "role": m.role,
-                    "position": m.position,
-                    "route": m.route,
-                    "text": m.redacted_text,
-                    "rendered_text": m.rendered_text,
-                    "templated": m.templated,
-                }
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, out_dir)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        for m in stored.members
+    ]
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "calibration_set.json").write_text(
+            json.dumps(header, indent=2, ensure_ascii=False), encoding="utf-8"
+        )
+        (tmp / "members.jsonl").write_text(
+            "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in members),
+            encoding="utf-8",
+        )
     return out_dir
 
 

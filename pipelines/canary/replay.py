@@ -1,10 +1,11 @@
-"""Replay canary stages: pick a stage's requests from the hold-out window, replay them, judge them.
+"""Replay canary stages: which hold-out requests a stage replays, how a replay becomes the judge's
+samples, and one stage (or a run of stages) replayed and judged.
 
 Plain functions (no Prefect here); the canary flow wraps :func:`run_replay_stage` in a task that
 passes paths: it saves the stage's :class:`~calibration.evaluate.ReplayResult` as JSON at
-``replay_path`` and returns the verdict, whose ``as_records()`` go into the rollout ledger.
+``replay_path`` and returns the verdict, which goes into the rollout ledger.
 
-Stage samples are nested (see :func:`calibration.evaluate.stage_request_indices`): stage k replays
+Stage samples are nested (:func:`stage_request_indices`): stage k replays
 ``max(min samples, ceil(share_k × window))`` requests of one seeded permutation of the window, a
 superset of stage k-1's. Any :class:`~calibration.evaluate.CanaryEvaluator` works here: the
 in-process :class:`~calibration.evaluate.InProcessEvaluator` today, a mirrored-traffic evaluator
@@ -14,34 +15,49 @@ against two OpenAI-compatible endpoints later.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from calibration.evaluate import (
-    CanaryEvaluator,
-    Prompt,
-    ReplayResult,
-    save_replay,
-    stage_request_indices,
-)
+from calibration.evaluate import CanaryEvaluator, Prompt, ReplayResult, save_replay
 from registry.judge import Decision, RolloutProgress, StageVerdict, decide
-from registry.policy import GatePolicy
+from registry.policy import GatePolicy, Metric
 
 logger = logging.getLogger(__name__)
 
+# ------------------------------------------------------------------------------------ stage sampling
 
-@dataclass(frozen=True)
-class ReplayStageResult:
-    """One analysed stage: which requests ran, what they measured, what the judge said."""
 
-    stage_index: int
-    traffic_percent: float
-    request_indices: tuple[int, ...]  # positions in the hold-out window
-    replay: ReplayResult
-    verdict: StageVerdict
-    replay_path: Path | None = None
+def stage_sample_count(window_size: int, traffic_percent: float, min_samples: int) -> int:
+    """``max(min_samples, ceil(window * share))`` capped at the window (the judge then reports a
+    short window as Inconclusive)."""
+    if window_size < 0 or min_samples < 0:
+        raise ValueError("window_size and min_samples must be >= 0")
+    if not 0 < traffic_percent <= 100:
+        raise ValueError(f"traffic_percent must lie in (0, 100], got {traffic_percent}")
+    wanted = max(min_samples, math.ceil(window_size * traffic_percent / 100.0 - 1e-9))
+    return min(window_size, wanted)
+
+
+def stage_request_indices(
+    window_size: int, traffic_percent: float, *, min_samples: int, seed: int
+) -> tuple[int, ...]:
+    """Sorted hold-out window positions a stage replays: the first :func:`stage_sample_count` entries
+    of one permutation seeded by ``seed``, so a later (larger) stage's sample contains every earlier
+    one. Deterministic for a given ``(window_size, seed)``."""
+    count = stage_sample_count(window_size, traffic_percent, min_samples)
+    if count < min_samples:
+        logger.warning(
+            "hold-out window has %d requests < minimum %d: the stage will be inconclusive",
+            window_size,
+            min_samples,
+        )
+    order = list(range(window_size))
+    random.Random(seed).shuffle(order)
+    return tuple(sorted(order[:count]))
 
 
 def stage_requests(
@@ -58,6 +74,49 @@ def stage_requests(
     )
 
 
+# ------------------------------------------------------------------------------------ judge adapter
+
+
+def judge_samples(
+    result: ReplayResult,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """``(baseline, candidate)`` per-metric samples for :func:`registry.judge.judge_stage`.
+
+    * ``latency_ms``, ``nll``: both sides measured (two-sample metrics);
+    * ``kl_mean``, ``kl_p99``, ``top1_agreement``: relative to the baseline already; the baseline side
+      gets its self-values (0, 0, 1.0) — the judge only looks at the candidate for these;
+    * ``outlier_fallback_rate``: measured on both (a champion may itself be W4A4);
+    * ``error_rate``: 1.0 for each request whose side failed, else 0.0 — never NaN, so a failed
+      request is counted by the error-rate gate, never dropped. Its other metrics are NaN on both
+      sides (missing data).
+    """
+    base: dict[str, list[float]] = {}
+    cand: dict[str, list[float]] = {}
+
+    def put(metric: Metric, baseline_value: float, candidate_value: float) -> None:
+        base.setdefault(metric.value, []).append(baseline_value)
+        cand.setdefault(metric.value, []).append(candidate_value)
+
+    for rec in result.records:
+        put(Metric.ERROR_RATE, float(rec.baseline_failed), float(rec.candidate_failed))
+        if not rec.ok:
+            for metric in Metric:
+                if metric is not Metric.ERROR_RATE:
+                    put(metric, math.nan, math.nan)
+            continue
+        put(Metric.LATENCY_MS, rec.latency_baseline_s * 1000.0, rec.latency_candidate_s * 1000.0)
+        put(Metric.NLL, rec.nll_baseline, rec.nll_candidate)
+        put(Metric.TOP1_AGREEMENT, 1.0, rec.top1_agreement)
+        put(Metric.KL_MEAN, 0.0, rec.kl_mean)
+        put(Metric.KL_P99, 0.0, rec.kl_p99)
+        put(
+            Metric.OUTLIER_FALLBACK_RATE,
+            rec.outlier_fallback_rate_baseline,
+            rec.outlier_fallback_rate_candidate,
+        )
+    return base, cand
+
+
 def judge_replay(
     result: ReplayResult, policy: GatePolicy | None = None, *, stage_index: int = 0
 ) -> StageVerdict:
@@ -66,6 +125,21 @@ def judge_replay(
     from pipelines.canary.judging import judge_window
 
     return judge_window(result, policy or GatePolicy(), stage_index=stage_index)
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+@dataclass(frozen=True)
+class ReplayStageResult:
+    """One analysed stage: which requests ran, what they measured, what the judge said."""
+
+    stage_index: int
+    traffic_percent: float
+    request_indices: tuple[int, ...]  # positions in the hold-out window
+    replay: ReplayResult
+    verdict: StageVerdict
+    replay_path: Path | None = None
 
 
 def run_replay_stage(
