@@ -97,6 +97,9 @@ class ClientSettings:
     top_k: int = 20  # logprobs per position (vLLM's default --max-logprobs is 20)
     kl_top_k: int = 20  # k of the truncated KL (≤ top_k)
     max_tokens: int = 32  # greedy generation length
+    # Sent with every call of one held-out request (the prompt's digest): a gateway keys its split
+    # and fault injection on it, so both calls of a request take the same path.
+    route_key_header: str | None = "X-Fp4roll-Route-Key"
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.max_retries < 0 or self.max_tokens < 1:
@@ -269,6 +272,10 @@ class EndpointClient:
             headers=endpoint.request_headers(),
         )
 
+    def _key(self, key: str | None) -> dict[str, str]:
+        header = self.settings.route_key_header
+        return {header: key} if header and key else {}
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
@@ -294,9 +301,11 @@ class EndpointClient:
         if response.status_code != 200:
             raise EndpointError(f"HTTP {response.status_code}: {_error_message(response)}")
 
-    async def post_json(self, path: str, body: Mapping[str, Any], attempts: _Attempts) -> dict:
+    async def post_json(
+        self, path: str, body: Mapping[str, Any], attempts: _Attempts, key: str | None = None
+    ) -> dict:
         async def call() -> dict:
-            response = await self._client.post(path, json=dict(body))
+            response = await self._client.post(path, json=dict(body), headers=self._key(key))
             self._check(response)
             try:
                 return response.json()
@@ -305,7 +314,9 @@ class EndpointClient:
 
         return await self._with_retries(attempts, call)
 
-    async def generate(self, prompt: str, attempts: _Attempts) -> Generation:
+    async def generate(
+        self, prompt: str, attempts: _Attempts, key: str | None = None
+    ) -> Generation:
         """Streamed greedy completion: text, TTFT, end-to-end seconds, output tokens."""
         body = {
             "model": self.endpoint.model,
@@ -322,7 +333,9 @@ class EndpointClient:
             pieces: list[str] = []
             chunks = 0
             usage_tokens = None
-            async with self._client.stream("POST", "/v1/completions", json=body) as response:
+            async with self._client.stream(
+                "POST", "/v1/completions", json=body, headers=self._key(key)
+            ) as response:
                 if response.status_code != 200:
                     await response.aread()
                     self._check(response)
@@ -355,19 +368,20 @@ class EndpointClient:
 
         return await self._with_retries(attempts, call)
 
-    async def count_tokens(self, text: str, attempts: _Attempts) -> int:
+    async def count_tokens(self, text: str, attempts: _Attempts, key: str | None = None) -> int:
         if self.endpoint.flavor is ServerFlavor.LLAMACPP:
-            body = await self.post_json("/extras/tokenize/count", {"input": text}, attempts)
+            body = await self.post_json("/extras/tokenize/count", {"input": text}, attempts, key)
             return int(body["count"])
         body = await self.post_json(
             "/tokenize",
             {"model": self.endpoint.model, "prompt": text, "add_special_tokens": False},
             attempts,
+            key,
         )
         return int(body["count"])
 
     async def score(
-        self, text: str, n_response: int, attempts: _Attempts
+        self, text: str, n_response: int, attempts: _Attempts, key: str | None = None
     ) -> list[PositionLogprobs]:
         """Teacher-forced log-probabilities of the last ``n_response`` tokens of ``text``."""
         k = self.settings.top_k
@@ -380,7 +394,7 @@ class EndpointClient:
                 "max_tokens": 1,  # 0 means unlimited on llama.cpp
                 "temperature": 0,
             }
-            answer = await self.post_json("/v1/completions", body, attempts)
+            answer = await self.post_json("/v1/completions", body, attempts, key)
             return parse_llamacpp_echo(answer, n_response)
         body = {
             "model": self.endpoint.model,
@@ -390,7 +404,7 @@ class EndpointClient:
             "temperature": 0,
             "return_token_ids": True,
         }
-        answer = await self.post_json("/v1/completions", body, attempts)
+        answer = await self.post_json("/v1/completions", body, attempts, key)
         return parse_vllm_prompt_logprobs(answer, n_response, k)
 
 
@@ -528,6 +542,7 @@ class EndpointEvaluator:
         text = _prompt_text(prompt, self.render)
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
         logged = getattr(prompt, "logged_response", None)
+        key = digest[:32]
         base_attempts, cand_attempts = _Attempts(), _Attempts()
         nan = math.nan
 
@@ -551,13 +566,9 @@ class EndpointEvaluator:
                 attempts=base_attempts.count + cand_attempts.count,
             )
 
-        async def side(client: EndpointClient, attempts: _Attempts, reference: str | None):
-            """Generation, then (once the reference is known) scoring."""
-            return await client.generate(text, attempts)
-
         base_gen, cand_gen = await asyncio.gather(
-            base.generate(text, base_attempts),
-            cand.generate(text, cand_attempts),
+            base.generate(text, base_attempts, key),
+            cand.generate(text, cand_attempts, key),
             return_exceptions=True,
         )
         errors = {
@@ -573,15 +584,14 @@ class EndpointEvaluator:
         if reference:
             full = text + reference
             try:
-                n_response = await base.count_tokens(full, base_attempts) - await base.count_tokens(
-                    text, base_attempts
-                )
+                n_full = await base.count_tokens(full, base_attempts, key)
+                n_response = n_full - await base.count_tokens(text, base_attempts, key)
             except Exception as exc:  # noqa: BLE001 - a failed request is a record, not a crash
                 return failed("baseline", _message(exc))
             if n_response > 0:
                 base_lp, cand_lp = await asyncio.gather(
-                    base.score(full, n_response, base_attempts),
-                    cand.score(full, n_response, cand_attempts),
+                    base.score(full, n_response, base_attempts, key),
+                    cand.score(full, n_response, cand_attempts, key),
                     return_exceptions=True,
                 )
                 errors = {
