@@ -124,9 +124,10 @@ def judge_window(
     pool_policy = dataclasses.replace(
         policy, metrics=tuple(g for g in policy.metrics if g.name not in TASK_METRICS)
     )
+    pool_names = {g.name for g in pool_policy.metrics}
     pool = judge_stage(
-        {k: v for k, v in base.items() if k not in TASK_METRICS},
-        {k: v for k, v in cand.items() if k not in TASK_METRICS},
+        {k: v for k, v in base.items() if k in pool_names},
+        {k: v for k, v in cand.items() if k in pool_names},
         pool_policy,
         stage_index=stage_index,
     )

@@ -217,3 +217,18 @@ def run_live_canary(
             on_stage(stage)
         if decision is not Decision.ADVANCE:
             return LiveCanaryResult(decision, progress, tuple(stages), applied_after)
+
+
+def ledger_stage_recorder(
+    rollout_id: int, db_url: str | None = None
+) -> Callable[[LiveStage], None]:
+    """An ``on_stage`` hook writing each stage into the rollout ledger: the verdict's rows and the
+    decision, then ``advance`` on ADVANCE (promotion and rollback alias moves stay the caller's)."""
+    from registry import ledger
+
+    def record(stage: LiveStage) -> None:
+        ledger.record_stage_result(rollout_id, stage.verdict, stage.decision, db_url=db_url)
+        if stage.decision is Decision.ADVANCE:
+            ledger.advance(rollout_id, db_url=db_url)
+
+    return record
