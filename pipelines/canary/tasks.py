@@ -5,8 +5,8 @@ A route's family comes from its name (:func:`route_family`, overridable by a map
 :func:`task_metrics` returns flat per-request values, NaN where a metric does not apply:
 
 * ``task_quality_{baseline,candidate}``: 1/0, the answer is usable for its family — valid JSON
-  object (extraction), code that parses with :func:`ast.parse` (code; a fenced block when the
-  answer has one, NaN when it has none), a non-empty answer that is not a refusal (others);
+  object (extraction), code that parses with :func:`ast.parse` (code: every fenced Python block;
+  an answer without code counts as usable prose), a non-empty answer that is not a refusal (all);
 * ``refusal_{side}``, ``empty_{side}``: 1/0 for every family;
 * ``task_agreement``: extraction — share of the baseline JSON's fields the candidate reproduces;
   classification — the normalised labels are equal (1/0);
@@ -113,7 +113,8 @@ def _usable(family: RouteFamily, text: str) -> float:
     if family is RouteFamily.EXTRACTION:
         return 1.0 if parse_json_object(text) is not None else 0.0
     if family is RouteFamily.CODE:
-        return code_parses(text)
+        parses = code_parses(text)
+        return 1.0 if math.isnan(parses) else parses  # prose without code is a usable answer
     return 1.0
 
 
