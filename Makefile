@@ -30,7 +30,7 @@ demo: $(STAMP)
 CANDIDATE ?= Q8_0
 demo-live: $(STAMP)
 	$(PY) -m pip install -q -e ".[serving]"
-	OMP_NUM_THREADS=1 $(PY) benchmarks/live_canary.py --candidate $(CANDIDATE)
+	OMP_NUM_THREADS=1 PYTHONPATH=. $(PY) -m benchmarks.live_canary --candidate $(CANDIDATE)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
