@@ -1,6 +1,6 @@
 """The live canary end to end on this machine (``make demo-live``): real servers, a real gateway.
 
-    .venv/bin/python benchmarks/live_canary.py [--candidate Q8_0|Q2_K|AA] [--prompts 12]
+    PYTHONPATH=. .venv/bin/python -m benchmarks.live_canary [--candidate Q8_0|Q2_K|AA] [--prompts 12]
 
 1. requantizes the packaged SmolLM2 GGUF with llama.cpp (``Q8_0`` = a good candidate, ``Q2_K`` = a
    damaged one; ``AA`` = the baseline file itself, the A/A noise floor);
