@@ -32,10 +32,11 @@ demo-live: $(STAMP)
 	$(PY) -m pip install -q -e ".[serving]"
 	OMP_NUM_THREADS=1 PYTHONPATH=. $(PY) -m benchmarks.live_canary --candidate $(CANDIDATE)
 
-test: $(STAMP)
+# The tests start with the linters, so CI (.ci/run → make test) enforces them.
+test: lint
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)

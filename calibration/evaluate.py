@@ -572,7 +572,7 @@ def _replay_batch(
             else:
                 cand_out = cand_side.forward(input_ids, attention_mask)
                 base_out = base_side.forward(input_ids, attention_mask)
-        except Exception as exc:  # noqa: BLE001 - one bad request must not lose the others
+        except Exception as exc:
             logger.exception("forward failed for requests %s", [i for i, _, _ in valid])
             message = f"{type(exc).__name__}: {exc}"
             for index, ids, digest in valid:

@@ -2,7 +2,8 @@
 
 Each command group lives in its own module (``pipelines/cli_*.py``) and is registered here, so the
 groups can grow independently. Commands call plain library functions; flows are used only where a
-command is a pipeline run.
+command is a pipeline run. Commands import what they run inside their function: Prefect, torch and
+MLflow each take seconds to import, which ``fp4roll --help`` and every other command would pay.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import os
 # Before torch is imported: OpenMP threads that spin while waiting make torch several times slower
 # whenever another process (a Prefect or MLflow server, a second flow) shares the cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before prefect is imported: the Prefect API a flow command starts for itself (the ephemeral one
+# when $PREFECT_API_URL is unset) sends no analytics and reports no errors about failing to.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import typer
 

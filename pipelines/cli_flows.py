@@ -13,11 +13,12 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
 from pipelines.cli_options import options_command
@@ -31,6 +32,9 @@ from pipelines.params import (
     RollbackParams,
 )
 from pipelines.render import print_stages, print_status
+from pipelines.results import CanaryOutcome
+
+ParamsT = TypeVar("ParamsT", bound=BaseModel)
 
 # Wide enough for the status tables when output is piped (rich falls back to 80 columns there).
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -52,7 +56,7 @@ TrackingOption = Annotated[
 ]
 
 
-def _params(model: type, **values: Any):  # noqa: ANN202 - a pydantic params model
+def _params(model: type[ParamsT], **values: Any) -> ParamsT:
     """Build a flow parameter model, turning validation errors into a clean CLI error."""
     try:
         return model(**{k: v for k, v in values.items() if v is not None})
@@ -61,8 +65,13 @@ def _params(model: type, **values: Any):  # noqa: ANN202 - a pydantic params mod
         raise typer.Exit(2) from None
 
 
-def _print_json(payload: Any) -> None:
-    console.print_json(json.dumps(payload, default=str))
+def _print_json(payload: BaseModel | Sequence[BaseModel]) -> None:
+    """A flow's typed result (or a sequence of them) as JSON."""
+    if isinstance(payload, BaseModel):
+        data = payload.model_dump(mode="json")
+    else:
+        data = [item.model_dump(mode="json") for item in payload]
+    console.print_json(json.dumps(data))
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -128,7 +137,7 @@ def canary(
     )
     result = canary_flow(params)
     print_stages(console, result)
-    if result["outcome"] == "rolled_back":
+    if result.outcome is CanaryOutcome.ROLLED_BACK:
         raise typer.Exit(3)
 
 
@@ -212,7 +221,7 @@ def drift_check(
     )
     verdict = drift_check_flow(params)
     _print_json(verdict)
-    raise typer.Exit(3 if verdict["drifted"] else 0)
+    raise typer.Exit(3 if verdict.drifted else 0)
 
 
 def status(
@@ -222,8 +231,14 @@ def status(
 ) -> None:
     """Aliases, versions (scheme, KL, corpus digest) and recent rollouts of a model."""
     from pipelines.status import model_status
+    from registry.db import SchemaOutdatedError
 
-    print_status(console, model_status(model, db_url=db, tracking_uri=tracking_uri))
+    try:
+        status = model_status(model, db_url=db, tracking_uri=tracking_uri)
+    except SchemaOutdatedError as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    print_status(console, status)
 
 
 def serve(
@@ -247,20 +262,36 @@ def serve(
 
 
 def ui(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    port: Annotated[int, typer.Option(help="MLflow UI port on 127.0.0.1.")] = 5000,
+    prefect_port: Annotated[
+        int, typer.Option(help="Prefect UI port on 127.0.0.1 (0: no Prefect UI).")
+    ] = 4200,
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Open the MLflow UI over the embedded store (runs, metrics, artifacts, versions, aliases)."""
+    """Open the MLflow UI over the embedded store (runs, metrics, artifacts, versions, aliases) and the
+    Prefect UI (flow runs, artifacts). Runs until Ctrl+C, then stops every process it started."""
+    from pipelines.prefect_api import server_command, server_env
+    from pipelines.processes import run_until_interrupted, start_group
     from registry.mlflow_registry import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
+    procs = []
     if uri.startswith(("http://", "https://")):
         console.print(f"MLflow server: {uri}")
+    else:
+        mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+        cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+        procs.append(start_group(cmd))
+        console.print(f"MLflow UI on http://127.0.0.1:{port}")
+    if os.environ.get("PREFECT_API_URL"):
+        console.print(f"Prefect server: {os.environ['PREFECT_API_URL']}")
+    elif prefect_port:
+        procs.append(start_group(server_command(prefect_port, ui=True), env=server_env()))
+        console.print(f"Prefect UI on http://127.0.0.1:{prefect_port}")
+    if not procs:
         return
-    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
-    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl+C to stop)")
-    os.execvp(cmd[0], cmd)
+    console.print("Ctrl+C to stop")
+    raise typer.Exit(run_until_interrupted(procs))
 
 
 def demo(model: ModelOption = DEFAULT_MODEL_NAME) -> None:

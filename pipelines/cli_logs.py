@@ -15,7 +15,7 @@ import datetime as dt
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -31,6 +31,9 @@ from rich.table import Table
 
 from pipelines.cli_options import options_command
 from pipelines.params import SampleParams
+
+if TYPE_CHECKING:
+    from registry.prompt_logs import ImportReport
 
 logger = logging.getLogger(__name__)
 console = Console()
@@ -76,7 +79,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _print_report(report) -> None:  # noqa: ANN001 - registry.prompt_logs.ImportReport
+def _print_report(report: ImportReport) -> None:
     table = Table(title="Import", show_header=False)
     table.add_row("sources", str(len(report.sources)))
     table.add_row("lines read", f"{report.lines:,}")
@@ -250,7 +253,13 @@ logs_app.command("sample")(
 @logs_app.command("sets")
 def sets_cmd(db: DbOption = None) -> None:
     """List stored calibration sets, newest first."""
+    from registry import db as store_db
     from registry.prompt_logs import list_calibration_sets
+
+    try:
+        store_db.require_schema(db)
+    except store_db.SchemaOutdatedError as exc:
+        _fail(str(exc))
 
     table = Table(title="Calibration sets")
     table.add_column("digest", no_wrap=True)
@@ -286,6 +295,7 @@ def drift_cmd(
 ) -> None:
     """Compare recent logs with a calibration set (exit 0 no drift, 3 drift, 4 inconclusive)."""
     from pipelines.prompt_logs import DriftParameters, check_drift
+    from registry.db import SchemaOutdatedError
 
     try:
         params = DriftParameters(
@@ -296,7 +306,7 @@ def drift_cmd(
             psi_threshold=psi_threshold,
         )
         verdict = check_drift(params, db)
-    except (LookupError, ValueError) as exc:
+    except (LookupError, ValueError, SchemaOutdatedError) as exc:
         _fail(str(exc))
     if json_out:
         typer.echo(json.dumps(verdict.as_dict(), indent=2))

@@ -20,13 +20,16 @@ from calibration.evaluate import load_replay
 from pipelines.canary import judge_replay
 from pipelines.flows import canary_flow, drift_check_flow, recalibrate_flow
 from pipelines.params import CanaryParams, DriftCheckParams, RecalibrateParams
+from pipelines.prefect_api import local_prefect_api
 from pipelines.prompt_logs import import_logs
 from pipelines.render import print_stages, print_status
-from pipelines.rollout import build_gate_policy
+from pipelines.results import CanaryRecord, DemoRecord, DriftRecord, RecalibrationRecord
 from pipelines.status import model_status
 from pipelines.steps import resolve_source_model
+from registry.aliases import Alias
 from registry.db import fp4roll_home, safe_url
 from registry.mlflow_registry import aliases, default_tracking_uri
+from registry.policy import GatePolicyOverrides, Metric, MetricOverride
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +40,14 @@ SAMPLE_LOGS = "sample_prompt_logs.jsonl.gz"
 #: KL ~0.45 nats and perplexity +35-40 %. The production gates (DESIGN.md: quality within 1 %) rightly
 #: roll that back; the demo runs the canary with these limits instead, says so, and prints what the
 #: production gates decided on the same replay. Latency stays reported-only (emulated NVFP4 on a CPU).
-SMOLLM2_DEMO_GATES = {
-    "metric_overrides": {
-        "top1_agreement": {"ceiling": 0.55},
-        "kl_mean": {"ceiling": 0.7},
-        "kl_p99": {"ceiling": 4.0},
-        "nll": {"max_effect": 1.6},
+SMOLLM2_DEMO_GATES = GatePolicyOverrides(
+    metric_overrides={
+        Metric.TOP1_AGREEMENT: MetricOverride(ceiling=0.55),
+        Metric.KL_MEAN: MetricOverride(ceiling=0.7),
+        Metric.KL_P99: MetricOverride(ceiling=4.0),
+        Metric.NLL: MetricOverride(max_effect=1.6),
     }
-}
+)
 #: Demo-sized calibration: 64 calibration prompts set the activation scales; 8 sensitivity prompts of at
 #: most 256 tokens score each of SmolLM2's 120 groups (minutes on 2 cores).
 DEMO_SAMPLING = SamplingConfig(calibration_size=64, sensitivity_size=8, holdout_size=128)
@@ -55,7 +58,7 @@ def shipped_logs() -> Path:
     return Path(str(resources.files("calibration.data") / SAMPLE_LOGS))
 
 
-def run_demo(*, model_name: str, console: Console | None = None) -> dict:
+def run_demo(*, model_name: str, console: Console | None = None) -> DemoRecord:
     console = console or Console()
     started = time.perf_counter()
     home = fp4roll_home()
@@ -76,18 +79,41 @@ def run_demo(*, model_name: str, console: Console | None = None) -> dict:
         "on them understates what a bf16-trained checkpoint shows[/dim]"
     )
 
+    with local_prefect_api() as api_url:
+        console.print(f"[dim]Prefect API: {api_url}[/dim]")
+        recal, canary, drift = _run_flows(model_name, console)
+
+    console.rule("6/6 status")
+    print_status(console, model_status(model_name))
+    elapsed = time.perf_counter() - started
+    tracking = default_tracking_uri()
+    console.print(
+        f"\n[bold]done in {elapsed / 60:.1f} min.[/bold] Review it:\n"
+        f"  MLflow UI (runs, per-group KL table, artifacts, versions, aliases):  fp4roll ui   "
+        f"→ http://127.0.0.1:5000  [dim]({tracking})[/dim]\n"
+        f"  MLflow run of this recalibration:  {recal.run_url}\n"
+        "  Prefect UI (flow runs, artifacts):  the same `fp4roll ui`  → http://127.0.0.1:4200\n"
+        f"  Status from the shell:  fp4roll status -m {model_name}"
+    )
+    return DemoRecord(recalibrate=recal, canary=canary, drift=drift, seconds=elapsed)
+
+
+def _run_flows(
+    model_name: str, console: Console
+) -> tuple[RecalibrationRecord, CanaryRecord | None, DriftRecord]:
+    """Steps 3-5: recalibrate, canary the new challenger (once), drift check."""
     console.rule("3/6 recalibrate (flow)")
     recal = recalibrate_flow(
         RecalibrateParams(
             model_name=model_name, sampling=DEMO_SAMPLING, calibration=DEMO_CALIBRATION
         )
     )
-    console.print_json(data=recal)
+    console.print_json(recal.model_dump_json())
 
     console.rule("4/6 staged canary (flow)")
     current = aliases(model_name)
     canary = None
-    if current.get("challenger") == recal["version"]:
+    if current.get(Alias.CHALLENGER.value) == recal.version:
         console.print(
             "[yellow]gates: the SmolLM2 demo limits (pipelines/demo.py SMOLLM2_DEMO_GATES), not the "
             "production defaults; see below what those decide[/yellow]"
@@ -103,38 +129,22 @@ def run_demo(*, model_name: str, console: Console | None = None) -> dict:
         console.print(production_gates_verdict(canary))
     else:
         console.print(
-            f"v{recal['version']} is not the challenger (aliases: {current}); "
+            f"v{recal.version} is not the challenger (aliases: {current}); "
             "it was canaried by an earlier demo run, nothing to do"
         )
 
     console.rule("5/6 drift check (flow)")
     drift = drift_check_flow(DriftCheckParams(model_name=model_name, recalibrate_on_drift=False))
     console.print(
-        f"drifted: {drift['drifted']} "
-        + ", ".join(f"{k}={v:.3f}" for k, v in drift["metrics"].items() if isinstance(v, float))
+        f"drifted: {drift.drifted} " + ", ".join(f"{k}={v:.3f}" for k, v in drift.metrics.items())
     )
-
-    console.rule("6/6 status")
-    print_status(console, model_status(model_name))
-    elapsed = time.perf_counter() - started
-    tracking = default_tracking_uri()
-    console.print(
-        f"\n[bold]done in {elapsed / 60:.1f} min.[/bold] Review it:\n"
-        f"  MLflow UI (runs, metrics, artifacts, versions, aliases):  fp4roll ui   "
-        f"→ http://127.0.0.1:5000  [dim]({tracking})[/dim]\n"
-        f"  MLflow run of this recalibration:  {recal['run_url']}\n"
-        "  Prefect UI (flow runs, artifacts):  prefect server start  → http://127.0.0.1:4200\n"
-        f"  Status from the shell:  fp4roll status -m {model_name}"
-    )
-    return {"recalibrate": recal, "canary": canary, "drift": drift, "seconds": elapsed}
+    return recal, canary, drift
 
 
-def production_gates_verdict(canary: dict) -> str:
+def production_gates_verdict(canary: CanaryRecord) -> str:
     """What the production (DESIGN.md) gates decide on the canary's first-stage replay."""
-
-    defaults = CanaryParams()
-    policy = build_gate_policy(defaults.stages, defaults.min_samples)
-    verdict = judge_replay(load_replay(canary["stages"][0]["replay_path"]), policy, stage_index=0)
+    policy = CanaryParams().policy()
+    verdict = judge_replay(load_replay(canary.stages[0].replay_path), policy, stage_index=0)
     return (
         f"production gates on the same stage-0 replay: [bold]{verdict.outcome.value}[/bold] "
         f"({verdict.reason})"

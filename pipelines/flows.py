@@ -12,7 +12,6 @@ import datetime as dt
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import (
@@ -24,7 +23,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
 from prefect.futures import as_completed
 from prefect.input import RunInput
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from calibration.config import CalibrationConfig
 from pipelines import rollout as rollout_steps
@@ -36,7 +35,15 @@ from pipelines.params import (
     RecalibrateParams,
     RollbackParams,
 )
-from pipelines.rollout import CanaryPlan, RolloutState, StageReport
+from pipelines.results import (
+    CanaryOutcome,
+    CanaryRecord,
+    DriftRecord,
+    RecalibrationRecord,
+    StageReport,
+)
+from registry.aliases import AliasMove
+from registry.judge import Decision
 
 logger = logging.getLogger(__name__)
 
@@ -58,81 +65,20 @@ class SimulatedCrash(RuntimeError):
 
 
 # ------------------------------------------------------------------------------- recalibrate tasks
+# Each task IS its step function (one task → one plain function): the name, caching and retries are
+# decided here, the code lives in pipelines/steps.py and pipelines/rollout.py.
 
 
-@task(name="resolve-source-model", **_IO)
-def resolve_source_model_task(source_model: str) -> str:
-    return steps.resolve_source_model(source_model)
-
-
-@task(name="sample-calibration-set", **_IO)
-def sample_calibration_set_task(
-    params: RecalibrateParams, source_dir: str
-) -> steps.CalibrationSetRef:
-    return steps.sample_calibration_set(params, source_dir)
-
-
-@task(name="register-baseline", **_IO)
-def register_baseline_task(
-    model_name: str, source_dir: str, tracking_uri: str | None, db_url: str | None
-) -> str:
-    return steps.register_baseline(model_name, source_dir, tracking_uri=tracking_uri, db_url=db_url)
-
-
-@task(name="activation-stats", **_CACHED)
-def activation_stats_task(
-    source_dir: str,
-    corpus_digest: str,
-    db_url: str | None,
-    config: CalibrationConfig,
-    work_dir: str,
-) -> str:
-    return steps.activation_stats(source_dir, corpus_digest, db_url, config, work_dir)
-
-
-@task(name="target-groups", **_CACHED)
-def target_groups_task(source_dir: str, config: CalibrationConfig) -> list[str]:
-    return steps.target_groups(source_dir, config)
-
-
-@task(name="kl-sweep-part", **_CACHED)
-def kl_sweep_part_task(
-    source_dir: str,
-    corpus_digest: str,
-    db_url: str | None,
-    stats_path: str,
-    groups: list[str],
-    part: int,
-    config: CalibrationConfig,
-    work_dir: str,
-) -> str:
-    return steps.kl_sweep_part(
-        source_dir, corpus_digest, db_url, stats_path, groups, part, config, work_dir
-    )
-
-
-@task(name="plan-and-export", **_CACHED)
-def plan_and_export_task(
-    source_dir: str,
-    corpus_digest: str,
-    db_url: str | None,
-    stats_path: str,
-    part_paths: list[str],
-    config: CalibrationConfig,
-    work_dir: str,
-) -> steps.CalibratedCheckpoint:
-    return steps.plan_and_export(
-        source_dir, corpus_digest, db_url, stats_path, part_paths, config, work_dir
-    )
-
-
-@task(name="register-challenger", **_IO)
-def register_challenger_task(
-    params: RecalibrateParams,
-    calibration_set: steps.CalibrationSetRef,
-    checkpoint: steps.CalibratedCheckpoint,
-) -> steps.Registration:
-    return steps.register_challenger(params, calibration_set, checkpoint)
+resolve_source_model_task = task(name="resolve-source-model", **_IO)(steps.resolve_source_model)
+sample_calibration_set_task = task(name="sample-calibration-set", **_IO)(
+    steps.sample_calibration_set
+)
+register_baseline_task = task(name="register-baseline", **_IO)(steps.register_baseline)
+activation_stats_task = task(name="activation-stats", **_CACHED)(steps.activation_stats)
+target_groups_task = task(name="target-groups", **_CACHED)(steps.target_groups)
+kl_sweep_part_task = task(name="kl-sweep-part", **_CACHED)(steps.kl_sweep_part)
+plan_and_export_task = task(name="plan-and-export", **_CACHED)(steps.plan_and_export)
+register_challenger_task = task(name="register-challenger", **_IO)(steps.register_challenger)
 
 
 @flow(name="kl-sweep", log_prints=False)
@@ -161,7 +107,7 @@ def kl_sweep_flow(
     return [future.result() for future in futures]
 
 
-def _sweep_runner(params: RecalibrateParams):  # noqa: ANN202 - a Prefect task runner
+def _sweep_runner(params: RecalibrateParams) -> TaskRunner:
     """Dask when a scheduler is given; else a thread pool with one task per GPU (on a CPU-only host
     torch already spreads one task over every core, so concurrent tasks would only contend)."""
     if params.dask_address:
@@ -175,13 +121,15 @@ def _sweep_runner(params: RecalibrateParams):  # noqa: ANN202 - a Prefect task r
 
 
 @flow(name="recalibrate", log_prints=False)
-def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> dict[str, Any]:  # noqa: B008
+def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> RecalibrationRecord:  # noqa: B008
     """Sample logs → activation stats → per-group KL sweep → fallback plan → pack → register challenger."""
     config, db_url = params.calibration, params.db_url
     source_dir = resolve_source_model_task(params.source_model)
     calibration_set = sample_calibration_set_task(params, source_dir)
     digest = calibration_set.digest
-    register_baseline_task(params.model_name, source_dir, params.tracking_uri, db_url)
+    register_baseline_task(
+        params.model_name, source_dir, tracking_uri=params.tracking_uri, db_url=db_url
+    )
     work_dir = steps.calibration_work_dir(params, digest)
     stats_path = activation_stats_task(source_dir, digest, db_url, config, work_dir)
     groups = target_groups_task(source_dir, config)
@@ -213,17 +161,17 @@ def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> dict[st
     create_markdown_artifact(
         key="recalibration-summary", markdown=summary, description="fp4roll recalibration"
     )
-    return {
-        "model_name": params.model_name,
-        "version": registration.version,
-        "run_id": registration.run_id,
-        "run_url": registration.run_url,
-        "corpus_digest": calibration_set.digest,
-        "checkpoint_dir": str(checkpoint.checkpoint_dir),
-        "fallback_groups": list(checkpoint.fallback_groups),
-        "plan_mean_kl": checkpoint.plan_mean_kl,
-        "all_quantized_mean_kl": checkpoint.all_quantized_mean_kl,
-    }
+    return RecalibrationRecord(
+        model_name=params.model_name,
+        version=registration.version,
+        run_id=registration.run_id,
+        run_url=registration.run_url,
+        corpus_digest=calibration_set.digest,
+        checkpoint_dir=str(checkpoint.checkpoint_dir),
+        fallback_groups=tuple(checkpoint.fallback_groups),
+        plan_mean_kl=checkpoint.plan_mean_kl,
+        all_quantized_mean_kl=checkpoint.all_quantized_mean_kl,
+    )
 
 
 # ------------------------------------------------------------------------------------ canary tasks
@@ -236,45 +184,27 @@ class Approval(RunInput):
     note: str = ""
 
 
-@task(name="plan-canary", **_IO)
-def plan_canary_task(params: CanaryParams) -> CanaryPlan:
-    return rollout_steps.plan_canary(params)
+plan_canary_task = task(name="plan-canary", **_IO)(rollout_steps.plan_canary)
+open_rollout_task = task(name="open-rollout", **_IO)(rollout_steps.open_rollout)
+canary_stage_task = task(
+    name="canary-stage", cache_policy=NO_CACHE, persist_result=True, result_serializer="json"
+)(rollout_steps.run_stage)
 
 
-@task(name="open-rollout", **_IO)
-def open_rollout_task(plan: CanaryPlan) -> RolloutState:
-    return rollout_steps.open_rollout(plan)
-
-
-@task(name="canary-stage", cache_policy=NO_CACHE, persist_result=True, result_serializer="json")
-def canary_stage_task(plan: CanaryPlan, rollout_id: int, stage_index: int) -> StageReport:
-    return rollout_steps.run_stage(plan, rollout_id, stage_index)
-
-
-@task(name="promote-candidate", **_IO)
-def promote_candidate_task(plan: CanaryPlan, rollout_id: int) -> str:
-    return rollout_steps.promote_candidate(plan, rollout_id)
-
-
-@task(name="reject-candidate", **_IO)
-def reject_candidate_task(plan: CanaryPlan, rollout_id: int, reason: str) -> str:
-    return rollout_steps.reject_candidate(plan, rollout_id, reason)
-
-
-@task(name="hold-rollout", **_IO)
-def hold_rollout_task(plan: CanaryPlan, rollout_id: int, reason: str) -> None:
-    rollout_steps.hold_rollout(plan, rollout_id, reason)
+promote_candidate_task = task(name="promote-candidate", **_IO)(rollout_steps.promote_candidate)
+reject_candidate_task = task(name="reject-candidate", **_IO)(rollout_steps.reject_candidate)
+hold_rollout_task = task(name="hold-rollout", **_IO)(rollout_steps.hold_rollout)
 
 
 @flow(name="canary", log_prints=False)
-def canary_flow(params: CanaryParams = CanaryParams()) -> dict[str, Any]:  # noqa: B008
+def canary_flow(params: CanaryParams = CanaryParams()) -> CanaryRecord:  # noqa: B008
     """Staged replay canary (1 % → 10 % → 50 % → 100 % by default) of the challenger against the
     champion. Pass every stage → promote; a Fail → automatic rollback (champion untouched, challenger
     rejected); not enough evidence → hold. A crash marks the rollout aborted; champion never moves."""
     plan = plan_canary_task(params)
     state = open_rollout_task(plan)
     reports: list[StageReport] = []
-    outcome = "held"
+    outcome = CanaryOutcome.HELD
     try:
         stage_index = state.stage_index
         while True:
@@ -286,34 +216,34 @@ def canary_flow(params: CanaryParams = CanaryParams()) -> dict[str, Any]:  # noq
                     rollout_steps.abort_rollout(
                         plan.db_url, state.rollout_id, f"not approved: {answer.note}"
                     )
-                    outcome = "aborted"
+                    outcome = CanaryOutcome.ABORTED
                     break
             report = canary_stage_task(plan, state.rollout_id, stage_index)
             reports.append(report)
-            if report.decision == "advance":
+            if report.decision is Decision.ADVANCE:
                 if params.fail_after_stage is not None and params.fail_after_stage == stage_index:
                     raise SimulatedCrash(f"simulated crash after stage {stage_index}")
                 stage_index += 1
                 continue
-            if report.decision == "promote":
+            if report.decision is Decision.PROMOTE:
                 if params.auto_promote:
                     promote_candidate_task(plan, state.rollout_id)
-                    outcome = "promoted"
+                    outcome = CanaryOutcome.PROMOTED
                 else:
                     hold_rollout_task(
                         plan, state.rollout_id, "every stage passed; awaiting manual promotion"
                     )
-                    outcome = "awaiting-promotion"
-            elif report.decision == "rollback":
+                    outcome = CanaryOutcome.AWAITING_PROMOTION
+            elif report.decision is Decision.ROLLBACK:
                 reject_candidate_task(
                     plan, state.rollout_id, f"stage {stage_index} failed: {report.reason}"
                 )
-                outcome = "rolled_back"
+                outcome = CanaryOutcome.ROLLED_BACK
             else:
                 hold_rollout_task(
                     plan, state.rollout_id, f"stage {stage_index} inconclusive: {report.reason}"
                 )
-                outcome = "held"
+                outcome = CanaryOutcome.HELD
             break
     except BaseException as exc:
         rollout_steps.abort_rollout(
@@ -327,8 +257,8 @@ def canary_flow(params: CanaryParams = CanaryParams()) -> dict[str, Any]:  # noq
                 "stage": r.stage_index,
                 "traffic_%": r.traffic_percent,
                 "requests": r.requests,
-                "outcome": r.outcome,
-                "decision": r.decision,
+                "outcome": r.outcome.value,
+                "decision": r.decision.value,
                 "score": round(r.score, 1),
                 "failed": ", ".join(r.failed_metrics),
             }
@@ -339,57 +269,49 @@ def canary_flow(params: CanaryParams = CanaryParams()) -> dict[str, Any]:  # noq
     create_markdown_artifact(
         key="canary-summary", markdown=rollout_steps.canary_summary(plan, state, reports, outcome)
     )
-    return {
-        "model_name": plan.model_name,
-        "rollout_id": state.rollout_id,
-        "candidate_version": plan.candidate_version,
-        "baseline_version": plan.baseline_version,
-        "outcome": outcome,
-        "stages": [r.model_dump(mode="json") for r in reports],
-    }
+    return CanaryRecord(
+        model_name=plan.model_name,
+        rollout_id=state.rollout_id,
+        candidate_version=plan.candidate_version,
+        baseline_version=plan.baseline_version,
+        outcome=outcome,
+        stages=tuple(reports),
+    )
 
 
 # ------------------------------------------------------------------------ promote / rollback / drift
 
 
-@task(name="promote-version", **_IO)
-def promote_version_task(params: PromoteParams) -> list[dict[str, Any]]:
-    return rollout_steps.promote_version(params)
-
-
-@task(name="rollback-version", **_IO)
-def rollback_version_task(params: RollbackParams) -> list[dict[str, Any]]:
-    return rollout_steps.rollback_version(params)
+promote_version_task = task(name="promote-version", **_IO)(rollout_steps.promote_version)
+rollback_version_task = task(name="rollback-version", **_IO)(rollout_steps.rollback_version)
 
 
 @flow(name="promote", log_prints=False)
-def promote_flow(params: PromoteParams = PromoteParams()) -> list[dict[str, Any]]:  # noqa: B008
+def promote_flow(params: PromoteParams = PromoteParams()) -> tuple[AliasMove, ...]:  # noqa: B008
     """Make a version (default: the challenger) the champion; the old champion → previous-champion."""
     return promote_version_task(params)
 
 
 @flow(name="rollback", log_prints=False)
-def rollback_flow(params: RollbackParams) -> list[dict[str, Any]]:
+def rollback_flow(params: RollbackParams) -> tuple[AliasMove, ...]:
     """Put a version (default: previous-champion) back as champion, with a reason for the ledger."""
     return rollback_version_task(params)
 
 
-@task(name="check-drift", **_IO)
-def check_drift_task(params: DriftCheckParams) -> dict[str, Any]:
-    return steps.check_drift(params)
+check_drift_task = task(name="check-drift", **_IO)(steps.check_drift)
 
 
 @flow(name="drift-check", log_prints=False)
-def drift_check_flow(params: DriftCheckParams = DriftCheckParams()) -> dict[str, Any]:  # noqa: B008
+def drift_check_flow(params: DriftCheckParams = DriftCheckParams()) -> DriftRecord:  # noqa: B008
     """Compare recent logs with the champion's calibration set; recalibrate when drift is confirmed."""
     verdict = check_drift_task(params)
     create_markdown_artifact(key="drift-check", markdown=steps.drift_summary(verdict))
-    if verdict["drifted"] and params.recalibrate_on_drift:
+    if verdict.drifted and params.recalibrate_on_drift:
         recal = params.recalibrate.model_copy(
             update={
                 "db_url": params.recalibrate.db_url or params.db_url,
                 "tracking_uri": params.recalibrate.tracking_uri or params.tracking_uri,
             }
         )
-        verdict["recalibration"] = recalibrate_flow(recal)
+        verdict = verdict.model_copy(update={"recalibration": recalibrate_flow(recal)})
     return verdict

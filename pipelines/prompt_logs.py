@@ -180,7 +180,9 @@ def reference_samples(calibration_set: store.StoredCalibrationSet) -> Sequence[_
 
 
 def check_drift(params: DriftParameters, db_url: str | None = None) -> DriftVerdict:
-    """Compare a recent window of logs with a stored calibration set."""
+    """Compare a recent window of logs with a stored calibration set (read only: the schema must be
+    current, ``registry.db.require_schema``)."""
+    db.require_schema(db_url)
     calibration_set = store.load_calibration_set(params.calibration_set, db_url)
     since, until = params.since, params.until
     if since is None:

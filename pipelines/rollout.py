@@ -7,24 +7,22 @@ anywhere can be rerun: :func:`open_rollout` resumes (or aborts) what the crash l
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Sequence
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from calibration.evaluate import InProcessEvaluator
 from calibration.sampling import Role
 from pipelines.canary import run_replay_stage
-from pipelines.params import CanaryParams, PromoteParams, RollbackParams
+from pipelines.params import IN_PROCESS_REPORTED_ONLY, CanaryParams, PromoteParams, RollbackParams
 from pipelines.prompt_logs import calibration_prompts
+from pipelines.results import CanaryOutcome, StageReport
 from registry import db, ledger
-from registry.aliases import Alias
+from registry.aliases import Alias, AliasMove
 from registry.db import fp4roll_home
 from registry.judge import Decision, decide
 from registry.mlflow_registry import RegistryError, promote, reject_challenger, rollback
-from registry.policy import GatePolicy, default_metric_gates, load_gate_policy
+from registry.policy import GatePolicy, GatePolicyOverrides, build_gate_policy
 from registry.versions import find_alias, local_checkpoint, resolve_version
 
 logger = logging.getLogger(__name__)
@@ -46,7 +44,7 @@ class CanaryPlan(BaseModel):
     min_samples: int
     max_seq_len: int
     seed: int
-    gate_policy: dict[str, Any] | None
+    gate_policy: GatePolicyOverrides | None
     db_url: str | None
     tracking_uri: str | None
 
@@ -59,64 +57,11 @@ class RolloutState(BaseModel):
     resumed: bool
 
 
-class StageReport(BaseModel):
-    """A stage analysis as the flow and its artifacts show it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    rollout_id: int
-    stage_index: int
-    traffic_percent: float
-    requests: int
-    outcome: str  # pass | fail | inconclusive
-    decision: str  # advance | promote | hold | rollback
-    score: float
-    reason: str
-    failed_metrics: tuple[str, ...]
-    metrics: dict[str, dict[str, Any]]  # metric -> baseline/candidate statistic, p-value, verdict
-    replay_path: str
-
-
-#: Metrics the in-process replay measures but cannot judge: it runs an *emulated* NVFP4 candidate
-#: (dequantized weights, fake-quantized activations) on the CPU, which is slower than the baseline for
-#: reasons a real NVFP4 kernel does not share. Latency is recorded and shown, and enforced once the
-#: canary mirrors traffic to real serving endpoints.
-IN_PROCESS_REPORTED_ONLY = ("latency_ms",)
-
-
-def build_gate_policy(
-    stages: Sequence[float], min_samples: int, overrides: dict[str, Any] | None = None
-) -> GatePolicy:
-    """The judge's policy: DESIGN.md gate defaults (latency reported only, see
-    :data:`IN_PROCESS_REPORTED_ONLY`), ``stages`` and ``min_samples``, then the ``overrides``:
-    ``{"metric_overrides": {"top1_agreement": {"ceiling": 0.9}}, "confidence": 0.99, ...}`` changes
-    fields of named default gates; ``{"metrics": [...]}`` replaces the metric list entirely."""
-
-    overrides = dict(overrides or {})
-    per_metric = dict(overrides.pop("metric_overrides", None) or {})
-    defaults = default_metric_gates()
-    unknown = sorted(set(per_metric) - {g.name for g in defaults})
-    if unknown:
-        raise ValueError(f"metric_overrides names unknown metrics: {unknown}")
-    if "metrics" not in overrides:
-        overrides["metrics"] = [
-            {
-                **dataclasses.asdict(g),
-                "enforced": g.name not in IN_PROCESS_REPORTED_ONLY,
-                **per_metric.get(g.name, {}),
-            }
-            for g in defaults
-        ]
-    overrides.setdefault("min_samples", min_samples)
-    plan_overrides = dict(overrides.pop("plan", {}) or {})
-    plan_overrides["steps"] = list(stages)
-    overrides["plan"] = plan_overrides
-    return load_gate_policy(overrides)
-
-
 def gate_policy(plan: CanaryPlan) -> GatePolicy:
     """:func:`build_gate_policy` for a canary plan."""
-    return build_gate_policy(plan.stages, plan.min_samples, plan.gate_policy)
+    return build_gate_policy(
+        plan.stages, plan.min_samples, plan.gate_policy, reported_only=IN_PROCESS_REPORTED_ONLY
+    )
 
 
 def plan_canary(params: CanaryParams) -> CanaryPlan:
@@ -167,7 +112,7 @@ def plan_canary(params: CanaryParams) -> CanaryPlan:
 def open_rollout(plan: CanaryPlan) -> RolloutState:
     """Resume this candidate's active rollout, abort another candidate's, or start a new one."""
 
-    db.upgrade(plan.db_url)
+    db.ensure_schema(plan.db_url)
     champion = find_alias(plan.model_name, Alias.CHAMPION, tracking_uri=plan.tracking_uri)
     active = ledger.active_rollout(plan.model_name, db_url=plan.db_url)
     if active is not None and active.candidate_version != plan.candidate_version:
@@ -233,8 +178,8 @@ def run_stage(plan: CanaryPlan, rollout_id: int, stage_index: int) -> StageRepor
         stage_index=stage_index,
         traffic_percent=verdict.traffic_percent,
         requests=len(stage.request_indices),
-        outcome=verdict.outcome.value,
-        decision=decision.value,
+        outcome=verdict.outcome,
+        decision=decision,
         score=verdict.score,
         reason=verdict.reason,
         failed_metrics=verdict.failed_metrics,
@@ -293,10 +238,10 @@ def abort_rollout(db_url: str | None, rollout_id: int, reason: str) -> bool:
     return True
 
 
-def promote_version(params: PromoteParams) -> list[dict[str, Any]]:
+def promote_version(params: PromoteParams) -> tuple[AliasMove, ...]:
     """Manual promotion (default: the challenger), recorded in the ledger."""
 
-    db.upgrade(params.db_url)
+    db.ensure_schema(params.db_url)
     version = resolve_version(
         params.model_name, params.version or "challenger", tracking_uri=params.tracking_uri
     ).version
@@ -304,27 +249,27 @@ def promote_version(params: PromoteParams) -> list[dict[str, Any]]:
         params.model_name, version, reason=params.reason, tracking_uri=params.tracking_uri
     )
     ledger.record_alias_moves(moves, db_url=params.db_url)
-    return [m.model_dump(mode="json") for m in moves]
+    return tuple(moves)
 
 
-def rollback_version(params: RollbackParams) -> list[dict[str, Any]]:
+def rollback_version(params: RollbackParams) -> tuple[AliasMove, ...]:
     """Put ``to_version`` (default: ``previous-champion``) back as champion, recorded in the ledger."""
 
-    db.upgrade(params.db_url)
+    db.ensure_schema(params.db_url)
     moves = rollback(
         params.model_name, params.to_version, reason=params.reason, tracking_uri=params.tracking_uri
     )
     ledger.record_alias_moves(moves, db_url=params.db_url)
-    return [m.model_dump(mode="json") for m in moves]
+    return tuple(moves)
 
 
 def canary_summary(
-    plan: CanaryPlan, state: RolloutState, reports: list[StageReport], outcome: str
+    plan: CanaryPlan, state: RolloutState, reports: list[StageReport], outcome: CanaryOutcome
 ) -> str:
     """Markdown for the Prefect UI: the verdict of every stage and what happened to the aliases."""
     lines = [
         f"# Canary of {plan.model_name} v{plan.candidate_version} against v{plan.baseline_version}: "
-        f"**{outcome}**",
+        f"**{outcome.value}**",
         "",
         f"Rollout {state.rollout_id}{' (resumed)' if state.resumed else ''}; hold-out of calibration set "
         f"`{plan.corpus_digest[:16]}` ({plan.holdout_size} prompts); stages {list(plan.stages)} %.",
@@ -334,7 +279,7 @@ def canary_summary(
     ]
     for r in reports:
         lines.append(
-            f"| {r.stage_index} | {r.traffic_percent:g} % | {r.requests} | {r.outcome} | {r.decision} "
+            f"| {r.stage_index} | {r.traffic_percent:g} % | {r.requests} | {r.outcome.value} | {r.decision.value} "
             f"| {r.score:.1f} | {', '.join(r.failed_metrics) or '-'} |"
         )
     if reports:

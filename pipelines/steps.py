@@ -16,14 +16,13 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from calibration import recalibrate
 from calibration.config import CalibrationConfig
 from calibration.models import check_model_dir, load_tokenizer, prepare_smollm2
-from calibration.prompts import PromptRenderer
+from calibration.prompts import PromptRenderer, RenderedPrompt
 from calibration.recalibrate import RecalibrationResult, config_record
 from calibration.sampling import Role
 from pipelines import prompt_logs
@@ -34,6 +33,7 @@ from pipelines.prompt_logs import (
     export_calibration_set,
     sample_and_store,
 )
+from pipelines.results import DriftRecord
 from registry import db, ledger, mlflow_registry, versions
 from registry.aliases import Alias
 from registry.db import fp4roll_home, safe_url
@@ -105,7 +105,7 @@ def sample_calibration_set(params: RecalibrateParams, source_dir: str) -> Calibr
     calibration, sensitivity and canary hold-out prompts from the log window, record them in the store
     (idempotent: same content, same digest) and export them."""
 
-    db.upgrade(params.db_url)
+    db.ensure_schema(params.db_url)
     tokenizer = load_tokenizer(source_dir)
     if tokenizer is None:
         raise ValueError(f"{source_dir} has no tokenizer: prompts cannot be rendered for it")
@@ -154,7 +154,7 @@ def calibration_work_dir(params: RecalibrateParams, corpus_digest: str) -> str:
     return str(work_dir(params.model_name, f"{corpus_digest[:16]}-{key}"))
 
 
-def _prompts(corpus_digest: str, db_url: str | None, role: Role):  # noqa: ANN202
+def _prompts(corpus_digest: str, db_url: str | None, role: Role) -> list[RenderedPrompt]:
 
     prompts = calibration_prompts(corpus_digest, db_url, role)
     if not prompts:
@@ -264,7 +264,7 @@ def register_baseline(
 
     info, moves = versions.register_baseline(model_name, source_dir, tracking_uri=tracking_uri)
     if moves:
-        db.upgrade(db_url)
+        db.ensure_schema(db_url)
         ledger.record_alias_moves(moves, db_url=db_url)
     return info.version
 
@@ -296,14 +296,12 @@ def register_challenger(
             bytes_before=checkpoint.bytes_before,
             bytes_after=checkpoint.bytes_after,
             bytes_by_tier=checkpoint.bytes_by_tier,
-            group_kl={
-                g["name"]: g["mean_kl"] for g in record["groups"] if g["mean_kl"] is not None
-            },
         ),
         checkpoint_dir=checkpoint.checkpoint_dir,
         calibration_json=checkpoint.calibration_json,
         kl_plot=checkpoint.kl_chart,
         calibration_summary=Path(calibration_set.export_dir) / "calibration_set.json",
+        group_table=tuple(record["groups"]),  # calibration.json's per-group rows, as they are
         extra_params={
             "all_quantized_mean_kl": f"{checkpoint.all_quantized_mean_kl:.6g}",
             "max_prompt_tokens": str(params.calibration.max_prompt_tokens),
@@ -354,7 +352,7 @@ def recalibration_summary(
 # ------------------------------------------------------------------------------------------ drift
 
 
-def check_drift(params: DriftCheckParams) -> dict[str, Any]:
+def check_drift(params: DriftCheckParams) -> DriftRecord:
     """Compare the last ``window_days`` of logs with the champion's calibration set (or the one given)."""
 
     digest = params.calibration_digest
@@ -378,20 +376,18 @@ def check_drift(params: DriftCheckParams) -> dict[str, Any]:
         ),
         params.db_url,
     )
-    return {"calibration_digest": digest, **verdict.as_dict()}
+    return DriftRecord(calibration_digest=digest, **verdict.as_dict())
 
 
-def drift_summary(verdict: dict[str, Any]) -> str:
+def drift_summary(verdict: DriftRecord) -> str:
+    """Markdown for the Prefect UI: the drift verdict, its metrics and reasons."""
     lines = [
-        f"# Drift check against calibration set `{verdict['calibration_digest'][:16]}`",
+        f"# Drift check against calibration set `{verdict.calibration_digest[:16]}`",
         "",
-        f"**{'DRIFT' if verdict.get('drifted') else 'no drift'}**"
-        + (" (inconclusive: too few prompts)" if verdict.get("inconclusive") else ""),
+        f"**{'DRIFT' if verdict.drifted else 'no drift'}**"
+        + (" (inconclusive: too few prompts)" if verdict.inconclusive else ""),
         "",
     ]
-    lines += [
-        f"* {k}: {v:.4f}" if isinstance(v, float) else f"* {k}: {v}"
-        for k, v in verdict.get("metrics", {}).items()
-    ]
-    lines += [f"* {reason}" for reason in verdict.get("reasons", [])]
+    lines += [f"* {k}: {v:.4f}" for k, v in verdict.metrics.items()]
+    lines += [f"* {reason}" for reason in verdict.reasons]
     return "\n".join(lines)

@@ -19,10 +19,16 @@ import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.pool import ConnectionPoolEntry
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +119,7 @@ def safe_url(url: str | URL | None = None) -> str:
     return resolve_url(url).render_as_string(hide_password=True)
 
 
-def _configure_sqlite(dbapi_connection, _record) -> None:  # noqa: ANN001 - DB-API connection
+def _configure_sqlite(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
@@ -182,7 +188,7 @@ def session_scope(url: str | URL | None = None) -> Iterator[Session]:
         session.close()
 
 
-def _alembic_config(connection: sa.Connection):  # noqa: ANN202 - alembic.config.Config
+def _alembic_config(connection: sa.Connection) -> Config:
     from alembic.config import Config
 
     config = Config()
@@ -238,6 +244,23 @@ def ensure_schema(url: str | URL | None = None) -> str | None:
         return current
     if current is None or resolve_url(url).drivername.startswith("sqlite"):
         return upgrade(url)
+    raise SchemaOutdatedError(
+        f"database {safe_url(url)} is at revision {current}, this fp4roll needs {head}: "
+        "run `fp4roll db upgrade` first"
+    )
+
+
+def require_schema(url: str | URL | None = None) -> str:
+    """For read-only commands: the schema must already be at head; never migrates (creating or
+    changing a schema is the job of the commands that write, or of ``fp4roll db upgrade``)."""
+    current, head = current_revision(url), head_revision()
+    if current == head and current is not None:
+        return current
+    if current is None:
+        raise SchemaOutdatedError(
+            f"database {safe_url(url)} has no fp4roll schema yet: run `fp4roll db upgrade` "
+            "(or a command that writes, e.g. `fp4roll logs import`) first"
+        )
     raise SchemaOutdatedError(
         f"database {safe_url(url)} is at revision {current}, this fp4roll needs {head}: "
         "run `fp4roll db upgrade` first"

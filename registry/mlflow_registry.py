@@ -17,6 +17,10 @@ crash mid-upload never leaves a registered version pointing at a partial checkpo
 
 Default tracking URI: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///$FP4ROLL_HOME/mlflow.db`` with
 artifacts under ``$FP4ROLL_HOME/mlartifacts``.
+
+``mlflow`` is imported inside the functions that talk to it: ``import mlflow`` alone takes seconds
+(6.9 s measured on the shared 2-core machine, ``python -c "import mlflow"``), which every command that
+only imports this module for its records (the CLI, the ledger's callers) would otherwise pay.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -40,9 +44,15 @@ from registry import tags as tag
 from registry.aliases import Alias, AliasMove, VersionOutcome
 from registry.db import fp4roll_home
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+    from mlflow.entities.model_registry import ModelVersion
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_ARTIFACT_PATH = "checkpoint"
+GROUP_TABLE = "per_group_kl.json"  # the run's per-group table (MLflow "Evaluation"/artifact view)
 CALIBRATION_CONTEXT = "calibration"
 _MAX_PARAM_LENGTH = 6000  # MLflow 3 limit for a param value
 _MAX_TAG_LENGTH = 8000
@@ -120,7 +130,6 @@ class RegistrationMetrics(BaseModel):
     bytes_before: int | None = Field(None, ge=0)
     bytes_after: int | None = Field(None, ge=0)
     bytes_by_tier: dict[str, int] = Field(default_factory=dict)  # checkpoint bytes per tier
-    group_kl: dict[str, float] = Field(default_factory=dict)
 
 
 class RegistrationRequest(BaseModel):
@@ -146,6 +155,8 @@ class RegistrationRequest(BaseModel):
     calibration_json: Path | None = None
     kl_plot: Path | None = None
     calibration_summary: Path | None = None
+    #: one row per fused group (name, tier, KL, ...), logged as one MLflow table, not as metrics
+    group_table: tuple[dict[str, Any], ...] = ()
     code_version: str = Field(default_factory=code_version)
     extra_params: dict[str, str] = Field(default_factory=dict)
 
@@ -180,7 +191,8 @@ class RegisteredVersion(BaseModel):
     reused: bool
 
 
-def client_for(tracking_uri: str | None):  # noqa: ANN202 - mlflow.MlflowClient
+def client_for(tracking_uri: str | None) -> tuple[MlflowClient, str]:
+    """An MLflow client on ``tracking_uri`` (default: :func:`default_tracking_uri`) and that URI."""
     from mlflow import MlflowClient
 
     uri = tracking_uri or default_tracking_uri()
@@ -271,11 +283,6 @@ def _metrics(request: RegistrationRequest) -> dict[str, float]:
         metrics["compression_ratio"] = figures.bytes_before / figures.bytes_after
     for tier, size in figures.bytes_by_tier.items():
         metrics[sanitize_metric_name(f"bytes/{tier}")] = float(size)
-    for group, kl in figures.group_kl.items():
-        key = sanitize_metric_name(f"group_kl/{group}")
-        if key in metrics:
-            raise ValueError(f"group names collide after sanitizing: {key!r}")
-        metrics[key] = float(kl)
     return metrics
 
 
@@ -293,7 +300,7 @@ def _version_tags(request: RegistrationRequest, key: str) -> dict[str, str]:
     return {k: _clip(redact(v), _MAX_TAG_LENGTH) for k, v in tags.items()}
 
 
-def ensure_registered_model(client, name: str) -> None:  # noqa: ANN001
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -310,11 +317,15 @@ def ensure_registered_model(client, name: str) -> None:  # noqa: ANN001
                 raise
 
 
-def ensure_experiment(client, name: str, tracking_uri: str) -> str:  # noqa: ANN001
+def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if tag.EXPERIMENT_KIND not in (experiment.tags or {}):  # made by an older fp4roll
+            client.set_experiment_tag(
+                experiment.experiment_id, tag.EXPERIMENT_KIND, tag.EXPERIMENT_KIND_MODEL_DEVELOPMENT
+            )
         return experiment.experiment_id
     artifact_location = None
     if not _is_remote(tracking_uri):
@@ -322,7 +333,11 @@ def ensure_experiment(client, name: str, tracking_uri: str) -> str:  # noqa: ANN
         root.mkdir(parents=True, exist_ok=True)
         artifact_location = (root / name.replace("/", "_")).resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(
+            name,
+            artifact_location=artifact_location,
+            tags={tag.EXPERIMENT_KIND: tag.EXPERIMENT_KIND_MODEL_DEVELOPMENT},
+        )
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -333,7 +348,7 @@ def experiment_name(model_name: str) -> str:
     return f"fp4roll/{model_name}"
 
 
-def find_version_by_key(client, model_name: str, key: str):  # noqa: ANN001, ANN201
+def find_version_by_key(client: MlflowClient, model_name: str, key: str) -> ModelVersion | None:
     """The model version tagged with idempotency ``key``, or None."""
     found = client.search_model_versions(
         f"name = '{model_name}' and tags.`{tag.IDEMPOTENCY_KEY}` = '{key}'"
@@ -342,7 +357,7 @@ def find_version_by_key(client, model_name: str, key: str):  # noqa: ANN001, ANN
     return found[0] if found else None
 
 
-def _finished_run_with_key(client, experiment_id: str, key: str):  # noqa: ANN001, ANN202
+def _finished_run_with_key(client: MlflowClient, experiment_id: str, key: str) -> Run | None:
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{tag.IDEMPOTENCY_KEY}` = '{key}' and attributes.status = 'FINISHED'",
@@ -351,7 +366,7 @@ def _finished_run_with_key(client, experiment_id: str, key: str):  # noqa: ANN00
     return runs[0] if runs else None
 
 
-def _log_lineage(client, run_id: str, request: RegistrationRequest) -> None:  # noqa: ANN001
+def _log_lineage(client: MlflowClient, run_id: str, request: RegistrationRequest) -> None:
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
@@ -381,7 +396,7 @@ def _log_lineage(client, run_id: str, request: RegistrationRequest) -> None:  # 
     client.log_inputs(run_id, datasets=[dataset_input])
 
 
-def _log_artifacts(client, run_id: str, request: RegistrationRequest) -> None:  # noqa: ANN001
+def _log_artifacts(client: MlflowClient, run_id: str, request: RegistrationRequest) -> None:
     client.log_artifacts(run_id, str(request.checkpoint_dir), CHECKPOINT_ARTIFACT_PATH)
     if request.calibration_json is not None:
         # always stored as ``calibration.json`` beside the checkpoint, whatever the local name
@@ -398,9 +413,19 @@ def _log_artifacts(client, run_id: str, request: RegistrationRequest) -> None:  
         json.dumps(sorted(request.fallback_layers), indent=2),
         "fallback_layers.json",
     )
+    if request.group_table:
+        client.log_table(run_id, data=table_columns(request.group_table), artifact_file=GROUP_TABLE)
 
 
-def _create_run(client, experiment_id: str, request: RegistrationRequest, key: str) -> str:  # noqa: ANN001
+def table_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Rows (dicts) → the column form ``log_table`` takes; a key missing from a row gives None."""
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    return {name: [row.get(name) for row in rows] for name in names}
+
+
+def _create_run(
+    client: MlflowClient, experiment_id: str, request: RegistrationRequest, key: str
+) -> str:
     from mlflow.entities import Metric, Param, RunTag
 
     run = client.create_run(
@@ -510,7 +535,7 @@ def aliases(model_name: str, *, tracking_uri: str | None = None) -> dict[str, st
     return _aliases(client, model_name)
 
 
-def _aliases(client, model_name: str) -> dict[str, str]:  # noqa: ANN001
+def _aliases(client: MlflowClient, model_name: str) -> dict[str, str]:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -522,7 +547,7 @@ def _aliases(client, model_name: str) -> dict[str, str]:  # noqa: ANN001
     return {alias: str(version) for alias, version in (model.aliases or {}).items()}
 
 
-def _require_version(client, model_name: str, version: str) -> None:  # noqa: ANN001
+def _require_version(client: MlflowClient, model_name: str, version: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -534,7 +559,7 @@ def _require_version(client, model_name: str, version: str) -> None:  # noqa: AN
 
 
 def move_alias(
-    client,  # noqa: ANN001
+    client: MlflowClient,
     model_name: str,
     alias: Alias,
     current: Mapping[str, str],
@@ -563,7 +588,7 @@ def move_alias(
     )
 
 
-def _tag(client, model_name: str, version: str, tags: Mapping[str, str]) -> None:  # noqa: ANN001
+def _tag(client: MlflowClient, model_name: str, version: str, tags: Mapping[str, str]) -> None:
     for key, value in tags.items():
         client.set_model_version_tag(
             model_name, version, key, _clip(redact(value), _MAX_TAG_LENGTH)
@@ -679,7 +704,7 @@ def rollback(
 
 
 def _finish_rollback(
-    client,  # noqa: ANN001
+    client: MlflowClient,
     model_name: str,
     champion: str,
     champion_tags: Mapping[str, str],

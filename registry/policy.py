@@ -1,8 +1,9 @@
 """Canary gate policy: what the judge measures, how strictly, and how a rollout advances.
 
-Plain frozen dataclasses (validated in ``__post_init__``). At the edges (flow parameters, YAML/JSON
-config) build them with :func:`load_gate_policy`, which validates through pydantic's ``TypeAdapter``
-so a typo in a config file is a clear error, not a silently ignored key.
+Plain frozen dataclasses (validated in ``__post_init__``). At the edges: a flow parameter holds a
+:class:`GatePolicyOverrides` (pydantic; :func:`build_gate_policy` applies it to the defaults), a JSON
+policy file goes through :func:`load_gate_policy` (pydantic's ``TypeAdapter``), so a typo in a config
+is a clear error, not a silently ignored key. Metric names: :class:`Metric`.
 
 Defaults follow DESIGN.md "Gates":
 
@@ -21,10 +22,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 
 class Metric(str, Enum):
@@ -396,13 +400,95 @@ class GatePolicy:
         return gate.min_samples if gate.min_samples is not None else self.min_samples
 
 
+class MetricOverride(BaseModel):
+    """Changes to one default gate; only the fields given apply (``null`` removes a limit)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_effect: float | None = None
+    critical_effect: float | None = None
+    ceiling: float | None = None
+    critical_ceiling: float | None = None
+    critical: bool | None = None
+    require_significance: bool | None = None
+    min_samples: int | None = Field(None, ge=1)
+    weight: float | None = Field(None, gt=0)
+    enforced: bool | None = None
+
+
+class StagePlanOverride(BaseModel):
+    """Changes to the stage plan's limits (the traffic steps come from the canary's stages)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    failure_limit: int | None = Field(None, ge=1)
+    inconclusive_limit: int | None = Field(None, ge=1)
+
+
+class GatePolicyOverrides(BaseModel):
+    """Gate-policy changes as a flow parameter takes them, e.g.
+    ``{"metric_overrides": {"top1_agreement": {"ceiling": 0.9}}, "confidence": 0.99}``.
+
+    ``metric_overrides`` changes fields of named default gates (unknown metric names or fields are
+    errors); ``metrics`` replaces the gate list entirely (not both). Only fields given apply.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric_overrides: dict[Metric, MetricOverride] = Field(default_factory=dict)
+    metrics: tuple[MetricGate, ...] | None = None
+    confidence: float | None = None
+    min_samples: int | None = None
+    pass_score: float | None = None
+    marginal_score: float | None = None
+    max_missing_fraction: float | None = None
+    plan: StagePlanOverride | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_set_metrics(self) -> GatePolicyOverrides:
+        if self.metrics is not None and self.metric_overrides:
+            raise ValueError("give metric_overrides (change default gates) or metrics, not both")
+        return self
+
+
+def build_gate_policy(
+    stages: Sequence[float],
+    min_samples: int,
+    overrides: GatePolicyOverrides | None = None,
+    *,
+    reported_only: Collection[str] = (),
+) -> GatePolicy:
+    """The judge's policy: the DESIGN.md gate defaults with ``stages`` as the plan's steps and
+    ``min_samples``, then ``overrides``. Gates named in ``reported_only`` are judged and recorded
+    but not enforced (metrics the evaluator cannot measure meaningfully). Raises ``ValueError``
+    when the result is not a valid policy."""
+    overrides = overrides or GatePolicyOverrides()
+    given = overrides.model_dump(
+        exclude_unset=True, exclude={"metric_overrides", "metrics", "plan"}
+    )
+    metrics = overrides.metrics
+    if metrics is None:
+        metrics = tuple(
+            replace(
+                gate,
+                enforced=gate.name not in reported_only,
+                **_set_fields(overrides.metric_overrides.get(Metric(gate.name))),
+            )
+            for gate in default_metric_gates()
+        )
+    plan = StagePlan(steps=tuple(stages), **_set_fields(overrides.plan))
+    return GatePolicy(metrics=metrics, plan=plan, **{"min_samples": min_samples, **given})
+
+
+def _set_fields(model: BaseModel | None) -> dict[str, Any]:
+    return {} if model is None else model.model_dump(exclude_unset=True)
+
+
 def load_gate_policy(source: GatePolicy | dict[str, Any] | str | Path | None = None) -> GatePolicy:
     """A validated :class:`GatePolicy` from a mapping, a JSON file path, or ``None`` (defaults).
 
     Unknown keys are rejected (pydantic ``extra='forbid'``) so a misspelt threshold is an error.
     """
-    from pydantic import TypeAdapter
-
     if source is None:
         return GatePolicy()
     if isinstance(source, GatePolicy):
@@ -420,7 +506,6 @@ def load_gate_policy(source: GatePolicy | dict[str, Any] | str | Path | None = N
 
 def gate_policy_as_dict(policy: GatePolicy) -> dict[str, Any]:
     """JSON-ready form of a policy (round-trips through :func:`load_gate_policy`)."""
-    from dataclasses import asdict
 
     def _plain(value: Any) -> Any:
         if isinstance(value, Enum):

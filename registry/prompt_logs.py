@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -46,6 +46,10 @@ from sqlalchemy.engine import URL, make_url
 
 from registry import db
 from registry.schema import CalibrationSet, CalibrationSetMember, MemberRole, PromptLog
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.pool import ConnectionPoolEntry
 
 logger = logging.getLogger(__name__)
 
@@ -639,7 +643,7 @@ def parse_column_mapping(pairs: Iterable[str]) -> dict[str, str]:
     return mapping
 
 
-def _lenient_sqlite_text(dbapi_connection, _record) -> None:  # noqa: ANN001 - sqlite3 connection
+def _lenient_sqlite_text(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     dbapi_connection.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
 
 

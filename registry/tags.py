@@ -28,3 +28,8 @@ RESTORED_AT = "fp4roll.restored_at"
 ROLLBACK_REASON = "fp4roll.rollback_reason"
 ROLLED_BACK_AT = "fp4roll.rolled_back_at"
 REJECT_REASON = "fp4roll.reject_reason"
+
+# --- experiments (MLflow's own key): lists fp4roll's experiments among model-training experiments
+# in the MLflow 3 UI (the other kinds are GenAI ones)
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_MODEL_DEVELOPMENT = "custom_model_development"

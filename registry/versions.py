@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict
@@ -35,6 +37,9 @@ from registry.mlflow_registry import (
     move_alias,
     redact,
 )
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +66,7 @@ class VersionInfo(BaseModel):
         return self.tags.get(tag.CORPUS_DIGEST) or None
 
 
-def _info(model_name: str, mv) -> VersionInfo:  # noqa: ANN001 - mlflow ModelVersion
+def _info(model_name: str, mv: ModelVersion) -> VersionInfo:
     return VersionInfo(
         model_name=model_name,
         version=str(mv.version),
@@ -89,6 +94,55 @@ def resolve_version(
             f"{model_name}: no version or alias {ref!r} ({exc.error_code})"
         ) from exc
     return _info(model_name, mv)
+
+
+class VersionSummary(BaseModel):
+    """One version as ``fp4roll status`` lists it: scheme, headline quality figures, lineage, outcome."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: str
+    scheme: str
+    combined_kl: float | None
+    top1_agreement: float | None
+    fallback_count: int | None  # layers kept high precision; None for the unquantized baseline
+    corpus_digest: str | None
+    outcome: str | None  # registry.aliases.VersionOutcome value
+    source: str
+
+
+def version_summaries(model_name: str, *, tracking_uri: str | None = None) -> list[VersionSummary]:
+    """Every version of ``model_name`` in version order (empty when the model is not registered)."""
+    from mlflow.exceptions import MlflowException
+
+    client, _ = client_for(tracking_uri)
+    try:
+        found = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException:
+        return []
+    summaries = []
+    for mv in sorted(found, key=lambda v: int(v.version)):
+        tags = dict(mv.tags or {})
+        metrics: dict[str, float] = {}
+        if mv.run_id:
+            try:
+                metrics = client.get_run(mv.run_id).data.metrics
+            except MlflowException:
+                metrics = {}
+        fallback = tags.get(tag.FALLBACK_LAYERS)
+        summaries.append(
+            VersionSummary(
+                version=str(mv.version),
+                scheme=tags.get(tag.SCHEME, ""),
+                combined_kl=metrics.get("combined_kl"),
+                top1_agreement=metrics.get("top1_agreement"),
+                fallback_count=len(json.loads(fallback)) if fallback else None,
+                corpus_digest=tags.get(tag.CORPUS_DIGEST),
+                outcome=tags.get(tag.OUTCOME),
+                source=mv.source,
+            )
+        )
+    return summaries
 
 
 def find_alias(

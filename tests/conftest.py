@@ -19,12 +19,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # make torch 2-3x slower under that contention; passive waiting avoids it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 _SESSION_HOME = tempfile.mkdtemp(prefix="fp4roll-test-home-")
 os.environ["FP4ROLL_HOME"] = _SESSION_HOME
@@ -77,6 +77,30 @@ _TINY_CORPUS = [
     "A staged canary rolls the quantized model out to one, ten, fifty and then all percent.",
     "Hello world! How are you today? I am fine, thank you.",
 ]
+
+
+def assert_greedy_generation(model, tokenizer, prompt: str = "The quick brown", n: int = 4) -> str:
+    """``model.generate`` (greedy, no KV cache) must append exactly the argmax token of a full
+    forward at each of ``n`` steps: the loaded model generates with its own logits. Returns the
+    decoded text, which starts with the prompt's tokens."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        generated = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            use_cache=False,
+        )
+        expected = ids
+        for _ in range(n):
+            next_id = model(expected).logits[:, -1].argmax(-1, keepdim=True)
+            expected = torch.cat([expected, next_id], dim=1)
+    assert torch.equal(generated, expected), (generated, expected)
+    text = tokenizer.decode(generated[0])
+    assert text.startswith(tokenizer.decode(ids[0]))
+    return text
 
 
 def build_tiny_tokenizer():

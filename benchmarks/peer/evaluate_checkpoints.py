@@ -35,7 +35,7 @@ from calibration.precision import Tier
 from calibration.sensitivity import Baseline, compute_baseline, score_emulation
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prompt_split import read_prompts  # noqa: E402  (benchmarks/ is not a package)
+from prompt_split import read_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def evaluate_checkpoint(path: Path, baseline: Baseline) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         model, _, info = load_checkpoint(path, dtype=torch.float32)
-    except Exception as exc:  # report what the loader refused, keep scoring the others
+    except Exception as exc:  # noqa: BLE001 - a peer checkpoint may fail anywhere; keep scoring the rest
         row["error"] = f"{type(exc).__name__}: {exc}"
         return row
     hooks = len(getattr(model, ACTIVATION_HOOKS_ATTR, []))

@@ -65,7 +65,7 @@ class NginxRouter:
 
     name = "nginx"
 
-    def __init__(self, gateway) -> None:  # noqa: ANN001 - NginxGateway (imported lazily)
+    def __init__(self, gateway) -> None:
         self.gateway = gateway
         self.history: list[float] = []  # weights read back after each set
 

@@ -20,13 +20,7 @@ from calibration.models import (
     resolve_dtype,
     smollm2_gguf_path,
 )
-
-
-def _generate(model, tokenizer, prompt: str = "The quick brown", n: int = 4) -> str:
-    ids = tokenizer(prompt, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=n, do_sample=False)
-    assert out.shape[1] == ids["input_ids"].shape[1] + n
-    return tokenizer.decode(out[0])
+from tests.conftest import assert_greedy_generation
 
 
 @pytest.mark.parametrize(
@@ -49,7 +43,7 @@ def test_load_tiny_llama_generates(tiny_llama_dir, dtype):
     loaded = load_causal_lm(tiny_llama_dir, dtype=dtype)
     assert next(loaded.model.parameters()).dtype == dtype
     assert not loaded.model.training
-    assert isinstance(_generate(loaded.model, loaded.tokenizer), str)
+    assert_greedy_generation(loaded.model, loaded.tokenizer)
 
 
 @pytest.fixture()
@@ -125,5 +119,5 @@ def test_smollm2_prepared_reused_and_generates(smollm2_dir):
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
     loaded = load_causal_lm(smollm2_dir)
     assert sum(p.numel() for p in loaded.model.parameters()) == pytest.approx(134.5e6, rel=0.01)
-    text = _generate(loaded.model, loaded.tokenizer, "The capital of France is", n=3)
+    text = assert_greedy_generation(loaded.model, loaded.tokenizer, "The capital of France is", n=3)
     assert "Paris" in text

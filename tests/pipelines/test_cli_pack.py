@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from calibration.checkpoint import load_checkpoint
 from pipelines.cli import app
+from tests.conftest import assert_greedy_generation
 
 runner = CliRunner()
 
@@ -34,10 +35,7 @@ def _assert_checkpoint_ok(out: Path) -> None:
             q, k, v = (scales[f"{layer}.self_attn.{p}_proj"] for p in "qkv")
             assert q == k == v
             assert scales[f"{layer}.mlp.gate_proj"] == scales[f"{layer}.mlp.up_proj"]
-    ids = tokenizer("The capital of France is", return_tensors="pt")
-    generated = model.generate(**ids, max_new_tokens=4, do_sample=False)
-    assert generated.shape[1] == ids["input_ids"].shape[1] + 4
-    assert isinstance(tokenizer.decode(generated[0]), str)
+    assert_greedy_generation(model, tokenizer, "The capital of France is")
 
 
 def test_pack_tiny_llama(tiny_llama_dir, tmp_path):

@@ -14,8 +14,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
+from prefect.exceptions import ParameterTypeError
 from safetensors.torch import load_file, save_file
+
+from pipelines.results import CanaryOutcome
+from registry.aliases import Alias
+from registry.judge import Decision
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +95,7 @@ def _register_variant(recalibrated, tmp_path, name, damage: bool):
     """A copy of the calibrated checkpoint registered as the next challenger (same corpus)."""
     from registry.mlflow_registry import RegistrationMetrics, RegistrationRequest, register
 
-    src = Path(recalibrated["checkpoint_dir"])
+    src = Path(recalibrated.checkpoint_dir)
     dst = tmp_path / name
     shutil.copytree(src, dst)
     if damage:  # a wrong global scale: every layer dequantizes 64x too large
@@ -106,7 +110,7 @@ def _register_variant(recalibrated, tmp_path, name, damage: bool):
             model_name=MODEL,
             source_model="test",
             scheme="nvfp4",
-            corpus_digest=recalibrated["corpus_digest"],
+            corpus_digest=recalibrated.corpus_digest,
             calibration_size=40,
             holdout_size=80,
             kl_threshold=0.05,
@@ -121,14 +125,14 @@ def _register_variant(recalibrated, tmp_path, name, damage: bool):
 def test_recalibrate_registers_challenger_beside_baseline_champion(recalibrated, stack):
     from registry.versions import resolve_version
 
-    assert recalibrated["version"] == "2"
+    assert recalibrated.version == "2"
     assert _aliases() == {"champion": "1", "challenger": "2"}
     candidate = resolve_version(MODEL, "challenger")
-    assert candidate.corpus_digest == recalibrated["corpus_digest"]
+    assert candidate.corpus_digest == recalibrated.corpus_digest
     assert candidate.scheme == "nvfp4"
-    checkpoint = Path(recalibrated["checkpoint_dir"])
+    checkpoint = Path(recalibrated.checkpoint_dir)
     record = json.loads((checkpoint / "calibration.json").read_text())
-    assert record["corpus_digest"] == recalibrated["corpus_digest"]
+    assert record["corpus_digest"] == recalibrated.corpus_digest
     assert len(record["groups"]) == 8 and (checkpoint / "group_kl.png").is_file()
     assert json.loads((checkpoint / "config.json").read_text())["quantization_config"][
         "format"
@@ -148,24 +152,21 @@ def test_rerun_of_recalibrate_reuses_the_version(recalibrated, stack):
             sweep_tasks=2,
         )
     )
-    assert again["version"] == recalibrated["version"]
-    assert again["corpus_digest"] == recalibrated["corpus_digest"]
+    assert again.version == recalibrated.version
+    assert again.corpus_digest == recalibrated.corpus_digest
 
 
 def test_canary_passes_and_champion_moves(recalibrated, stack):
     from registry import ledger
 
     result = _canary()
-    assert result["outcome"] == "promoted", [
-        (
-            s["reason"],
-            {k: (v["baseline"], v["candidate"], v["verdict"]) for k, v in s["metrics"].items()},
-        )
-        for s in result["stages"]
+    assert result.outcome is CanaryOutcome.PROMOTED, [
+        (s.reason, {k: (v["baseline"], v["candidate"], v["verdict"]) for k, v in s.metrics.items()})
+        for s in result.stages
     ]
-    assert [s["decision"] for s in result["stages"]] == ["advance", "advance", "advance", "promote"]
+    assert [s.decision for s in result.stages] == [Decision.ADVANCE] * 3 + [Decision.PROMOTE]
     assert _aliases() == {"champion": "2", "previous-champion": "1"}
-    rollout = ledger.get_rollout(result["rollout_id"])
+    rollout = ledger.get_rollout(result.rollout_id)
     assert rollout.status.value == "promoted"
     recorded = ledger.stage_results(rollout.id)
     assert {r.stage for r in recorded} == {0, 1, 2, 3}
@@ -179,10 +180,10 @@ def test_damaged_candidate_rolls_back_automatically(recalibrated, stack, tmp_pat
 
     version = _register_variant(recalibrated, tmp_path, "damaged", damage=True)
     result = _canary()
-    assert result["outcome"] == "rolled_back"
-    assert len(result["stages"]) == 1 and result["stages"][0]["decision"] == "rollback"
+    assert result.outcome is CanaryOutcome.ROLLED_BACK
+    assert len(result.stages) == 1 and result.stages[0].decision is Decision.ROLLBACK
     assert _aliases() == {"champion": "2", "previous-champion": "1"}  # champion unchanged
-    rollout = ledger.get_rollout(result["rollout_id"])
+    rollout = ledger.get_rollout(result.rollout_id)
     assert rollout.status.value == "rolled_back"
     assert "stage 0 failed" in rollout.reason and "critical failure" in rollout.reason
     assert "top1_agreement" in rollout.reason
@@ -203,7 +204,7 @@ def test_crash_between_stages_aborts_then_rerun_completes(recalibrated, stack, t
     assert ledger.active_rollout(MODEL) is None
 
     result = _canary()
-    assert result["outcome"] == "promoted"
+    assert result.outcome is CanaryOutcome.PROMOTED
     assert _aliases()["champion"] == version and _aliases()["previous-champion"] == "2"
 
 
@@ -244,7 +245,7 @@ def test_approval_gate_pauses_before_the_last_stage(recalibrated, stack, tmp_pat
     assert _aliases()["challenger"] == version  # nothing promoted while waiting
     resume_flow_run(paused[0].id, run_input={"approve": True, "note": "looks good"})
     runner.join(timeout=180)
-    assert outcome["result"]["outcome"] == "promoted"
+    assert outcome["result"].outcome is CanaryOutcome.PROMOTED
     assert _aliases()["champion"] == version
 
 
@@ -256,7 +257,7 @@ def test_rollback_flow_restores_previous_champion(stack):
     before = _aliases()
     moves = rollback_flow(RollbackParams(model_name=MODEL, reason="operator: bad answers reported"))
     assert _aliases()["champion"] == before["previous-champion"]
-    assert moves and {m["alias"] for m in moves} >= {"champion"}
+    assert moves and {m.alias for m in moves} >= {Alias.CHAMPION}
     stored = ledger.alias_moves(MODEL)
     assert stored[-1].reason == "operator: bad answers reported" or any(
         m.reason == "operator: bad answers reported" for m in stored
@@ -266,10 +267,9 @@ def test_rollback_flow_restores_previous_champion(stack):
 def test_invalid_flow_parameters_are_a_clear_error(stack):
     from pipelines.flows import canary_flow, recalibrate_flow
 
-    with pytest.raises(Exception, match="strictly ascending"):
+    with pytest.raises(ParameterTypeError, match="strictly ascending"):
         canary_flow(params={"model_name": MODEL, "stages": [10, 1, 100]})
-    with pytest.raises(Exception, match="greater than or equal to 1"):
+    with pytest.raises(ParameterTypeError, match="greater than or equal to 1"):
         recalibrate_flow(params={"sampling": {"calibration_size": 0}})
-    with pytest.raises(Exception, match="Extra inputs are not permitted"):
+    with pytest.raises(ParameterTypeError, match="Extra inputs are not permitted"):
         recalibrate_flow(params={"calibraton_size": 64})
-    assert torch.is_tensor(torch.zeros(1))

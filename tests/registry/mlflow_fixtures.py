@@ -162,12 +162,15 @@ def make_request(tmp_path) -> Callable[..., RegistrationRequest]:
                 delta_perplexity=0.008,
                 bytes_before=1000,
                 bytes_after=300,
-                group_kl={"model.layers.0.self_attn.q_proj+k_proj+v_proj": 0.004},
             ),
             "checkpoint_dir": checkpoint,
             "calibration_json": calibration_json,
             "kl_plot": kl_plot,
             "calibration_summary": summary,
+            "group_table": (
+                {"name": "model.layers.0.self_attn.q_proj+k_proj+v_proj", "mean_kl": 0.004},
+                {"name": "model.layers.0.mlp.gate_proj+up_proj", "mean_kl": 0.02, "tier": "bf16"},
+            ),
             "code_version": "fp4roll test",
         }
         fields.update(overrides)

@@ -104,3 +104,11 @@ def test_urls_are_normalised_and_passwords_masked(monkeypatch) -> None:
 def test_ensure_schema_creates_an_empty_database_and_is_a_no_op_after(db_url: str) -> None:
     assert db.ensure_schema(db_url) == db.head_revision()
     assert db.ensure_schema(db_url) == db.head_revision()
+
+
+def test_require_schema_never_migrates(db_url: str) -> None:
+    with pytest.raises(db.SchemaOutdatedError, match="fp4roll db upgrade"):
+        db.require_schema(db_url)
+    assert db.current_revision(db_url) is None  # still empty: reading created nothing
+    db.upgrade(db_url)
+    assert db.require_schema(db_url) == db.head_revision()

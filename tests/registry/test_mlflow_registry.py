@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -12,6 +13,7 @@ from pydantic import ValidationError
 
 from registry.aliases import Alias
 from registry.mlflow_registry import (
+    GROUP_TABLE,
     RegistryError,
     aliases,
     idempotency_key,
@@ -63,7 +65,9 @@ def test_idempotency_key_tracks_inputs(make_request):
     assert idempotency_key(a) != idempotency_key(make_request(model_name="m", kl_threshold=0.1))
 
 
-def test_register_run_version_tags_lineage_and_idempotency(tracking_uri, make_request, caplog):
+def test_register_run_version_tags_lineage_and_idempotency(
+    tracking_uri, make_request, caplog, tmp_path
+):
     caplog.set_level(logging.DEBUG)
     request = make_request()
     name = request.model_name
@@ -81,9 +85,17 @@ def test_register_run_version_tags_lineage_and_idempotency(tracking_uri, make_re
     metrics = run.data.metrics
     assert metrics["combined_kl"] == pytest.approx(0.012)
     assert metrics["bytes_after"] == 300
-    assert metrics["group_kl/model.layers.0.self_attn.q_proj_k_proj_v_proj"] == pytest.approx(0.004)
+    assert not any(key.startswith("group_kl") for key in metrics)  # one table, not a metric each
     artifacts = {a.path for a in client.list_artifacts(registered.run_id)}
-    assert {"checkpoint", "calibration.json", "plots", "calibration_set"} <= artifacts
+    assert {"checkpoint", "calibration.json", "plots", "calibration_set", GROUP_TABLE} <= artifacts
+    local = client.download_artifacts(registered.run_id, GROUP_TABLE, str(tmp_path))
+    table = json.loads(Path(local).read_text())  # MLflow's table format: columns + row lists
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert [r["name"] for r in rows] == [row["name"] for row in request.group_table]
+    assert [r["mean_kl"] for r in rows] == pytest.approx([0.004, 0.02])
+    assert [r.get("tier") for r in rows] == [None, "bf16"]
+    experiment = client.get_experiment(registered.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     checkpoint_files = {a.path for a in client.list_artifacts(registered.run_id, "checkpoint")}
     assert checkpoint_files == {"checkpoint/model.safetensors", "checkpoint/config.json"}
     (dataset_input,) = run.inputs.dataset_inputs

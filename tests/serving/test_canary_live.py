@@ -230,7 +230,7 @@ class _BreakCode:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 request = json.loads(body or b"{}")
                 corrupt = request.get("stream") and marker in request.get("prompt", "")
