@@ -200,10 +200,14 @@ def parse_vllm_prompt_logprobs(
     return positions
 
 
-def parse_llamacpp_echo(body: Mapping[str, Any], n_response: int) -> list[PositionLogprobs]:
+def parse_llamacpp_echo(
+    body: Mapping[str, Any], n_response: int, k: int | None = None
+) -> list[PositionLogprobs]:
     """The response positions of a llama.cpp ``echo`` + ``logprobs`` answer: the last
     ``n_response`` echoed entries before the generated ones (``usage.completion_tokens``), since its
-    ``text_offset`` skips BOS and renders special tokens empty."""
+    ``text_offset`` skips BOS and renders special tokens empty. The server adds the actual token to
+    each ``top_logprobs`` entry; with ``k`` given, an entry holding ``k + 1`` keys loses the actual
+    token's (it lies beyond the top-k and only gives the NLL)."""
     choice = body["choices"][0]
     logprobs = choice.get("logprobs") or {}
     tokens = logprobs.get("tokens")
@@ -221,9 +225,10 @@ def parse_llamacpp_echo(body: Mapping[str, Any], n_response: int) -> list[Positi
         top, actual = tops[index], token_logprobs[index]
         if not top or actual is None:
             raise EndpointError(f"echo entry {index} has no logprobs")
-        positions.append(
-            PositionLogprobs(top={k: float(v) for k, v in top.items()}, actual=float(actual))
-        )
+        listed = {key: float(value) for key, value in top.items()}
+        if k is not None and len(listed) > k:
+            listed.pop(tokens[index], None)
+        positions.append(PositionLogprobs(top=listed, actual=float(actual)))
     return positions
 
 
@@ -395,7 +400,7 @@ class EndpointClient:
                 "temperature": 0,
             }
             answer = await self.post_json("/v1/completions", body, attempts, key)
-            return parse_llamacpp_echo(answer, n_response)
+            return parse_llamacpp_echo(answer, n_response, k)
         body = {
             "model": self.endpoint.model,
             "prompt": text,

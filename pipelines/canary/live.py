@@ -19,6 +19,7 @@ lets a rerun after a crash put the gateway back where the ledger says (:func:`re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -164,23 +165,36 @@ def run_live_canary(
     replay_dir: str | os.PathLike | None = None,
     route_min_samples: int = 20,
     on_stage: Callable[[LiveStage], None] | None = None,
+    reuse_records: bool = False,
 ) -> LiveCanaryResult:
     """Run stages from ``progress.stage_index`` until PROMOTE, ROLLBACK or HOLD (module docstring).
 
     ``routes``: the route of each held-out request (per-route judging). ``on_stage`` is called with
-    every analysed stage after any rollback weight change (the ledger records it there)."""
+    every analysed stage after any rollback weight change (the ledger records it there).
+    ``reuse_records``: stage samples are nested, so a mirrored replay of the hold-out only needs to
+    send each stage's new requests (the earlier records are kept); off by default, since a live
+    window should measure latency and errors under the stage's own traffic."""
     journal = journal or MemoryWeightJournal()
     progress = progress or RolloutProgress()
     reconcile_weight(router, journal)
     stages: list[LiveStage] = []
+    kept: dict[int, Any] = {}  # request index -> record (reuse_records)
     while True:
         index = progress.stage_index
         percent = policy.plan.steps[index]
         applied = set_weight(router, journal, percent, stage=index, reason=f"stage {index}")
         indices = stage_requests(policy, index, len(holdout), seed=seed)
-        prompts = [holdout[i] for i in indices]
-        extra = {"routes": [routes[i] for i in indices]} if routes is not None else {}
-        result = evaluator(prompts, request_indices=indices, **extra)
+        todo = [i for i in indices if i not in kept] if reuse_records else list(indices)
+        extra = {"routes": [routes[i] for i in todo]} if routes is not None else {}
+        fresh = (
+            evaluator([holdout[i] for i in todo], request_indices=todo, **extra) if todo else None
+        )
+        if reuse_records:
+            kept.update({r.request_index: r for r in (fresh.records if fresh else ())})
+            template = fresh if fresh is not None else stages[-1].replay
+            result = dataclasses.replace(template, records=tuple(kept[i] for i in indices))
+        else:
+            result = fresh
         path = None
         if replay_dir is not None:
             path = save_replay(result, Path(replay_dir) / f"live-stage-{index}.json")

@@ -71,7 +71,7 @@ class _Servers:
 
     def __getitem__(self, name: str) -> LlamaServer:
         if name not in self.running:
-            self.running[name] = LlamaServer(self.files[name], alias="smollm2")
+            self.running[name] = LlamaServer(self.files[name], alias="smollm2", n_ctx=512)
         return self.running[name]
 
     def close(self) -> None:
@@ -127,7 +127,9 @@ def _evaluator(baseline: LlamaServer, candidate_url: str, **headers) -> Endpoint
     return EndpointEvaluator(
         baseline=Endpoint(baseline.url, "smollm2", flavor="llamacpp"),
         candidate=Endpoint(candidate_url, "smollm2", flavor="llamacpp", headers=headers),
-        settings=ClientSettings(concurrency=2, max_tokens=MAX_TOKENS, read_timeout_s=300),
+        settings=ClientSettings(
+            concurrency=2, max_tokens=MAX_TOKENS, top_k=5, kl_top_k=5, read_timeout_s=600
+        ),
     )
 
 
@@ -156,6 +158,7 @@ def test_good_candidate_promotes_through_every_stage(servers, holdout):
             holdout,
             policy=_policy(),
             route_min_samples=5,
+            reuse_records=True,
             on_stage=_observe(gateway, seen),
         )
         reasons = [(s.verdict.outcome.value, s.verdict.reason) for s in result.stages]
@@ -177,6 +180,7 @@ def test_damaged_candidate_rolled_back_at_stage_one(servers, holdout):
             holdout,
             policy=_policy(),
             route_min_samples=5,
+            reuse_records=True,
             on_stage=_observe(gateway, seen),
         )
         assert result.decision is Decision.ROLLBACK and len(result.stages) == 1
@@ -194,13 +198,15 @@ def test_three_percent_errors_fail_the_error_rate_gate(servers):
     request's route key, so all calls of one request share its fate). 100 short plain prompts, two
     generated tokens each: the window is cheap enough to count errors on."""
     base, cand = servers["baseline"], servers["Q8_0"]
-    requests = [CanaryRequest(f"Question {i}: what is {i} plus one?") for i in range(100)]
+    requests = [CanaryRequest(f"Say {i}.") for i in range(100)]
     with NginxGateway(base.url, cand.url, candidate_error_percent=3.0) as gateway:
         router = NginxRouter(gateway)
         evaluator = EndpointEvaluator(
             baseline=Endpoint(base.url, "smollm2", flavor="llamacpp"),
             candidate=Endpoint(gateway.candidate_front_url, "smollm2", flavor="llamacpp"),
-            settings=ClientSettings(concurrency=2, max_tokens=2, read_timeout_s=300),
+            settings=ClientSettings(
+                concurrency=2, max_tokens=2, top_k=5, kl_top_k=5, read_timeout_s=600
+            ),
         )
         result = run_live_canary(
             evaluator, router, requests, policy=_policy((100.0,), min_samples=50)
@@ -289,6 +295,7 @@ def test_route_regression_fails_while_the_pool_passes(servers, holdout):
                 holdout,
                 policy=_policy((100.0,)),
                 route_min_samples=5,
+                reuse_records=True,
             )
             assert gateway.effective_weights()["candidate_percent"] == 0.0
     finally:

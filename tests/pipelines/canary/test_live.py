@@ -218,3 +218,20 @@ def test_route_families_and_task_metrics():
     assert m["refusal_candidate"] == 1.0 and m["task_quality_candidate"] == 0.0
     m = task_metrics(RouteFamily.CHAT, "Sure!", "   ")
     assert m["empty_candidate"] == 1.0 and math.isnan(m["task_agreement"])
+
+
+def test_reuse_records_sends_only_each_stage_increment():
+    base, cand = FakeModel(), FakeModel()
+    result = run_live_canary(
+        _evaluator(base, cand),
+        RecordingRouter(),
+        HOLDOUT[:40],
+        policy=_policy(),
+        reuse_records=True,
+    )
+    assert result.decision is Decision.PROMOTE
+    sizes = [len(s.request_indices) for s in result.stages]
+    assert sizes == [20, 20, 40]  # min 20, then 50 % of 40, then all
+    assert [len(s.replay.records) for s in result.stages] == sizes
+    # one streamed generation per distinct request, not per stage sample
+    assert base.calls["/v1/completions"] == 40 * 2  # generation + scoring
