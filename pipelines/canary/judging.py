@@ -75,8 +75,22 @@ def replay_samples(result: ReplayResult) -> tuple[dict[str, list[float]], dict[s
     return record_samples(result.records, endpoints=is_endpoint_result(result))
 
 
+#: Token-level guards of the endpoint path, set from measured variants (README "Canary gates"):
+#: an 8-bit requantization of the served model (Q8_0: top-1 0.94-0.98, KL 0.004-0.006, perplexity
+#: ratio 1.02 on the baseline's responses) passes with margin; a damaged one (Q2_K: top-1 0.68,
+#: KL 0.37) and SmolLM2's W4A16/W4A4 NVFP4 (top-1 0.74 / 0.66, KL ~0.45) fail. They guard
+#: against large regressions; task quality per route is the "1 %" gate.
+ENDPOINT_GUARDS: dict[str, dict[str, float]] = {
+    "top1_agreement": {"ceiling": 0.90},
+    "kl_mean": {"ceiling": 0.05},
+    "kl_p99": {"ceiling": 0.5},
+    "nll": {"max_effect": 1.05},
+}
+
+
 def endpoint_gate_policy(policy: GatePolicy) -> GatePolicy:
-    """``policy`` for live endpoints: latency enforced (it is real), the endpoint gates added
+    """``policy`` for live endpoints: latency enforced (it is real), the token guards of
+    :data:`ENDPOINT_GUARDS`, the endpoint gates added
     (TTFT / TPOT, and the task gates, which :func:`judge_window` applies per route only), the
     outlier gate dropped (servers do not report it)."""
     extra = {g.name: g for g in endpoint_metric_gates()}
@@ -86,6 +100,8 @@ def endpoint_gate_policy(policy: GatePolicy) -> GatePolicy:
             continue
         if gate.name in ("latency_ms",):
             gate = dataclasses.replace(gate, enforced=True)
+        if gate.name in ENDPOINT_GUARDS:
+            gate = dataclasses.replace(gate, **ENDPOINT_GUARDS[gate.name])
         metrics.append(gate)
     names = {g.name for g in metrics}
     metrics += [gate for name, gate in extra.items() if name not in names]
