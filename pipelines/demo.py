@@ -136,7 +136,8 @@ def _run_flows(
     console.rule("5/6 drift check (flow)")
     drift = drift_check_flow(DriftCheckParams(model_name=model_name, recalibrate_on_drift=False))
     console.print(
-        f"drifted: {drift.drifted} " + ", ".join(f"{k}={v:.3f}" for k, v in drift.metrics.items())
+        f"drifted: {drift.drifted} "
+        + ", ".join(f"{k}={v:.3f}" for k, v in drift.verdict.metrics.items())
     )
     return recal, canary, drift
 

@@ -76,12 +76,12 @@ def local_prefect_api(*, startup_timeout: float = 120.0) -> Iterator[str]:
             try:
                 yield url
             finally:
-                run_coro_as_sync(_drain_client_workers())
+                run_coro_as_sync(drain_client_workers())
     finally:
         stop_group(server)
 
 
-async def _drain_client_workers() -> None:
+async def drain_client_workers() -> None:
     """Send the logs and events this process still queues (heartbeats, state events) while the
     API is up, so no "failed to process item" errors follow once it stops (what Prefect's own
     test harness does before stopping its server)."""

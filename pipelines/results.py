@@ -7,6 +7,7 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from calibration.drift import DriftVerdict
 from registry.aliases import AliasMove
 from registry.judge import Decision, Outcome
 from registry.versions import VersionSummary
@@ -73,14 +74,12 @@ class DriftRecord(_Record):
     """The ``drift-check`` flow's result (``recalibration`` when it recalibrated on drift)."""
 
     calibration_digest: str
-    drifted: bool
-    inconclusive: bool
-    metrics: dict[str, float]
-    reasons: tuple[str, ...]
-    n_reference: int
-    n_recent: int
-    thresholds: dict[str, float]
+    verdict: DriftVerdict
     recalibration: RecalibrationRecord | None = None
+
+    @property
+    def drifted(self) -> bool:
+        return self.verdict.drifted
 
 
 class DemoRecord(_Record):

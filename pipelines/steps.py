@@ -376,13 +376,14 @@ def check_drift(params: DriftCheckParams) -> DriftRecord:
         ),
         params.db_url,
     )
-    return DriftRecord(calibration_digest=digest, **verdict.as_dict())
+    return DriftRecord(calibration_digest=digest, verdict=verdict)
 
 
-def drift_summary(verdict: DriftRecord) -> str:
+def drift_summary(record: DriftRecord) -> str:
     """Markdown for the Prefect UI: the drift verdict, its metrics and reasons."""
+    verdict = record.verdict
     lines = [
-        f"# Drift check against calibration set `{verdict.calibration_digest[:16]}`",
+        f"# Drift check against calibration set `{record.calibration_digest[:16]}`",
         "",
         f"**{'DRIFT' if verdict.drifted else 'no drift'}**"
         + (" (inconclusive: too few prompts)" if verdict.inconclusive else ""),

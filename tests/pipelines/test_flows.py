@@ -156,6 +156,20 @@ def test_rerun_of_recalibrate_reuses_the_version(recalibrated, stack):
     assert again.corpus_digest == recalibrated.corpus_digest
 
 
+def test_drift_check_compares_recent_logs_with_the_challengers_set(recalibrated, stack):
+    """The baseline champion has no calibration set: the challenger's is the reference."""
+    from pipelines.flows import drift_check_flow
+    from pipelines.params import DriftCheckParams
+    from pipelines.steps import drift_summary
+
+    record = drift_check_flow(DriftCheckParams(model_name=MODEL, recalibrate_on_drift=False))
+    assert record.calibration_digest == recalibrated.corpus_digest
+    assert record.verdict.n_reference == sum(TINY_SAMPLING.values()) and record.verdict.n_recent > 0
+    assert record.drifted is record.verdict.drifted and record.recalibration is None
+    assert set(record.verdict.metrics) >= {"token_js"}
+    assert recalibrated.corpus_digest[:16] in drift_summary(record)
+
+
 def test_canary_passes_and_champion_moves(recalibrated, stack):
     from registry import ledger
 

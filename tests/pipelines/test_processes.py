@@ -64,6 +64,8 @@ def test_run_until_interrupted_returns_the_first_exit_and_stops_the_rest(tmp_pat
 def test_local_prefect_api_runs_flows_and_stops_its_server(monkeypatch, capfd):
     from prefect import flow
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.utilities.asyncutils import run_coro_as_sync
 
     from pipelines import prefect_api
 
@@ -91,6 +93,8 @@ def test_local_prefect_api_runs_flows_and_stops_its_server(monkeypatch, capfd):
     assert server.returncode is not None  # stopped with the block
     log = prefect_api.server_log_path().read_text()
     assert "database is locked" not in log
-    time.sleep(1.0)  # a late event would be sent (and fail) by now
+    # nothing may be left queued for the stopped server: sending what is left now would fail loudly
+    with temporary_settings(updates={PREFECT_API_URL: url}):  # (no ephemeral API meanwhile)
+        run_coro_as_sync(prefect_api.drain_client_workers())
     stderr = capfd.readouterr().err
     assert "failed to process item" not in stderr and "Error logging to API" not in stderr

@@ -45,3 +45,16 @@ def test_null_removes_a_limit_and_unset_fields_keep_the_default():
     )
     gate = build_gate_policy([100], 20, overrides).metric(Metric.LATENCY_MS)
     assert gate.critical_effect is None and gate.max_effect == 1.2
+
+
+def test_demo_gates_loosen_only_the_named_limits():
+    from pipelines.demo import SMOLLM2_DEMO_GATES
+
+    demo = CanaryParams(gate_policy=SMOLLM2_DEMO_GATES).policy()
+    production = CanaryParams().policy()
+    assert demo.metric(Metric.TOP1_AGREEMENT).ceiling == 0.55
+    assert demo.metric(Metric.KL_MEAN).ceiling == 0.7 and demo.metric(Metric.KL_P99).ceiling == 4.0
+    assert demo.metric(Metric.NLL).max_effect == 1.6
+    unchanged = Metric.OUTLIER_FALLBACK_RATE, Metric.LATENCY_MS
+    assert all(demo.metric(m) == production.metric(m) for m in unchanged)
+    assert demo.plan == production.plan and demo.min_samples == production.min_samples
