@@ -76,7 +76,7 @@ def replay_samples(result: ReplayResult) -> tuple[dict[str, list[float]], dict[s
 
 
 #: Token-level guards of the endpoint path, set from measured variants (README "Canary gates"): an
-#: 8-bit requantization of the served model (Q8_0: top-1 from just below 0.90 to 0.98 over windows of
+#: 8-bit requantization of the served model (Q8_0: top-1 0.885 to 0.98 over windows of
 #: 12-30 requests, KL 0.004-0.006, perplexity ratio 1.02 on the baseline's responses) passes; a
 #: damaged one (Q2_K: top-1 0.68, KL 0.37) and SmolLM2's W4A16/W4A4 NVFP4 (top-1 0.74 / 0.66,
 #: KL ~0.45) fail. They guard against large regressions; task quality per route is the "1 %" gate.

@@ -167,7 +167,7 @@ def test_good_candidate_promotes_through_every_stage(servers, holdout):
         assert _probe_upstream(gateway) == "candidate"  # 100 %: the gateway serves the candidate
     last = result.stages[-1]
     assert last.replay.num_errors == 0
-    assert last.verdict.metric("top1_agreement").candidate_statistic > 0.9
+    assert last.verdict.metric("top1_agreement").candidate_statistic > 0.85  # the guard
 
 
 def test_damaged_candidate_rolled_back_at_stage_one(servers, holdout):
