@@ -23,6 +23,7 @@ import datetime as dt
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import sqlalchemy as sa
@@ -41,6 +42,7 @@ from registry.schema import (
     RolloutStatus,
     StageResult,
     StageVerdict,
+    TrafficWeight,
 )
 from registry.url_redaction import redact_urls
 
@@ -1053,3 +1055,81 @@ def record_alias_drift(
         if view.get(alias) != mlflow_aliases.get(alias)
     ]
     return record_alias_moves(moves, db_url=db_url) if moves else []
+
+
+# --------------------------------------------------------------------------------------- traffic weights
+
+
+class WeightPhase(str, Enum):
+    """``intent``: written before the gateway is asked; ``applied``: the weight read back after."""
+
+    INTENT = "intent"
+    APPLIED = "applied"
+
+
+@dataclass(frozen=True)
+class TrafficWeightRecord:
+    rollout_id: int
+    stage: int | None
+    candidate_percent: float
+    phase: WeightPhase
+    router: str
+    reason: str | None
+    created_at: dt.datetime
+
+
+def record_weight(
+    rollout_id: int,
+    candidate_percent: float,
+    phase: WeightPhase,
+    *,
+    router: str,
+    stage: int | None = None,
+    reason: str | None = None,
+    db_url: str | None = None,
+) -> TrafficWeightRecord:
+    """Journal a gateway weight change of ``rollout_id`` (any status: a rollback's weight 0 is
+    recorded after the rollout ended)."""
+    if not 0.0 <= candidate_percent <= 100.0:
+        raise LedgerError(f"candidate_percent must lie in [0, 100], got {candidate_percent}")
+    with db.session_scope(db_url) as session:
+        _get(session, rollout_id)
+        row = TrafficWeight(
+            rollout_id=rollout_id,
+            stage=stage,
+            candidate_percent=float(candidate_percent),
+            phase=WeightPhase(phase).value,
+            router=router,
+            reason=reason,
+        )
+        session.add(row)
+        session.flush()
+        return _weight_record(row)
+
+
+def _weight_record(row: TrafficWeight) -> TrafficWeightRecord:
+    return TrafficWeightRecord(
+        rollout_id=row.rollout_id,
+        stage=row.stage,
+        candidate_percent=row.candidate_percent,
+        phase=WeightPhase(row.phase),
+        router=row.router,
+        reason=row.reason,
+        created_at=row.created_at,
+    )
+
+
+def traffic_weights(rollout_id: int, *, db_url: str | None = None) -> list[TrafficWeightRecord]:
+    """Every weight journal row of ``rollout_id``, oldest first."""
+    with db.session_scope(db_url) as session:
+        rows = session.scalars(
+            sa.select(TrafficWeight)
+            .where(TrafficWeight.rollout_id == rollout_id)
+            .order_by(TrafficWeight.id)
+        )
+        return [_weight_record(r) for r in rows]
+
+
+def last_weight(rollout_id: int, *, db_url: str | None = None) -> TrafficWeightRecord | None:
+    rows = traffic_weights(rollout_id, db_url=db_url)
+    return rows[-1] if rows else None

@@ -275,6 +275,25 @@ class StageResult(Base):
     rollout: Mapped[Rollout] = relationship(back_populates="stage_results")
 
 
+class TrafficWeight(Base):
+    """Journal of the candidate's traffic weight at the gateway: the intent before a change and the
+    weight read back after it, so a rerun after a crash knows what the gateway should carry."""
+
+    __tablename__ = "traffic_weights"
+    __table_args__ = (sa.Index("ix_traffic_weights_rollout_id", "rollout_id"),)
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[int] = mapped_column(
+        BigIntId, sa.ForeignKey("rollouts.id", ondelete="CASCADE"), nullable=False
+    )
+    stage: Mapped[int | None] = mapped_column(sa.Integer)
+    candidate_percent: Mapped[float] = mapped_column(sa.Float, nullable=False)
+    phase: Mapped[str] = mapped_column(sa.String(16), nullable=False)  # intent | applied
+    router: Mapped[str] = mapped_column(sa.String(64), nullable=False)
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+
 class AliasMove(Base):
     """Ledger of MLflow alias changes (champion / challenger / previous-champion)."""
 
