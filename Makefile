@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.fp4roll-installed
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo demo-live test test-fast bench lint clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,14 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/fp4roll demo
+
+# The live canary: llama.cpp servers (baseline GGUF, requantized candidate) behind nginx, stages set at
+# the gateway, judged per pool and per route. Needs nginx (apt-get install nginx) and the `serving` extra
+# (builds llama.cpp with cmake). CANDIDATE=Q2_K shows a rollback, CANDIDATE=AA the A/A noise floor.
+CANDIDATE ?= Q8_0
+demo-live: $(STAMP)
+	$(PY) -m pip install -q -e ".[serving]"
+	OMP_NUM_THREADS=1 PYTHONPATH=. $(PY) -m benchmarks.live_canary --candidate $(CANDIDATE)
 
 # The tests start with the linters, so CI (.ci/run → make test) enforces them.
 test: lint

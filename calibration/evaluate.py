@@ -76,10 +76,29 @@ class ReplayRecord:
     outlier_fallback_rate_baseline: float  # share of (token, W4A4 layer) pairs beyond the range
     outlier_fallback_rate_candidate: float
     error: str | None = None
+    # Which side failed when ``error`` is set: "baseline", "candidate" or "both" (None = both).
+    failed_side: str | None = None
+    # Filled by endpoint evaluators (NaN / None / empty in process):
+    route: str | None = None  # the logged request's route (per-route judging)
+    ttft_baseline_s: float = math.nan  # time to first streamed token of the greedy generation
+    ttft_candidate_s: float = math.nan
+    tpot_baseline_s: float = math.nan  # seconds per output token after the first
+    tpot_candidate_s: float = math.nan
+    attempts: int = 1  # HTTP attempts spent on this request (retries included), both sides
+    task: Mapping[str, float] = field(default_factory=dict)  # task metrics of the generations
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def candidate_failed(self) -> bool:
+        """The candidate side failed (a baseline-only failure is not the candidate's error)."""
+        return self.error is not None and self.failed_side in (None, "both", "candidate")
+
+    @property
+    def baseline_failed(self) -> bool:
+        return self.error is not None and self.failed_side in (None, "both", "baseline")
 
 
 @dataclass(frozen=True)
@@ -654,7 +673,13 @@ def _json_float(value: Any) -> Any:
 def replay_to_dict(result: ReplayResult) -> dict[str, Any]:
     """Strict-JSON-ready dict (non-finite floats become ``None``)."""
     data = asdict(result)
-    data["records"] = [{k: _json_float(v) for k, v in rec.items()} for rec in data["records"]]
+    data["records"] = [
+        {
+            k: ({t: _json_float(x) for t, x in v.items()} if k == "task" else _json_float(v))
+            for k, v in rec.items()
+        }
+        for rec in data["records"]
+    ]
     data["outlier_layers_baseline"] = list(result.outlier_layers_baseline)
     data["outlier_layers_candidate"] = list(result.outlier_layers_candidate)
     data["metadata"] = dict(result.metadata)
@@ -677,6 +702,10 @@ def replay_from_dict(data: Mapping[str, Any]) -> ReplayResult:
         if unknown:
             raise ReplayError(f"record {position}: unknown fields {sorted(unknown)}")
         values = {k: (math.nan if v is None and k in float_fields else v) for k, v in raw.items()}
+        if "task" in values:
+            values["task"] = {
+                t: math.nan if x is None else float(x) for t, x in (values["task"] or {}).items()
+            }
         records.append(ReplayRecord(**values))
     return ReplayResult(
         records=tuple(records),

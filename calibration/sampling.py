@@ -3,6 +3,10 @@
 Pure functions over ``PromptRecord`` values (the store lives in ``registry/``; ``pipelines/prompt_logs.py``
 glues the two). The pipeline, in order:
 
+0. **Pre-sampling** (bounded memory): the window is read once as a stream and at most
+   ``max(20 000, 10 x what the roles need)`` prompts are kept, uniformly, by a reservoir with hashed
+   priorities (:func:`presample`: content-determined, order-independent). Everything below works
+   on that subset.
 1. **Redaction** (``calibration.redaction``) of every prompt first: nothing unredacted goes further.
 2. **Exact duplicates**: SHA-256 of the normalised redacted text (NFKC, case-folded, digit runs -> 0,
    whitespace collapsed).
@@ -11,7 +15,8 @@ glues the two). The pipeline, in order:
 3. **Near duplicates**: MinHash (64 permutations) over character 5-gram shingles of the normalised
    text, LSH with 16 bands x 4 rows to find candidate pairs, then the *exact* Jaccard similarity of
    the shingle sets must reach ``near_duplicate_threshold`` (default 0.8); pairs are merged with
-   union-find. Each cluster keeps one representative (earliest ``received_at``), so near-duplicates
+   union-find. Within an LSH bucket a prompt is checked against at most its 64 first members (linear,
+   not quadratic in the bucket size; identical to all pairs for buckets up to that size). Each cluster keeps one representative (earliest ``received_at``), so near-duplicates
    can never straddle the calibration / hold-out split.
 4. **Stratification** by (route, length bucket); the canary hold-out is allocated first, proportionally
    to the stratum sizes (largest remainder), then the sensitivity slice (scores each group and verifies
@@ -29,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import heapq
 import json
 import logging
 import re
@@ -237,33 +243,80 @@ class _UnionFind:
             self.parent[max(ri, rj)] = min(ri, rj)
 
 
+#: Per LSH bucket, a new member is compared with at most this many earlier members of the bucket
+#: (the first ones): linear in the bucket size, not quadratic. Buckets up to this size give exactly
+#: the pairwise result (the clusters are the connected components of the same checked edges).
+_BUCKET_REPRESENTATIVES = 64
+
+
 def near_duplicate_clusters(texts: Sequence[str], threshold: float) -> list[int]:
-    """Cluster label (index of the cluster's first text) per normalised text; see module doc."""
-    shingles = [_shingles(t) for t in texts]
-    signatures = np.stack([_minhash(s) for s in shingles]) if texts else np.zeros((0, _NUM_PERM))
+    """Cluster label (index of the cluster's first text) per normalised text; see module doc.
+
+    Memory: one 64-value signature per text; shingle sets are rebuilt for the pairs the LSH
+    proposes instead of being kept for every text. Work: per band, each member is checked against
+    at most :data:`_BUCKET_REPRESENTATIVES` earlier members of its bucket."""
+    signatures = (
+        np.stack([_minhash(_shingles(t)) for t in texts]) if texts else np.zeros((0, _NUM_PERM))
+    )
     uf = _UnionFind(len(texts))
     checked: set[tuple[int, int]] = set()
+    shingle_cache: dict[int, np.ndarray] = {}
+
+    def shingles(i: int) -> np.ndarray:
+        if i not in shingle_cache:
+            if len(shingle_cache) > 4096:
+                shingle_cache.clear()
+            shingle_cache[i] = _shingles(texts[i])
+        return shingle_cache[i]
+
     # Candidates whose MinHash estimate is far below the threshold skip the exact check.
     estimate_floor = max(0.0, threshold - 0.25)
     for band in range(_BANDS):
-        buckets: dict[bytes, list[int]] = defaultdict(list)
+        buckets: dict[bytes, list[int]] = defaultdict(list)  # key -> first members
         rows = signatures[:, band * _ROWS : (band + 1) * _ROWS]
-        for index in range(len(texts)):
-            buckets[rows[index].tobytes()].append(index)
-        for members in buckets.values():
-            if len(members) < 2:
-                continue
-            member_signatures = signatures[members]
-            for pos, i in enumerate(members[:-1]):
-                estimates = (member_signatures[pos + 1 :] == member_signatures[pos]).mean(axis=1)
+        for j in range(len(texts)):
+            representatives = buckets[rows[j].tobytes()]
+            if representatives:
+                estimates = (signatures[representatives] == signatures[j]).mean(axis=1)
                 for offset in np.flatnonzero(estimates >= estimate_floor):
-                    j = members[pos + 1 + int(offset)]
+                    i = representatives[int(offset)]
                     if (i, j) in checked or uf.find(i) == uf.find(j):
                         continue
                     checked.add((i, j))
-                    if _jaccard(shingles[i], shingles[j]) >= threshold:
+                    if _jaccard(shingles(i), shingles(j)) >= threshold:
                         uf.union(i, j)
+            if len(representatives) < _BUCKET_REPRESENTATIVES:
+                representatives.append(j)
     return [uf.find(i) for i in range(len(texts))]
+
+
+#: Pre-sampling keeps at most this many prompts of the window (or 10x what the roles need, if
+#: larger) before redaction and deduplication: memory and time are bounded whatever the window holds.
+DEFAULT_MAX_CANDIDATES = 20_000
+
+
+def candidate_capacity(config: SamplingConfig) -> int:
+    return max(DEFAULT_MAX_CANDIDATES, 10 * config.total)
+
+
+def presample(records: Iterable[PromptRecord], capacity: int, seed: int) -> list[PromptRecord]:
+    """A uniform sample of at most ``capacity`` records in one pass and O(capacity) memory.
+
+    Reservoir sampling with hashed priorities (bottom-k of ``sha256(seed, route, text)``): the
+    choice depends on the content only, never on the order, ids or count of the input, so it is
+    reproducible on any machine; identical prompts share a priority (kept or dropped together, then
+    deduplicated). Returns the kept records ordered by (received_at, id)."""
+    if capacity < 1:
+        raise ValueError("capacity must be >= 1")
+    heap: list[tuple[int, int, PromptRecord]] = []  # (-priority, tiebreak, record): max-heap
+    for tiebreak, record in enumerate(records):
+        digest = hashlib.sha256(f"{seed}\x00{record.route}\x00{record.text}".encode()).digest()
+        priority = int.from_bytes(digest[:8], "big")
+        if len(heap) < capacity:
+            heapq.heappush(heap, (-priority, -tiebreak, record))
+        elif priority < -heap[0][0]:
+            heapq.heapreplace(heap, (-priority, -tiebreak, record))
+    return sorted((r for _, _, r in heap), key=lambda r: (r.received_at, r.id))
 
 
 def _allocate(available: Mapping[tuple[str, str], int], n: int) -> dict[tuple[str, str], int]:
@@ -332,20 +385,32 @@ def sample_calibration_set(
     records: Iterable[PromptRecord],
     config: SamplingConfig,
     render: Callable[[Prompt], RenderedPrompt] = plain_renderer,
+    *,
+    max_candidates: int | None = None,
 ) -> CalibrationSample:
     """Sample calibration, sensitivity and hold-out prompts, disjoint, from ``records`` in the
     config's window (see module doc); ``render`` turns a redacted prompt into what the server sees.
+    ``records`` is consumed once as a stream: at most ``max_candidates`` (default
+    :func:`candidate_capacity`) are kept by :func:`presample`, so memory is bounded.
 
     Raises ``NotEnoughPromptsError`` when fewer unique prompts than the three roles need exist.
     """
     labels = length_bucket_labels(config.length_edges)
     redactions: Counter[str] = Counter()
     by_digest: dict[str, _Candidate] = {}
+    n_window = 0
+
+    def in_window(stream: Iterable[PromptRecord]) -> Iterable[PromptRecord]:
+        nonlocal n_window
+        for record in stream:
+            if config.in_window(record):
+                n_window += 1
+                yield record
+
+    kept = presample(in_window(records), max_candidates or candidate_capacity(config), config.seed)
     n_input = 0
     n_exact = 0
-    for record in records:
-        if not config.in_window(record):
-            continue
+    for record in kept:
         n_input += 1
         redacted_prompt, redacted_text, dedup_source = _redact_record(record, redactions)
         normalized = normalize_text(dedup_source)
@@ -448,6 +513,8 @@ def sample_calibration_set(
         "holdout": _stats(holdout, labels),
         "templated": sum(m.rendered.templated for m in calibration + sensitivity + holdout),
     }
+    if n_window > n_input:  # the reservoir kept a uniform subset of a larger window
+        summary["presampled_from"] = n_window
     logger.info(
         "sampled calibration set %s: %d calibration + %d sensitivity + %d hold-out from %d prompts",
         digest[:12],

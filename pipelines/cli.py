@@ -37,6 +37,9 @@ app = typer.Typer(
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level."),
 ) -> None:
+    from registry.url_redaction import install_log_redaction
+
+    install_log_redaction()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -58,7 +61,21 @@ _register()
 
 
 def main() -> None:
-    app()
+    """Run the CLI; an unexpected error prints its traceback through the URL redactor (the
+    message of a driver or HTTP error may hold the URL it failed on)."""
+    import sys
+    import traceback
+
+    from registry.url_redaction import redact_urls
+
+    try:
+        app()
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - printed redacted, exit status 1
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        sys.stderr.write(redact_urls(text))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

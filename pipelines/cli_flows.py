@@ -9,11 +9,12 @@ takes ~4 s on this machine, which every ``fp4roll --help`` and ``fp4roll logs ..
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -21,7 +22,7 @@ import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
-from pipelines.cli_options import options_command
+from pipelines.cli_options import credentials_to_environment, options_command
 from pipelines.params import (
     DEFAULT_MODEL_NAME,
     PACKAGED_SMOLLM2,
@@ -33,6 +34,7 @@ from pipelines.params import (
 )
 from pipelines.render import print_stages, print_status
 from pipelines.results import CanaryOutcome
+from registry.url_redaction import redact_strings, redact_urls
 
 ParamsT = TypeVar("ParamsT", bound=BaseModel)
 
@@ -58,20 +60,34 @@ TrackingOption = Annotated[
 
 def _params(model: type[ParamsT], **values: Any) -> ParamsT:
     """Build a flow parameter model, turning validation errors into a clean CLI error."""
+    values = credentials_to_environment({k: v for k, v in values.items() if v is not None})
     try:
-        return model(**{k: v for k, v in values.items() if v is not None})
+        return model(**values)
     except ValidationError as exc:
         err_console.print(f"[red]invalid parameters:[/red]\n{exc}")
         raise typer.Exit(2) from None
 
 
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """A gate's refusal or an integrity failure is a clean CLI error (exit 4), not a traceback."""
+    from registry.guards import ManualActionRefused
+    from registry.integrity import IntegrityError
+
+    try:
+        yield
+    except (ManualActionRefused, IntegrityError) as exc:
+        err_console.print(f"[red]{type(exc).__name__}:[/red] {exc}", highlight=False)
+        raise typer.Exit(4) from None
+
+
 def _print_json(payload: BaseModel | Sequence[BaseModel]) -> None:
-    """A flow's typed result (or a sequence of them) as JSON."""
+    """A flow's typed result (or a sequence of them) as JSON, through the one URL redactor."""
     if isinstance(payload, BaseModel):
         data = payload.model_dump(mode="json")
     else:
         data = [item.model_dump(mode="json") for item in payload]
-    console.print_json(json.dumps(data))
+    console.print_json(json.dumps(redact_strings(data)))
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -145,26 +161,37 @@ def promote(
     model: ModelOption = DEFAULT_MODEL_NAME,
     version: Annotated[str | None, typer.Option(help="Version (default: challenger).")] = None,
     reason: Annotated[
-        str, typer.Option(help="Kept in the ledger and on the version.")
-    ] = "manual promotion",
+        str | None,
+        typer.Option(help="Kept in the ledger and on the version (required with --force)."),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Promote a rejected, failed or never-canaried version, or during an active "
+            "rollout (needs --reason; recorded in the ledger).",
+        ),
+    ] = False,
     db: DbOption = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Make a version the champion (old champion → previous-champion)."""
+    """Make a version the champion (old champion → previous-champion). Refused for a version that
+    did not pass a canary, or during an active rollout, unless --force --reason."""
     from pipelines.flows import promote_flow
 
-    _print_json(
-        promote_flow(
+    with _refusals():
+        moves = promote_flow(
             _params(
                 PromoteParams,
                 model_name=model,
                 version=version,
                 reason=reason,
+                force=force,
                 db_url=db,
                 tracking_uri=tracking_uri,
             )
         )
-    )
+    _print_json(moves)
 
 
 def rollback(
@@ -173,24 +200,30 @@ def rollback(
     to_version: Annotated[
         str | None, typer.Option(help="Version (default: previous-champion).")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Roll back to a rejected or rolled-back version (recorded)."),
+    ] = False,
     db: DbOption = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Put the previous champion (or a named version) back as champion."""
+    """Put the previous champion (or a named version) back as champion. A rejected or
+    rolled-back target is refused unless --force."""
     from pipelines.flows import rollback_flow
 
-    _print_json(
-        rollback_flow(
+    with _refusals():
+        moves = rollback_flow(
             _params(
                 RollbackParams,
                 model_name=model,
                 to_version=to_version,
                 reason=reason,
+                force=force,
                 db_url=db,
                 tracking_uri=tracking_uri,
             )
         )
-    )
+    _print_json(moves)
 
 
 def drift_check(
@@ -277,14 +310,14 @@ def ui(
     uri = tracking_uri or default_tracking_uri()
     procs = []
     if uri.startswith(("http://", "https://")):
-        console.print(f"MLflow server: {uri}")
+        console.print(f"MLflow server: {redact_urls(uri)}")
     else:
         mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
         cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
         procs.append(start_group(cmd))
         console.print(f"MLflow UI on http://127.0.0.1:{port}")
     if os.environ.get("PREFECT_API_URL"):
-        console.print(f"Prefect server: {os.environ['PREFECT_API_URL']}")
+        console.print(f"Prefect server: {redact_urls(os.environ['PREFECT_API_URL'])}")
     elif prefect_port:
         procs.append(start_group(server_command(prefect_port, ui=True), env=server_env()))
         console.print(f"Prefect UI on http://127.0.0.1:{prefect_port}")

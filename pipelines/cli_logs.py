@@ -75,7 +75,9 @@ def _parse_time(value: str | None, option: str) -> dt.datetime | None:
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[red]error:[/red] {message}")
+    from registry.url_redaction import redact_urls
+
+    err_console.print(f"[red]error:[/red] {redact_urls(message)}", highlight=False)
     raise typer.Exit(1)
 
 

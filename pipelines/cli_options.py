@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import inspect
+import os
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -126,8 +127,27 @@ def _value(leaf: _Leaf, raw: Any) -> Any:
     return raw
 
 
+def credentials_to_environment(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` without a ``db_url`` / ``tracking_uri`` that carries credentials: such a URL is
+    put in this process's environment (``FP4ROLL_DB_URL`` / ``MLFLOW_TRACKING_URI``), where the
+    flows read their defaults, instead of a flow parameter Prefect would persist and show."""
+    from pipelines.params import CREDENTIAL_ENV
+    from registry.url_redaction import has_credentials
+
+    kept = dict(values)
+    for field, env in CREDENTIAL_ENV.items():
+        value = kept.get(field)
+        if isinstance(value, str) and has_credentials(value):
+            os.environ[env] = value
+            kept.pop(field)
+    return kept
+
+
 def build_params(model: type[BaseModel], values: Mapping[tuple[str, ...], Any]) -> BaseModel:
-    """Validate ``values`` (leaf path -> raw CLI value) into ``model``; clean exit 2 on errors."""
+    """Validate ``values`` (leaf path -> raw CLI value) into ``model``; clean exit 2 on errors.
+    Credential-bearing URLs go to the environment (:func:`credentials_to_environment`)."""
+    top = credentials_to_environment({p[0]: v for p, v in values.items() if len(p) == 1})
+    values = {p: v for p, v in values.items() if len(p) > 1 or p[0] in top}
     nested: dict[str, Any] = {}
     for path, raw in values.items():
         node = nested

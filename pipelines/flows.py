@@ -8,10 +8,13 @@ I/O tasks retry. Each flow takes one pydantic parameter model, which the Prefect
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import functools
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import (
@@ -42,10 +45,17 @@ from pipelines.results import (
     RecalibrationRecord,
     StageReport,
 )
+from pipelines.rollout import CanaryPlan, RolloutState
 from registry.aliases import AliasMove
+from registry.guards import ManualActionRefused
+from registry.integrity import IntegrityError
 from registry.judge import Decision
+from registry.ledger import LedgerError, LostOwnershipError, RolloutOwnedError
+from registry.mlflow_registry import RegistryError
+from registry.url_redaction import install_log_redaction, redact_strings, redact_urls
 
 logger = logging.getLogger(__name__)
+install_log_redaction()  # every record a flow's process makes, whatever handler shows it
 
 #: Part of every cache key: the identity of $FP4ROLL_HOME (a wiped home must not reuse old results).
 _HOME = CacheKeyFnPolicy(cache_key_fn=lambda _context, _inputs: steps.home_instance_id())
@@ -56,8 +66,65 @@ _CACHED = {
     "result_serializer": "json",
     "cache_expiration": dt.timedelta(days=30),
 }
-#: Steps that talk to a database, MLflow or a file store: retried, never cached.
-_IO = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": [2, 10]}
+#: Errors that a retry cannot fix (a gate refused, bytes differ, the ledger said no): never retried.
+_DEFINITIVE = (ManualActionRefused, IntegrityError, LedgerError, RegistryError, ValueError)
+
+
+def _retry_unless_definitive(_task, _task_run, state) -> bool:
+    try:
+        state.result()
+    except _DEFINITIVE:
+        return False
+    except BaseException:  # noqa: BLE001 - anything else (a lock, the network) may pass on retry
+        return True
+    return True
+
+
+def _redact_errors(fn):
+    """``fn`` whose exceptions carry their text through the one URL redactor: Prefect persists a
+    failed task's exception (message included) in its result storage and shows it in the UI."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            redacted = tuple(redact_urls(a) if isinstance(a, str) else a for a in exc.args)
+            if redacted == exc.args:
+                raise
+            clean = copy.copy(exc)
+            clean.args = redacted
+            raise clean from None
+
+    return wrapper
+
+
+#: Steps that talk to a database, MLflow or a file store: retried (not after a definitive refusal),
+#: never cached.
+_IO = {
+    "cache_policy": NO_CACHE,
+    "retries": 2,
+    "retry_delay_seconds": [2, 10],
+    "retry_condition_fn": _retry_unless_definitive,
+}
+
+
+def _markdown_artifact(*, key: str, markdown: str, description: str | None = None) -> None:
+    """A Prefect markdown artifact, its text through the one URL redactor."""
+    create_markdown_artifact(
+        key=key,
+        markdown=redact_urls(markdown),
+        description=None if description is None else redact_urls(description),
+    )
+
+
+def _table_artifact(*, key: str, table: list[dict[str, Any]], description: str) -> None:
+    """A Prefect table artifact, every string cell through the one URL redactor."""
+    create_table_artifact(
+        key=key,
+        table=redact_strings(table),
+        description=redact_urls(description),
+    )
 
 
 class SimulatedCrash(RuntimeError):
@@ -69,17 +136,23 @@ class SimulatedCrash(RuntimeError):
 # decided here, the code lives in pipelines/steps.py and pipelines/rollout.py.
 
 
-resolve_source_model_task = task(name="resolve-source-model", **_IO)(steps.resolve_source_model)
-sample_calibration_set_task = task(name="sample-calibration-set", **_IO)(
-    steps.sample_calibration_set
+resolve_source_model_task = task(name="resolve-source-model", **_IO)(
+    _redact_errors(steps.resolve_source_model)
 )
-register_baseline_task = task(name="register-baseline", **_IO)(steps.register_baseline)
+sample_calibration_set_task = task(name="sample-calibration-set", **_IO)(
+    _redact_errors(steps.sample_calibration_set)
+)
+register_baseline_task = task(name="register-baseline", **_IO)(
+    _redact_errors(steps.register_baseline)
+)
 activation_stats_task = task(name="activation-stats", **_CACHED)(steps.activation_stats)
 rounding_task = task(name="rounding", **_CACHED)(steps.rounded_weights)
 tier_scores_task = task(name="tier-scores", **_CACHED)(steps.tier_scores)
 kl_sweep_part_task = task(name="kl-sweep-part", **_CACHED)(steps.kl_sweep_part)
 plan_and_export_task = task(name="plan-and-export", **_CACHED)(steps.plan_and_export)
-register_challenger_task = task(name="register-challenger", **_IO)(steps.register_challenger)
+register_challenger_task = task(name="register-challenger", **_IO)(
+    _redact_errors(steps.register_challenger)
+)
 
 
 @flow(name="kl-sweep", log_prints=False)
@@ -134,7 +207,7 @@ def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> Recalib
     register_baseline_task(
         params.model_name, source_dir, tracking_uri=params.tracking_uri, db_url=db_url
     )
-    work_dir = steps.calibration_work_dir(params, digest)
+    work_dir = steps.calibration_work_dir(params, digest, source_dir)
     stats_path = activation_stats_task(source_dir, digest, db_url, config, work_dir)
     rounded_path = rounding_task(source_dir, digest, db_url, stats_path, config, work_dir)
     scores_path = tier_scores_task(
@@ -160,13 +233,13 @@ def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> Recalib
     registration = register_challenger_task(params, calibration_set, checkpoint)
 
     record = json.loads(Path(checkpoint.calibration_json).read_text())
-    create_table_artifact(
+    _table_artifact(
         key="per-group-plan",
         table=[{k: v for k, v in g.items() if k != "members"} for g in record["groups"]],
         description=f"Per-group tiers of {params.model_name}, corpus {calibration_set.digest[:12]}",
     )
     summary = steps.recalibration_summary(params, calibration_set, checkpoint, registration)
-    create_markdown_artifact(
+    _markdown_artifact(
         key="recalibration-summary", markdown=summary, description="fp4roll recalibration"
     )
     return RecalibrationRecord(
@@ -194,16 +267,74 @@ class Approval(RunInput):
     note: str = ""
 
 
-plan_canary_task = task(name="plan-canary", **_IO)(rollout_steps.plan_canary)
-open_rollout_task = task(name="open-rollout", **_IO)(rollout_steps.open_rollout)
+plan_canary_task = task(name="plan-canary", **_IO)(_redact_errors(rollout_steps.plan_canary))
+open_rollout_task = task(name="open-rollout", **_IO)(_redact_errors(rollout_steps.open_rollout))
 canary_stage_task = task(
     name="canary-stage", cache_policy=NO_CACHE, persist_result=True, result_serializer="json"
-)(rollout_steps.run_stage)
+)(_redact_errors(rollout_steps.run_stage))
 
 
-promote_candidate_task = task(name="promote-candidate", **_IO)(rollout_steps.promote_candidate)
-reject_candidate_task = task(name="reject-candidate", **_IO)(rollout_steps.reject_candidate)
-hold_rollout_task = task(name="hold-rollout", **_IO)(rollout_steps.hold_rollout)
+promote_candidate_task = task(name="promote-candidate", **_IO)(
+    _redact_errors(rollout_steps.promote_candidate)
+)
+reject_candidate_task = task(name="reject-candidate", **_IO)(
+    _redact_errors(rollout_steps.reject_candidate)
+)
+hold_rollout_task = task(name="hold-rollout", **_IO)(_redact_errors(rollout_steps.hold_rollout))
+
+
+def _drive_stages(
+    params: CanaryParams, plan: CanaryPlan, state: RolloutState, reports: list[StageReport]
+) -> CanaryOutcome:
+    """Run stages from ``state.stage_index`` until a decision other than advance; act on it."""
+    outcome = CanaryOutcome.HELD
+    if state.promotion_pending:  # every stage passed before a crash: only the promotion is left
+        promote_candidate_task(plan, state.rollout_id)
+        return CanaryOutcome.PROMOTED
+    if state.rejection_pending:  # a stage failed before a crash: only the rejection is left
+        reject_candidate_task(
+            plan, state.rollout_id, f"stage {state.stage_index} failed (completed after a crash)"
+        )
+        return CanaryOutcome.ROLLED_BACK
+    stage_index = state.stage_index
+    while True:
+        if params.require_approval and stage_index == len(plan.stages) - 1:
+            from prefect.flow_runs import pause_flow_run
+
+            answer = pause_flow_run(wait_for_input=Approval, timeout=24 * 3600, poll_interval=2)
+            if not answer.approve:
+                rollout_steps.abort_rollout(
+                    plan.db_url, state.rollout_id, f"not approved: {answer.note}"
+                )
+                outcome = CanaryOutcome.ABORTED
+                return outcome
+        report = canary_stage_task(plan, state.rollout_id, stage_index, state.owner)
+        reports.append(report)
+        if report.decision is Decision.ADVANCE:
+            if params.fail_after_stage is not None and params.fail_after_stage == stage_index:
+                raise SimulatedCrash(f"simulated crash after stage {stage_index}")
+            stage_index += 1
+            continue
+        if report.decision is Decision.PROMOTE:
+            if params.auto_promote:
+                promote_candidate_task(plan, state.rollout_id)
+                outcome = CanaryOutcome.PROMOTED
+            else:
+                hold_rollout_task(
+                    plan, state.rollout_id, "every stage passed; awaiting manual promotion"
+                )
+                outcome = CanaryOutcome.AWAITING_PROMOTION
+        elif report.decision is Decision.ROLLBACK:
+            reject_candidate_task(
+                plan, state.rollout_id, f"stage {stage_index} failed: {report.reason}"
+            )
+            outcome = CanaryOutcome.ROLLED_BACK
+        else:
+            hold_rollout_task(
+                plan, state.rollout_id, f"stage {stage_index} inconclusive: {report.reason}"
+            )
+            outcome = CanaryOutcome.HELD
+        return outcome
 
 
 @flow(name="canary", log_prints=False)
@@ -216,51 +347,16 @@ def canary_flow(params: CanaryParams = CanaryParams()) -> CanaryRecord:  # noqa:
     reports: list[StageReport] = []
     outcome = CanaryOutcome.HELD
     try:
-        stage_index = state.stage_index
-        while True:
-            if params.require_approval and stage_index == len(plan.stages) - 1:
-                from prefect.flow_runs import pause_flow_run
-
-                answer = pause_flow_run(wait_for_input=Approval, timeout=24 * 3600, poll_interval=2)
-                if not answer.approve:
-                    rollout_steps.abort_rollout(
-                        plan.db_url, state.rollout_id, f"not approved: {answer.note}"
-                    )
-                    outcome = CanaryOutcome.ABORTED
-                    break
-            report = canary_stage_task(plan, state.rollout_id, stage_index)
-            reports.append(report)
-            if report.decision is Decision.ADVANCE:
-                if params.fail_after_stage is not None and params.fail_after_stage == stage_index:
-                    raise SimulatedCrash(f"simulated crash after stage {stage_index}")
-                stage_index += 1
-                continue
-            if report.decision is Decision.PROMOTE:
-                if params.auto_promote:
-                    promote_candidate_task(plan, state.rollout_id)
-                    outcome = CanaryOutcome.PROMOTED
-                else:
-                    hold_rollout_task(
-                        plan, state.rollout_id, "every stage passed; awaiting manual promotion"
-                    )
-                    outcome = CanaryOutcome.AWAITING_PROMOTION
-            elif report.decision is Decision.ROLLBACK:
-                reject_candidate_task(
-                    plan, state.rollout_id, f"stage {stage_index} failed: {report.reason}"
-                )
-                outcome = CanaryOutcome.ROLLED_BACK
-            else:
-                hold_rollout_task(
-                    plan, state.rollout_id, f"stage {stage_index} inconclusive: {report.reason}"
-                )
-                outcome = CanaryOutcome.HELD
-            break
+        with rollout_steps.lease_heartbeat(plan, state):
+            outcome = _drive_stages(params, plan, state, reports)
+    except (LostOwnershipError, RolloutOwnedError):
+        raise  # another run owns the rollout now: never abort it from here
     except BaseException as exc:
         rollout_steps.abort_rollout(
             plan.db_url, state.rollout_id, f"canary flow stopped: {type(exc).__name__}: {exc}"
         )
         raise
-    create_table_artifact(
+    _table_artifact(
         key="canary-stages",
         table=[
             {
@@ -276,7 +372,7 @@ def canary_flow(params: CanaryParams = CanaryParams()) -> CanaryRecord:  # noqa:
         ],
         description=f"Canary of {plan.model_name} v{plan.candidate_version} vs v{plan.baseline_version}",
     )
-    create_markdown_artifact(
+    _markdown_artifact(
         key="canary-summary", markdown=rollout_steps.canary_summary(plan, state, reports, outcome)
     )
     return CanaryRecord(
@@ -292,8 +388,12 @@ def canary_flow(params: CanaryParams = CanaryParams()) -> CanaryRecord:  # noqa:
 # ------------------------------------------------------------------------ promote / rollback / drift
 
 
-promote_version_task = task(name="promote-version", **_IO)(rollout_steps.promote_version)
-rollback_version_task = task(name="rollback-version", **_IO)(rollout_steps.rollback_version)
+promote_version_task = task(name="promote-version", **_IO)(
+    _redact_errors(rollout_steps.promote_version)
+)
+rollback_version_task = task(name="rollback-version", **_IO)(
+    _redact_errors(rollout_steps.rollback_version)
+)
 
 
 @flow(name="promote", log_prints=False)
@@ -308,14 +408,14 @@ def rollback_flow(params: RollbackParams) -> tuple[AliasMove, ...]:
     return rollback_version_task(params)
 
 
-check_drift_task = task(name="check-drift", **_IO)(steps.check_drift)
+check_drift_task = task(name="check-drift", **_IO)(_redact_errors(steps.check_drift))
 
 
 @flow(name="drift-check", log_prints=False)
 def drift_check_flow(params: DriftCheckParams = DriftCheckParams()) -> DriftRecord:  # noqa: B008
     """Compare recent logs with the champion's calibration set; recalibrate when drift is confirmed."""
     verdict = check_drift_task(params)
-    create_markdown_artifact(key="drift-check", markdown=steps.drift_summary(verdict))
+    _markdown_artifact(key="drift-check", markdown=steps.drift_summary(verdict))
     if verdict.drifted and params.recalibrate_on_drift:
         recal = params.recalibrate.model_copy(
             update={

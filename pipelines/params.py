@@ -7,10 +7,18 @@ Unknown fields are refused, so a typo in a deployment's parameters fails loudly 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from calibration.config import CalibrationConfig, SamplingConfig
 from registry.policy import GatePolicy, GatePolicyOverrides, Metric, build_gate_policy
+from registry.url_redaction import has_credentials
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -23,17 +31,38 @@ PACKAGED_SMOLLM2 = "smollm2"
 IN_PROCESS_REPORTED_ONLY = (Metric.LATENCY_MS.value,)
 
 
+#: Where a URL that carries credentials must come from instead of a flow parameter.
+CREDENTIAL_ENV = {"db_url": "FP4ROLL_DB_URL", "tracking_uri": "MLFLOW_TRACKING_URI"}
+
+
+def refuse_credentials(value: str | None, info: ValidationInfo) -> str | None:
+    """Flow parameters are stored by Prefect and shown in its UI: a URL carrying a password or
+    token is refused (the value is never echoed; models set ``hide_input_in_errors``)."""
+    if value is not None and has_credentials(value):
+        env = CREDENTIAL_ENV.get(info.field_name or "", "the environment")
+        raise ValueError(
+            f"{info.field_name} carries credentials; flow parameters are persisted and shown in "
+            f"the Prefect UI. Set ${env} in the worker's environment instead (or leave the "
+            "credentials out of the URL and use the driver's own mechanism, e.g. PGPASSWORD)."
+        )
+    return value
+
+
 class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     db_url: str | None = Field(
         None,
-        description="Store URL (SQLite or PostgreSQL). Default: $FP4ROLL_DB_URL or SQLite under $FP4ROLL_HOME.",
+        description="Store URL (SQLite or PostgreSQL) without credentials. Default: "
+        "$FP4ROLL_DB_URL or SQLite under $FP4ROLL_HOME.",
     )
     tracking_uri: str | None = Field(
         None,
-        description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI or SQLite under $FP4ROLL_HOME.",
+        description="MLflow tracking URI without credentials. Default: $MLFLOW_TRACKING_URI or "
+        "SQLite under $FP4ROLL_HOME.",
     )
+
+    _no_credentials = field_validator("db_url", "tracking_uri")(refuse_credentials)
 
 
 class RecalibrateParams(_Params):
@@ -67,7 +96,7 @@ class SampleParams(BaseModel):
     """Sample calibration, sensitivity and canary hold-out prompts from the stored logs, rendered as
     the model's server sees them, and store the set."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     source_model: str = Field(
         PACKAGED_SMOLLM2,
@@ -75,8 +104,12 @@ class SampleParams(BaseModel):
     )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     db_url: str | None = Field(
-        None, description="Store URL. Default: $FP4ROLL_DB_URL or SQLite under $FP4ROLL_HOME."
+        None,
+        description="Store URL without credentials. Default: $FP4ROLL_DB_URL or SQLite under "
+        "$FP4ROLL_HOME.",
     )
+
+    _no_credentials = field_validator("db_url")(refuse_credentials)
 
 
 class CanaryParams(_Params):
@@ -134,12 +167,30 @@ class CanaryParams(_Params):
 
 
 class PromoteParams(_Params):
+    """Manual promotion. Refused for a rejected, failed or never-canaried version and during an
+    active rollout (registry.guards) unless ``force`` with a ``reason``; recorded in the ledger."""
+
     model_name: str = Field(DEFAULT_MODEL_NAME, pattern=MODEL_NAME_PATTERN)
     version: str | None = Field(None, description="Default: the version under alias 'challenger'.")
-    reason: str = Field("manual promotion", min_length=1, max_length=1000)
+    reason: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1000,
+        description="Why (kept in the ledger and tags). Required with force.",
+    )
+    force: bool = Field(False, description="Override the promotion gates (needs a reason).")
+
+    @model_validator(mode="after")
+    def _force_needs_reason(self) -> PromoteParams:
+        if self.force and not (self.reason and self.reason.strip()):
+            raise ValueError("force needs a reason (kept in the ledger)")
+        return self
 
 
 class RollbackParams(_Params):
+    """Put a version back as champion. A rejected or rolled-back target is refused
+    (registry.guards) unless ``force``; recorded in the ledger."""
+
     model_name: str = Field(DEFAULT_MODEL_NAME, pattern=MODEL_NAME_PATTERN)
     to_version: str | None = Field(
         None, description="Default: the version under alias 'previous-champion'."
@@ -147,6 +198,7 @@ class RollbackParams(_Params):
     reason: str = Field(
         ..., min_length=1, max_length=1000, description="Why (kept in the ledger and tags)."
     )
+    force: bool = Field(False, description="Override the rollback gates.")
 
 
 class DriftCheckParams(_Params):

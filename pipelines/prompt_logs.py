@@ -107,13 +107,26 @@ def sample(
     imported without their redaction are redacted (and stored) first."""
     db.ensure_schema(db_url)
     store_redactions(db_url)
+    since = default_window_start(config, db_url)
     records = (
         to_prompt_record(p)
-        for p in store.fetch_window(
-            db_url, since=config.since, until=config.until, routes=config.routes
-        )
+        for p in store.fetch_window(db_url, since=since, until=config.until, routes=config.routes)
     )
     return sample_calibration_set(records, config, renderer)
+
+
+#: Without ``since``, sampling reads the last 30 days of logs (before ``until`` or the newest stored
+#: prompt), not the whole store: production logs grow without bound.
+DEFAULT_WINDOW = dt.timedelta(days=30)
+
+
+def default_window_start(config: SamplingConfig, db_url: str | None = None) -> dt.datetime | None:
+    """``config.since``, or :data:`DEFAULT_WINDOW` before ``config.until`` (or the newest stored
+    prompt). None only when the store is empty."""
+    if config.since is not None:
+        return config.since
+    end = config.until or store.time_range(db_url)[1]
+    return None if end is None else end - DEFAULT_WINDOW
 
 
 def sample_and_store(
@@ -122,8 +135,9 @@ def sample_and_store(
     """Sample calibration, sensitivity and hold-out prompts and record them (redacted and rendered
     members, digest, summary)."""
     result = sample(config, renderer, db_url)
+    since = default_window_start(config, db_url)
     filters = {
-        "since": config.since.isoformat() if config.since else None,
+        "since": since.isoformat() if since else None,
         "until": config.until.isoformat() if config.until else None,
         "routes": list(config.routes) if config.routes else None,
         "strata": ["route", "length_bucket"],

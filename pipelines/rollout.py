@@ -7,7 +7,16 @@ anywhere can be rerun: :func:`open_rollout` resumes (or aborts) what the crash l
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import json
 import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
 
 from pydantic import BaseModel, ConfigDict
 
@@ -17,13 +26,23 @@ from pipelines.canary import run_replay_stage
 from pipelines.params import IN_PROCESS_REPORTED_ONLY, CanaryParams, PromoteParams, RollbackParams
 from pipelines.prompt_logs import calibration_prompts
 from pipelines.results import CanaryOutcome, StageReport
-from registry import db, ledger
+from registry import db, ledger, rollout_actions
+from registry import tags as tag
 from registry.aliases import Alias, AliasMove
 from registry.db import fp4roll_home
-from registry.judge import Decision, decide
-from registry.mlflow_registry import RegistryError, promote, reject_challenger, rollback
+from registry.guards import (
+    ManualActionRefused,
+    forced_reason,
+    promote_refusal,
+    rollback_refusal,
+)
+from registry.integrity import verify_folder
+from registry.mlflow_registry import (
+    RegistryError,
+    aliases,
+)
 from registry.policy import GatePolicy, GatePolicyOverrides, build_gate_policy
-from registry.versions import find_alias, local_checkpoint, resolve_version
+from registry.versions import local_checkpoint, resolve_version
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +57,8 @@ class CanaryPlan(BaseModel):
     baseline_version: str
     candidate_dir: str
     baseline_dir: str
+    candidate_manifest: str  # sha256 of the registered checkpoint manifest, rechecked every stage
+    baseline_manifest: str
     corpus_digest: str  # the candidate's calibration set; its hold-out is the canary window
     holdout_size: int
     stages: tuple[float, ...]
@@ -55,6 +76,75 @@ class RolloutState(BaseModel):
     rollout_id: int
     stage_index: int
     resumed: bool
+    owner: str = ""  # the flow run driving the rollout (its heartbeat lease)
+    promotion_pending: bool = False  # every stage passed before a crash: promote next
+    rejection_pending: bool = False  # a stage decided rollback before a crash: reject next
+
+
+#: Heartbeat lease of a rollout's owner; renewed every third of it while the flow runs.
+DEFAULT_LEASE_SECONDS = 300.0
+_PROCESS_OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def lease_seconds() -> float:
+    """``$FP4ROLL_LEASE_SECONDS`` or :data:`DEFAULT_LEASE_SECONDS`."""
+    return float(os.environ.get("FP4ROLL_LEASE_SECONDS") or DEFAULT_LEASE_SECONDS)
+
+
+def current_owner() -> str:
+    """Who drives a rollout: the Prefect flow run (a retry of the same run keeps it), else this
+    process (``$FP4ROLL_ROLLOUT_OWNER`` overrides, for tests and external drivers)."""
+    explicit = os.environ.get("FP4ROLL_ROLLOUT_OWNER")
+    if explicit:
+        return explicit
+    try:
+        from prefect.runtime import flow_run
+
+        run_id = flow_run.id
+    except Exception:  # noqa: BLE001 - no Prefect context: the process is the owner
+        run_id = None
+    return f"flow-run:{run_id}" if run_id else f"process:{_PROCESS_OWNER}"
+
+
+def gate_policy_hash(plan: CanaryPlan) -> str:
+    """sha256 of the gate policy the plan's rollout is judged by (pinned at creation)."""
+    policy = dataclasses.asdict(gate_policy(plan))
+    return hashlib.sha256(json.dumps(policy, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def rollout_pins(plan: CanaryPlan) -> ledger.Pins:
+    return ledger.Pins(
+        candidate_version=plan.candidate_version,
+        baseline_version=plan.baseline_version,
+        stages=tuple(plan.stages),
+        gate_policy_hash=gate_policy_hash(plan),
+    )
+
+
+@contextlib.contextmanager
+def lease_heartbeat(plan: CanaryPlan, state: RolloutState) -> Iterator[None]:
+    """Renew ``state.owner``'s lease every third of it until the block ends. A lost lease (another
+    run took over after it expired) is logged; the next ledger write of this run then refuses."""
+    ttl = lease_seconds()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(ttl / 3):
+            try:
+                ledger.heartbeat(state.rollout_id, state.owner, ttl, db_url=plan.db_url)
+            except ledger.LostOwnershipError as exc:
+                logger.error("%s", exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - a blip: the next beat retries
+                logger.warning("heartbeat of rollout %d failed: %s", state.rollout_id, exc)
+
+    thread = threading.Thread(target=beat, name=f"rollout-{state.rollout_id}-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def gate_policy(plan: CanaryPlan) -> GatePolicy:
@@ -68,6 +158,8 @@ def plan_canary(params: CanaryParams) -> CanaryPlan:
     """Resolve candidate (default ``challenger``) and baseline (default ``champion``) to local folders."""
 
     name = params.model_name
+    db.upgrade(params.db_url)
+    rollout_actions.reconcile(name, db_url=params.db_url, tracking_uri=params.tracking_uri)
     candidate = resolve_version(
         name, params.candidate_version or "challenger", tracking_uri=params.tracking_uri
     )
@@ -83,6 +175,9 @@ def plan_canary(params: CanaryParams) -> CanaryPlan:
             f"{name} v{candidate.version} has no corpus digest tag: the canary needs the hold-out of "
             "the calibration set it was calibrated on"
         )
+    # bytes first: a checkpoint changed since registration is refused before anything else
+    candidate_dir = local_checkpoint(candidate, tracking_uri=params.tracking_uri)
+    baseline_dir = local_checkpoint(baseline, tracking_uri=params.tracking_uri)
     holdout = calibration_prompts(candidate.corpus_digest, params.db_url, Role.HOLDOUT)
     if len(holdout) < params.min_samples:
         raise ValueError(
@@ -93,8 +188,10 @@ def plan_canary(params: CanaryParams) -> CanaryPlan:
         model_name=name,
         candidate_version=candidate.version,
         baseline_version=baseline.version,
-        candidate_dir=str(local_checkpoint(candidate)),
-        baseline_dir=str(local_checkpoint(baseline)),
+        candidate_dir=str(candidate_dir),
+        baseline_dir=str(baseline_dir),
+        candidate_manifest=str(candidate.manifest_digest),
+        baseline_manifest=str(baseline.manifest_digest),
         corpus_digest=candidate.corpus_digest,
         holdout_size=len(holdout),
         stages=tuple(params.stages),
@@ -109,47 +206,58 @@ def plan_canary(params: CanaryParams) -> CanaryPlan:
     return plan
 
 
-def open_rollout(plan: CanaryPlan) -> RolloutState:
-    """Resume this candidate's active rollout, abort another candidate's, or start a new one."""
-
+def open_rollout(plan: CanaryPlan, owner: str | None = None) -> RolloutState:
+    """Reconcile ledger and aliases, then resume the active rollout (refused while another run's
+    lease lives, or when its pinned stages / gate policy / baseline differ from the plan's) or
+    start a new one owned by this run (:func:`registry.rollout_actions.open_rollout`)."""
     db.ensure_schema(plan.db_url)
-    champion = find_alias(plan.model_name, Alias.CHAMPION, tracking_uri=plan.tracking_uri)
-    active = ledger.active_rollout(plan.model_name, db_url=plan.db_url)
-    if active is not None and active.candidate_version != plan.candidate_version:
-        ledger.mark_aborted(
-            active.id,
-            f"superseded by a canary of version {plan.candidate_version}",
-            db_url=plan.db_url,
-        )
-    point = ledger.resume_or_abort(
+    owner = owner or current_owner()
+    opened = rollout_actions.open_rollout(
+        rollout_pins(plan),
         plan.model_name,
-        champion_version=champion.version if champion else None,
-        resume=True,
-        db_url=plan.db_url,
-    )
-    if point is not None and point.rollout.active:
-        if point.rollout.status.value == "paused":
-            ledger.resume(point.rollout.id, db_url=plan.db_url)
-        logger.info("resuming rollout %d at stage %d", point.rollout.id, point.stage_index)
-        return RolloutState(
-            rollout_id=point.rollout.id, stage_index=point.stage_index, resumed=True
-        )
-    rollout = ledger.start_rollout(
-        plan.model_name,
-        plan.candidate_version,
-        plan.baseline_version,
-        plan.stages,
+        owner=owner,
+        lease_seconds=lease_seconds(),
         reason=f"canary of v{plan.candidate_version} against v{plan.baseline_version}",
         db_url=plan.db_url,
+        tracking_uri=plan.tracking_uri,
     )
-    return RolloutState(rollout_id=rollout.id, stage_index=0, resumed=False)
+    if opened.resumed:
+        logger.info("resuming rollout %d at stage %d", opened.rollout.id, opened.stage_index)
+    return RolloutState(
+        rollout_id=opened.rollout.id,
+        stage_index=opened.stage_index,
+        resumed=opened.resumed,
+        owner=owner,
+        promotion_pending=opened.promotion_pending,
+        rejection_pending=opened.rejection_pending,
+    )
 
 
-def run_stage(plan: CanaryPlan, rollout_id: int, stage_index: int) -> StageReport:
+def verify_plan_checkpoints(plan: CanaryPlan) -> None:
+    """Rehash both checkpoints against their registered manifests before they are loaded
+    (:class:`registry.integrity.IntegrityError` when a file changed since registration)."""
+    for version, folder, digest in (
+        (plan.candidate_version, plan.candidate_dir, plan.candidate_manifest),
+        (plan.baseline_version, plan.baseline_dir, plan.baseline_manifest),
+    ):
+        verify_folder(folder, digest, label=f"{plan.model_name} v{version}")
+
+
+def verified_version(model_name: str, version_or_alias: str, *, tracking_uri: str | None):
+    """Resolve a version and verify its checkpoint bytes against its registered manifest."""
+    info = resolve_version(model_name, version_or_alias, tracking_uri=tracking_uri)
+    local_checkpoint(info, tracking_uri=tracking_uri)
+    return info
+
+
+def run_stage(
+    plan: CanaryPlan, rollout_id: int, stage_index: int, owner: str | None = None
+) -> StageReport:
     """Replay stage ``stage_index``'s share of the hold-out through both models, judge it, record the
     verdict and the decision in the ledger, and advance the rollout when the decision says so."""
 
     policy = gate_policy(plan)
+    verify_plan_checkpoints(plan)
     holdout = calibration_prompts(plan.corpus_digest, plan.db_url, Role.HOLDOUT)
     evaluator = InProcessEvaluator(
         baseline=plan.baseline_dir,
@@ -168,10 +276,9 @@ def run_stage(plan: CanaryPlan, rollout_id: int, stage_index: int) -> StageRepor
         seed=plan.seed,
         replay_path=replay_path,
     )
-    decision, _ = decide(stage.verdict, ledger.progress(rollout_id, db_url=plan.db_url), policy)
-    ledger.record_stage_result(rollout_id, stage.verdict, decision, db_url=plan.db_url)
-    if decision is Decision.ADVANCE:
-        ledger.advance(rollout_id, db_url=plan.db_url)
+    decision = rollout_actions.record_stage(
+        rollout_id, stage.verdict, policy, owner=owner, db_url=plan.db_url
+    )
     verdict = stage.verdict
     return StageReport(
         rollout_id=rollout_id,
@@ -203,22 +310,31 @@ def run_stage(plan: CanaryPlan, rollout_id: int, stage_index: int) -> StageRepor
 def promote_candidate(
     plan: CanaryPlan, rollout_id: int, reason: str = "every canary stage passed"
 ) -> str:
-    """Move ``champion`` to the candidate (old champion → ``previous-champion``); mark promoted."""
-
-    moves = promote(
-        plan.model_name, plan.candidate_version, reason=reason, tracking_uri=plan.tracking_uri
+    """Move ``champion`` to the candidate (old champion → ``previous-champion``) and mark the
+    rollout promoted, crash-consistently (:mod:`registry.rollout_actions`)."""
+    verified_version(plan.model_name, plan.candidate_version, tracking_uri=plan.tracking_uri)
+    rollout_actions.promote_version(
+        plan.model_name,
+        plan.candidate_version,
+        reason,
+        rollout_id=rollout_id,
+        db_url=plan.db_url,
+        tracking_uri=plan.tracking_uri,
     )
-    ledger.mark_promoted(rollout_id, moves, reason=reason, db_url=plan.db_url)
     return plan.candidate_version
 
 
 def reject_candidate(plan: CanaryPlan, rollout_id: int, reason: str) -> str:
-    """A failed canary: traffic stays on the champion, the challenger is tagged rejected."""
-
-    moves = reject_challenger(
-        plan.model_name, plan.candidate_version, reason=reason, tracking_uri=plan.tracking_uri
+    """A failed canary: traffic stays on the champion, the challenger is tagged rejected, the
+    rollout rolled back (crash-consistently)."""
+    rollout_actions.reject_version(
+        plan.model_name,
+        plan.candidate_version,
+        reason,
+        rollout_id=rollout_id,
+        db_url=plan.db_url,
+        tracking_uri=plan.tracking_uri,
     )
-    ledger.mark_rolled_back(rollout_id, reason, moves, db_url=plan.db_url)
     return plan.baseline_version
 
 
@@ -239,28 +355,74 @@ def abort_rollout(db_url: str | None, rollout_id: int, reason: str) -> bool:
 
 
 def promote_version(params: PromoteParams) -> tuple[AliasMove, ...]:
-    """Manual promotion (default: the challenger), recorded in the ledger."""
-
+    """Manual promotion (default: the challenger) behind the gates of :mod:`registry.guards`
+    (``force`` overrides them, never the integrity check), recorded in the ledger. Promoting the
+    candidate of a rollout whose every stage passed completes that rollout."""
     db.ensure_schema(params.db_url)
-    version = resolve_version(
-        params.model_name, params.version or "challenger", tracking_uri=params.tracking_uri
-    ).version
-    moves = promote(
-        params.model_name, version, reason=params.reason, tracking_uri=params.tracking_uri
+    name = params.model_name
+    rollout_actions.reconcile(name, db_url=params.db_url, tracking_uri=params.tracking_uri)
+    info = verified_version(name, params.version or "challenger", tracking_uri=params.tracking_uri)
+    version = info.version
+    current = aliases(name, tracking_uri=params.tracking_uri)
+    if current.get(Alias.CHAMPION.value) == version:
+        return ()  # already serving: nothing to gate, nothing to move
+    history = ledger.rollouts(name, db_url=params.db_url)
+    refusal = promote_refusal(
+        version,
+        info.tags.get(tag.OUTCOME),
+        history,
+        ledger.rollouts_passing_every_stage(name, db_url=params.db_url),
     )
-    ledger.record_alias_moves(moves, db_url=params.db_url)
-    return tuple(moves)
+    if refusal and not params.force:
+        raise ManualActionRefused(
+            f"promotion of {name} v{version} refused: {refusal}. "
+            "Rerun with --force --reason '…' to override (recorded in the ledger)."
+        )
+    reason = forced_reason(refusal, params.reason or "manual promotion")
+    active = next((r for r in history if r.active), None)
+    if active is not None and active.candidate_version != version:
+        ledger.mark_aborted(
+            active.id,
+            f"superseded by a manual promotion of v{version}: {reason}",
+            db_url=params.db_url,
+        )
+        active = None
+    return rollout_actions.promote_version(
+        name,
+        version,
+        reason,
+        rollout_id=active.id if active is not None else None,
+        db_url=params.db_url,
+        tracking_uri=params.tracking_uri,
+    )
 
 
 def rollback_version(params: RollbackParams) -> tuple[AliasMove, ...]:
-    """Put ``to_version`` (default: ``previous-champion``) back as champion, recorded in the ledger."""
-
+    """Put ``to_version`` (default: ``previous-champion``) back as champion behind
+    :func:`registry.guards.rollback_refusal` (``force`` overrides), recorded in the ledger."""
     db.ensure_schema(params.db_url)
-    moves = rollback(
-        params.model_name, params.to_version, reason=params.reason, tracking_uri=params.tracking_uri
+    name = params.model_name
+    rollout_actions.reconcile(name, db_url=params.db_url, tracking_uri=params.tracking_uri)
+    target = params.to_version
+    if target is None:
+        target = aliases(name, tracking_uri=params.tracking_uri).get(Alias.PREVIOUS_CHAMPION.value)
+    reason = params.reason
+    if target is not None:
+        info = resolve_version(name, target, tracking_uri=params.tracking_uri)
+        champion = aliases(name, tracking_uri=params.tracking_uri).get(Alias.CHAMPION.value)
+        if info.version != champion:
+            refusal = rollback_refusal(info.version, info.tags.get(tag.OUTCOME))
+            if refusal and not params.force:
+                raise ManualActionRefused(
+                    f"rollback of {name} to v{info.version} refused: {refusal}. "
+                    "Rerun with --force to override (recorded in the ledger)."
+                )
+            reason = forced_reason(refusal, reason)
+            if info.manifest_digest:  # wrong bytes never serve; a legacy version is let through
+                local_checkpoint(info, tracking_uri=params.tracking_uri)
+    return rollout_actions.rollback_to(
+        name, params.to_version, reason, db_url=params.db_url, tracking_uri=params.tracking_uri
     )
-    ledger.record_alias_moves(moves, db_url=params.db_url)
-    return tuple(moves)
 
 
 def canary_summary(

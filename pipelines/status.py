@@ -9,6 +9,7 @@ from __future__ import annotations
 from pipelines.results import ModelStatus, RolloutSummary
 from registry import db, ledger
 from registry.mlflow_registry import RegistryError, aliases
+from registry.url_redaction import redact_strings
 from registry.versions import version_summaries
 
 
@@ -27,7 +28,7 @@ def model_status(
         current = {}
     db.require_schema(db_url)
     recent = sorted(ledger.rollouts(model_name, db_url=db_url), key=lambda r: r.id, reverse=True)
-    return ModelStatus(
+    status = ModelStatus(
         model_name=model_name,
         aliases=current,
         versions=tuple(version_summaries(model_name, tracking_uri=tracking_uri)),
@@ -45,3 +46,5 @@ def model_status(
             for r in recent[:rollouts]
         ),
     )
+    # through the one URL redactor: version sources and rollout reasons may hold URLs
+    return ModelStatus.model_validate(redact_strings(status.model_dump(mode="json")))

@@ -39,6 +39,7 @@ from registry.aliases import Alias
 from registry.db import fp4roll_home, safe_url
 from registry.mlflow_registry import RegistrationMetrics, RegistrationRequest, default_tracking_uri
 from registry.prompt_logs import list_calibration_sets
+from registry.url_redaction import redact_urls
 from registry.versions import find_alias
 
 logger = logging.getLogger(__name__)
@@ -146,10 +147,14 @@ def sweep_partitions(group_names: Sequence[str], parts: int) -> list[list[str]]:
 # ----------------------------------------------------------------------------------- calibration
 
 
-def calibration_work_dir(params: RecalibrateParams, corpus_digest: str) -> str:
+def calibration_work_dir(params: RecalibrateParams, corpus_digest: str, source_dir: str) -> str:
     """The work folder of one calibration run, named by a hash of everything that decides its
-    results (the calibration set, the source model, the calibration config), so reruns resume."""
-    settings = {"source_model": params.source_model, **config_record(params.calibration)}
+    results (the calibration set, the source model's CONTENT — not its path, so a model changed in
+    place never reuses stale statistics, sweeps or checkpoints — and the calibration config), so
+    reruns resume."""
+    from pipelines.content_digest import folder_digest
+
+    settings = {"source_content": folder_digest(source_dir), **config_record(params.calibration)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return str(work_dir(params.model_name, f"{corpus_digest[:16]}-{key}"))
 
@@ -298,7 +303,7 @@ def run_url(tracking_uri: str | None, experiment_id: str, run_id: str) -> str:
 
     uri = tracking_uri or default_tracking_uri()
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return redact_urls(f"{base}/#/experiments/{experiment_id}/runs/{run_id}")
 
 
 def register_baseline(

@@ -25,6 +25,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from registry.url_redaction import redact_urls
+
 if TYPE_CHECKING:
     from alembic.config import Config
     from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -115,8 +117,9 @@ def resolve_url(url: str | URL | None = None) -> URL:
 
 
 def safe_url(url: str | URL | None = None) -> str:
-    """The URL with its password masked, for logs and messages."""
-    return resolve_url(url).render_as_string(hide_password=True)
+    """The URL with its credentials masked (:func:`registry.url_redaction.redact_urls`), for
+    logs and messages."""
+    return redact_urls(resolve_url(url).render_as_string(hide_password=False))
 
 
 def _configure_sqlite(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
@@ -148,7 +151,7 @@ def create_engine_for(url: str | URL | None = None) -> Engine:
             sa.event.listen(engine, "connect", lambda *_: secure_sqlite_file(path))
     else:
         engine = sa.create_engine(resolved, pool_pre_ping=True)
-    logger.debug("engine for %s", resolved.render_as_string(hide_password=True))
+    logger.debug("engine for %s", safe_url(resolved))
     return engine
 
 

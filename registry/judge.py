@@ -353,6 +353,49 @@ def judge_stage(
     return verdict
 
 
+#: Separator of per-route metric names in a combined verdict: ``route:code-help/task_quality``.
+ROUTE_METRIC_PREFIX = "route:"
+
+
+def route_metric_name(route: str, metric: str) -> str:
+    return f"{ROUTE_METRIC_PREFIX}{route}/{metric}"
+
+
+def judge_stage_with_routes(
+    pool: StageVerdict,
+    routes: Mapping[str, StageVerdict],
+) -> StageVerdict:
+    """The stage verdict from the pooled verdict and one verdict per route (judged with the
+    route's own policy and minimum samples, e.g. by :func:`judge_stage` on that route's samples).
+
+    * the pool fails → Fail (as before);
+    * any route fails → Fail, critical when that route's failure is critical: one route
+      regressing fails the stage even when the pool passes;
+    * a route without enough data is Inconclusive for that route only: recorded, never a pass for
+      it, but it does not hold the stage (small routes would otherwise stall every 1 % stage);
+    * otherwise the pool's outcome.
+    Route metrics join the verdict's ``metrics`` as ``route:<route>/<metric>`` rows (ledger rows).
+    """
+    failed = {name: v for name, v in routes.items() if v.outcome is Outcome.FAIL}
+    undecided = sorted(name for name, v in routes.items() if v.outcome is Outcome.INCONCLUSIVE)
+    metrics = list(pool.metrics)
+    for name, verdict in sorted(routes.items()):
+        metrics += [replace(m, metric=route_metric_name(name, m.metric)) for m in verdict.metrics]
+    outcome, reason, critical = pool.outcome, pool.reason, pool.critical_failure
+    if pool.outcome is not Outcome.FAIL and failed:
+        outcome = Outcome.FAIL
+        critical = any(v.critical_failure for v in failed.values())
+        reason = "route regression: " + "; ".join(
+            f"{name} ({', '.join(v.failed_metrics)}: {v.reason})"
+            for name, v in sorted(failed.items())
+        )
+    if undecided:
+        reason += f" [routes without enough data: {', '.join(undecided)}]"
+    return replace(
+        pool, outcome=outcome, reason=reason, critical_failure=critical, metrics=tuple(metrics)
+    )
+
+
 def decide(
     verdict: StageVerdict, progress: RolloutProgress, policy: GatePolicy | None = None
 ) -> tuple[Decision, RolloutProgress]:

@@ -23,6 +23,7 @@ import datetime as dt
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import sqlalchemy as sa
@@ -34,7 +35,16 @@ from registry.aliases import Alias
 from registry.aliases import AliasMove as AliasMoveRecord
 from registry.judge import Decision, Outcome, RolloutProgress
 from registry.judge import StageVerdict as JudgeVerdict
-from registry.schema import AliasMove, Rollout, RolloutStatus, StageResult, StageVerdict
+from registry.schema import (
+    AliasIntent,
+    AliasMove,
+    Rollout,
+    RolloutStatus,
+    StageResult,
+    StageVerdict,
+    TrafficWeight,
+)
+from registry.url_redaction import redact_urls
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +106,18 @@ class RolloutNotFoundError(LedgerError):
     pass
 
 
+class RolloutOwnedError(LedgerError):
+    """Another flow run owns the rollout and its heartbeat lease has not expired."""
+
+
+class PinMismatchError(LedgerError):
+    """A resume whose stages, gate policy or baseline differ from what the rollout pinned."""
+
+
+class LostOwnershipError(LedgerError):
+    """This run's lease expired and another run took the rollout over."""
+
+
 @dataclass(frozen=True)
 class RolloutRecord:
     id: int
@@ -110,6 +132,9 @@ class RolloutRecord:
     created_at: dt.datetime
     updated_at: dt.datetime
     finished_at: dt.datetime | None
+    owner: str | None = None
+    lease_expires_at: dt.datetime | None = None
+    gate_policy_hash: str | None = None
 
     @property
     def active(self) -> bool:
@@ -167,6 +192,7 @@ class ResumePoint:
     stage_index: int  # stage to (re-)analyse next
     progress: RolloutProgress
     promotion_pending: bool  # every stage passed; the promote step still has to run
+    rejection_pending: bool = False  # the last analysis decided rollback; reject still has to run
 
 
 def _rollout_record(row: Rollout) -> RolloutRecord:
@@ -183,6 +209,9 @@ def _rollout_record(row: Rollout) -> RolloutRecord:
         created_at=row.created_at,
         updated_at=row.updated_at,
         finished_at=row.finished_at,
+        owner=row.owner,
+        lease_expires_at=row.lease_expires_at,
+        gate_policy_hash=row.gate_policy_hash,
     )
 
 
@@ -248,9 +277,13 @@ def start_rollout(
     *,
     calibration_set_id: int | None = None,
     reason: str | None = None,
+    owner: str | None = None,
+    lease_seconds: float | None = None,
+    gate_policy_hash: str | None = None,
     db_url: str | None = None,
 ) -> RolloutRecord:
-    """Insert a ``running`` rollout at stage 0. The database refuses a second active rollout of
+    """Insert a ``running`` rollout at stage 0, owned by ``owner`` for ``lease_seconds`` (renewed
+    by :func:`heartbeat`), pinning its stages, baseline and ``gate_policy_hash``. The database refuses a second active rollout of
     the same model: that surfaces as :class:`RolloutConflictError` (naming the active one)."""
     if not model_name or not candidate_version:
         raise ValueError("model_name and candidate_version are required")
@@ -266,8 +299,15 @@ def start_rollout(
                 status=RolloutStatus.running,
                 stages=stage_list,
                 current_stage=0,
-                reason=reason,
+                reason=None if reason is None else redact_urls(reason),
                 calibration_set_id=calibration_set_id,
+                owner=owner,
+                lease_expires_at=(
+                    None
+                    if owner is None or lease_seconds is None
+                    else db_now() + dt.timedelta(seconds=lease_seconds)
+                ),
+                gate_policy_hash=gate_policy_hash,
             )
             session.add(row)
             session.flush()
@@ -312,7 +352,7 @@ def _transition(
     now = db_now()
     update: dict[str, Any] = {"status": target, "updated_at": now, **(values or {})}
     if reason is not None:
-        update["reason"] = reason
+        update["reason"] = redact_urls(reason)  # exception text may hold a URL with credentials
     if target in TERMINAL:
         update["finished_at"] = now
     result = session.execute(
@@ -361,14 +401,17 @@ def record_stage_result(
     verdict: JudgeVerdict,
     decision: Decision | None = None,
     *,
+    owner: str | None = None,
     db_url: str | None = None,
 ) -> list[StageResultRecord]:
     """Store one stage analysis (one row per metric, stage outcome/score/decision in ``details``).
 
-    Preconditions: the rollout is active and ``verdict.stage_index`` is its current stage.
+    Preconditions: the rollout is active, ``verdict.stage_index`` is its current stage and, when
+    ``owner`` is given, the rollout is still owned by it (:class:`LostOwnershipError` otherwise).
     """
     with db.session_scope(db_url) as session:
         row = _get(session, rollout_id)
+        _require_owner(row, owner)
         status = RolloutStatus(row.status)
         if status not in ACTIVE:
             raise IllegalTransitionError(
@@ -430,11 +473,22 @@ def _last_analysis_outcome(session: Session, rollout_id: int, stage: int) -> Out
     return Outcome(rows[0].details["stage_outcome"]) if rows else None
 
 
-def advance(rollout_id: int, *, db_url: str | None = None) -> RolloutRecord:
+def _require_owner(row: Rollout, owner: str | None) -> None:
+    if owner is not None and row.owner is not None and row.owner != owner:
+        raise LostOwnershipError(
+            f"rollout {row.id} is now owned by {row.owner!r}, not {owner!r}: this run's lease "
+            "expired and another run took it over"
+        )
+
+
+def advance(
+    rollout_id: int, *, owner: str | None = None, db_url: str | None = None
+) -> RolloutRecord:
     """Move a running rollout to its next stage. Precondition: the latest analysis of the current
     stage passed and it is not the last stage (the last stage ends in :func:`mark_promoted`)."""
     with db.session_scope(db_url) as session:
         row = _get(session, rollout_id)
+        _require_owner(row, owner)
         status = RolloutStatus(row.status)
         if status is not RolloutStatus.running:
             raise IllegalTransitionError(f"rollout {rollout_id} is {status.value}, not running")
@@ -468,7 +522,7 @@ def _add_alias_moves(
             alias=Alias(move.alias).value,
             from_version=move.from_version,
             to_version=move.to_version,
-            reason=move.reason,
+            reason=redact_urls(move.reason),
             rollout_id=rollout_id,
             created_at=move.moved_at,
         )
@@ -580,6 +634,21 @@ def rollouts(model_name: str, *, db_url: str | None = None) -> list[RolloutRecor
         return [_rollout_record(r) for r in rows]
 
 
+def rollouts_passing_every_stage(model_name: str, *, db_url: str | None = None) -> list[int]:
+    """Ids of the model's rollouts that reached their last stage and whose latest analysis of it
+    passed (promoted, or awaiting promotion)."""
+    passed: list[int] = []
+    with db.session_scope(db_url) as session:
+        rows = session.scalars(sa.select(Rollout).where(Rollout.model_name == model_name)).all()
+        for row in rows:
+            last = len(row.stages) - 1
+            if row.current_stage == last and (
+                _last_analysis_outcome(session, row.id, last) is Outcome.PASS
+            ):
+                passed.append(row.id)
+    return passed
+
+
 def stage_results(rollout_id: int, *, db_url: str | None = None) -> list[StageResultRecord]:
     with db.session_scope(db_url) as session:
         rows = session.scalars(
@@ -677,6 +746,13 @@ def resume_or_abort(
         rollout = resume(rollout.id, db_url=db_url)
     with db.session_scope(db_url) as session:
         last = _last_analysis_outcome(session, rollout.id, rollout.current_stage)
+        rows = session.scalars(
+            sa.select(StageResult.details)
+            .where(StageResult.rollout_id == rollout.id)
+            .order_by(StageResult.id.desc())
+            .limit(1)
+        ).all()
+    rejection_pending = bool(rows) and (rows[0] or {}).get("decision") == Decision.ROLLBACK.value
     promotion_pending = False
     if last is Outcome.PASS and rollout.status is RolloutStatus.running:
         if rollout.on_last_stage:
@@ -696,4 +772,364 @@ def resume_or_abort(
         stage_index=rollout.current_stage,
         progress=progress(rollout.id, db_url=db_url),
         promotion_pending=promotion_pending,
+        rejection_pending=rejection_pending,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Ownership: one flow run drives a rollout, under a heartbeat lease
+
+
+@dataclass(frozen=True)
+class Pins:
+    """What a rollout fixes at creation; a resume must present the same."""
+
+    candidate_version: str
+    baseline_version: str | None
+    stages: tuple[float, ...]
+    gate_policy_hash: str | None
+
+
+def pin_differences(rollout: RolloutRecord, pins: Pins) -> list[str]:
+    """Human-readable differences between a rollout's pins and ``pins`` (empty: the same)."""
+    differences = []
+    if rollout.candidate_version != pins.candidate_version:
+        differences.append(
+            f"candidate v{pins.candidate_version} != pinned v{rollout.candidate_version}"
+        )
+    if rollout.baseline_version != pins.baseline_version:
+        differences.append(
+            f"baseline v{pins.baseline_version} != pinned v{rollout.baseline_version}"
+        )
+    if tuple(float(s) for s in pins.stages) != rollout.stages:
+        differences.append(f"stages {list(pins.stages)} != pinned {list(rollout.stages)}")
+    if rollout.gate_policy_hash is not None and pins.gate_policy_hash != rollout.gate_policy_hash:
+        differences.append(
+            f"gate policy {str(pins.gate_policy_hash)[:12]} != pinned {rollout.gate_policy_hash[:12]}"
+        )
+    return differences
+
+
+def lease_alive(rollout: RolloutRecord, now: dt.datetime | None = None) -> bool:
+    return (
+        rollout.owner is not None
+        and rollout.lease_expires_at is not None
+        and rollout.lease_expires_at > (now or db_now())
+    )
+
+
+def claim(
+    rollout_id: int,
+    owner: str,
+    lease_seconds: float,
+    pins: Pins,
+    *,
+    db_url: str | None = None,
+) -> RolloutRecord:
+    """Take (or keep) ownership of an active rollout to resume it.
+
+    Refused with :class:`RolloutOwnedError` while another owner's lease lives; with
+    :class:`PinMismatchError` (naming each difference) when ``pins`` differ from the rollout's. The
+    update is conditional on the owner and lease read, so two runs cannot both take it over."""
+    if not owner:
+        raise ValueError("an owner is required")
+    with db.session_scope(db_url) as session:
+        row = _get(session, rollout_id)
+        record = _rollout_record(row)
+        if record.status not in ACTIVE:
+            raise IllegalTransitionError(f"rollout {rollout_id} is {record.status.value}")
+        now = db_now()
+        if record.owner != owner and lease_alive(record, now):
+            raise RolloutOwnedError(
+                f"rollout {rollout_id} of {record.model_name} (candidate "
+                f"v{record.candidate_version}) is owned by {record.owner!r} until "
+                f"{record.lease_expires_at.isoformat(timespec='seconds')} (heartbeat lease): "
+                "refusing a second driver; rerun after the lease expires"
+            )
+        differences = pin_differences(record, pins)
+        if differences:
+            raise PinMismatchError(
+                f"rollout {rollout_id} cannot be resumed with different settings: "
+                + "; ".join(differences)
+                + ". Finish or abort it, or resume with its pinned settings."
+            )
+        result = session.execute(
+            sa.update(Rollout)
+            .where(
+                Rollout.id == rollout_id,
+                Rollout.owner.is_(None) if record.owner is None else Rollout.owner == record.owner,
+                Rollout.lease_expires_at.is_(None)
+                if record.lease_expires_at is None
+                else Rollout.lease_expires_at == record.lease_expires_at,
+            )
+            .values(owner=owner, lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:
+            raise RolloutOwnedError(f"rollout {rollout_id} was claimed concurrently")
+        if record.owner != owner:
+            logger.warning(
+                "rollout %d taken over by %s (lease of %s expired)", rollout_id, owner, record.owner
+            )
+        return _rollout_record(_get(session, rollout_id))
+
+
+def heartbeat(
+    rollout_id: int, owner: str, lease_seconds: float, *, db_url: str | None = None
+) -> dt.datetime:
+    """Renew ``owner``'s lease; :class:`LostOwnershipError` when another run owns it now."""
+    expires = db_now() + dt.timedelta(seconds=lease_seconds)
+    with db.session_scope(db_url) as session:
+        result = session.execute(
+            sa.update(Rollout)
+            .where(Rollout.id == rollout_id, Rollout.owner == owner)
+            .values(lease_expires_at=expires)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:
+            raise LostOwnershipError(f"rollout {rollout_id} is no longer owned by {owner!r}")
+    return expires
+
+
+# --------------------------------------------------------------------------------------------
+# Crash-consistent alias moves: intent first, moves, then one transaction records them
+
+ALIASES = tuple(a.value for a in Alias)
+
+
+@dataclass(frozen=True)
+class IntentRecord:
+    id: int
+    model_name: str
+    action: str  # promote | reject | rollback
+    version: str | None
+    rollout_id: int | None
+    reason: str
+    before: dict[str, str]
+    created_at: dt.datetime
+    completed_at: dt.datetime | None
+
+
+def _intent_record(row: AliasIntent) -> IntentRecord:
+    return IntentRecord(
+        id=row.id,
+        model_name=row.model_name,
+        action=row.action,
+        version=row.version,
+        rollout_id=row.rollout_id,
+        reason=row.reason,
+        before=dict(row.before or {}),
+        created_at=row.created_at,
+        completed_at=row.completed_at,
+    )
+
+
+def begin_intent(
+    model_name: str,
+    action: str,
+    version: str | None,
+    reason: str,
+    before: Mapping[str, str],
+    *,
+    rollout_id: int | None = None,
+    db_url: str | None = None,
+) -> IntentRecord:
+    """Record an alias action before any alias moves. The database allows one open intent per
+    model: a second one raises :class:`LedgerError` (reconcile the open one first)."""
+    _require_reason(reason)
+    try:
+        with db.session_scope(db_url) as session:
+            row = AliasIntent(
+                model_name=model_name,
+                action=action,
+                version=version,
+                rollout_id=rollout_id,
+                reason=redact_urls(reason),
+                before={k: str(v) for k, v in before.items() if k in ALIASES},
+            )
+            session.add(row)
+            session.flush()
+            return _intent_record(row)
+    except IntegrityError as exc:
+        raise LedgerError(f"{model_name} has an open alias intent: reconcile it first") from exc
+
+
+def open_intent(model_name: str, *, db_url: str | None = None) -> IntentRecord | None:
+    with db.session_scope(db_url) as session:
+        row = session.scalars(
+            sa.select(AliasIntent).where(
+                AliasIntent.model_name == model_name, AliasIntent.completed_at.is_(None)
+            )
+        ).first()
+        return _intent_record(row) if row is not None else None
+
+
+def latest_intent(model_name: str, *, db_url: str | None = None) -> IntentRecord | None:
+    """The model's most recent alias intent (open or closed)."""
+    with db.session_scope(db_url) as session:
+        row = session.scalars(
+            sa.select(AliasIntent)
+            .where(AliasIntent.model_name == model_name)
+            .order_by(AliasIntent.id.desc())
+            .limit(1)
+        ).first()
+        return _intent_record(row) if row is not None else None
+
+
+def moves_after(model_name: str, moment: dt.datetime, *, db_url: str | None = None) -> int:
+    """How many alias moves of the model were recorded after ``moment``."""
+    with db.session_scope(db_url) as session:
+        return session.scalar(
+            sa.select(sa.func.count())
+            .select_from(AliasMove)
+            .where(AliasMove.model_name == model_name, AliasMove.created_at > moment)
+        )
+
+
+def complete_intent(
+    intent_id: int, after: Mapping[str, str], *, db_url: str | None = None
+) -> list[AliasMoveRow]:
+    """One transaction: record every alias that differs between the intent's ``before`` and
+    ``after`` (the aliases now; so moves made by an attempt that crashed are recorded too, exactly
+    once), finish the intent's rollout (promote → promoted, reject → rolled_back) and close the
+    intent. Idempotent: a closed intent records nothing."""
+    with db.session_scope(db_url) as session:
+        row = session.get(AliasIntent, intent_id, populate_existing=True)
+        if row is None:
+            raise LedgerError(f"no alias intent {intent_id}")
+        if row.completed_at is not None:
+            return []
+        moves = [
+            AliasMoveRecord(
+                model_name=row.model_name,
+                alias=Alias(alias),
+                from_version=row.before.get(alias),
+                to_version=after.get(alias),
+                reason=row.reason,
+            )
+            for alias in ALIASES
+            if row.before.get(alias) != after.get(alias)
+        ]
+        added = _add_alias_moves(session, moves, row.rollout_id)
+        if row.rollout_id is not None:
+            rollout = _get(session, row.rollout_id)
+            status = RolloutStatus(rollout.status)
+            if status in ACTIVE:
+                if row.action == "promote":
+                    if status is not RolloutStatus.running:
+                        _transition(session, rollout.id, RolloutStatus.running)
+                    _transition(session, rollout.id, RolloutStatus.promoted, reason=row.reason)
+                elif row.action == "reject":
+                    _transition(session, rollout.id, RolloutStatus.rolled_back, reason=row.reason)
+        row.completed_at = db_now()
+        session.flush()
+        return [_alias_record(r) for r in added]
+
+
+def ledger_aliases(model_name: str, *, db_url: str | None = None) -> dict[str, str]:
+    """Alias → version as the ledger's alias moves say (the latest move of each alias)."""
+    view: dict[str, str] = {}
+    for move in alias_moves(model_name, db_url=db_url):
+        if move.to_version is None:
+            view.pop(move.alias, None)
+        else:
+            view[move.alias] = move.to_version
+    return view
+
+
+def record_alias_drift(
+    model_name: str, mlflow_aliases: Mapping[str, str], *, db_url: str | None = None
+) -> list[AliasMoveRow]:
+    """Record a move for every alias where MLflow differs from the ledger's view (an alias moved
+    outside fp4roll, or history lost before intents existed), so the history matches what serves."""
+    view = ledger_aliases(model_name, db_url=db_url)
+    moves = [
+        AliasMoveRecord(
+            model_name=model_name,
+            alias=Alias(alias),
+            from_version=view.get(alias),
+            to_version=mlflow_aliases.get(alias),
+            reason="reconciled: MLflow alias differs from the ledger (moved outside fp4roll?)",
+        )
+        for alias in ALIASES
+        if view.get(alias) != mlflow_aliases.get(alias)
+    ]
+    return record_alias_moves(moves, db_url=db_url) if moves else []
+
+
+# --------------------------------------------------------------------------------------- traffic weights
+
+
+class WeightPhase(str, Enum):
+    """``intent``: written before the gateway is asked; ``applied``: the weight read back after."""
+
+    INTENT = "intent"
+    APPLIED = "applied"
+
+
+@dataclass(frozen=True)
+class TrafficWeightRecord:
+    rollout_id: int
+    stage: int | None
+    candidate_percent: float
+    phase: WeightPhase
+    router: str
+    reason: str | None
+    created_at: dt.datetime
+
+
+def record_weight(
+    rollout_id: int,
+    candidate_percent: float,
+    phase: WeightPhase,
+    *,
+    router: str,
+    stage: int | None = None,
+    reason: str | None = None,
+    db_url: str | None = None,
+) -> TrafficWeightRecord:
+    """Journal a gateway weight change of ``rollout_id`` (any status: a rollback's weight 0 is
+    recorded after the rollout ended)."""
+    if not 0.0 <= candidate_percent <= 100.0:
+        raise LedgerError(f"candidate_percent must lie in [0, 100], got {candidate_percent}")
+    with db.session_scope(db_url) as session:
+        _get(session, rollout_id)
+        row = TrafficWeight(
+            rollout_id=rollout_id,
+            stage=stage,
+            candidate_percent=float(candidate_percent),
+            phase=WeightPhase(phase).value,
+            router=router,
+            reason=reason,
+        )
+        session.add(row)
+        session.flush()
+        return _weight_record(row)
+
+
+def _weight_record(row: TrafficWeight) -> TrafficWeightRecord:
+    return TrafficWeightRecord(
+        rollout_id=row.rollout_id,
+        stage=row.stage,
+        candidate_percent=row.candidate_percent,
+        phase=WeightPhase(row.phase),
+        router=row.router,
+        reason=row.reason,
+        created_at=row.created_at,
+    )
+
+
+def traffic_weights(rollout_id: int, *, db_url: str | None = None) -> list[TrafficWeightRecord]:
+    """Every weight journal row of ``rollout_id``, oldest first."""
+    with db.session_scope(db_url) as session:
+        rows = session.scalars(
+            sa.select(TrafficWeight)
+            .where(TrafficWeight.rollout_id == rollout_id)
+            .order_by(TrafficWeight.id)
+        )
+        return [_weight_record(r) for r in rows]
+
+
+def last_weight(rollout_id: int, *, db_url: str | None = None) -> TrafficWeightRecord | None:
+    rows = traffic_weights(rollout_id, db_url=db_url)
+    return rows[-1] if rows else None

@@ -43,6 +43,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from registry import tags as tag
 from registry.aliases import Alias, AliasMove, VersionOutcome
 from registry.db import fp4roll_home
+from registry.faults import crash_point
+from registry.integrity import (
+    MANIFEST_ARTIFACT,
+    Manifest,
+    build_manifest,
+    manifest_digest,
+    manifest_document,
+    verify_folder,
+)
+from registry.url_redaction import redact_urls
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -58,11 +68,6 @@ _MAX_PARAM_LENGTH = 6000  # MLflow 3 limit for a param value
 _MAX_TAG_LENGTH = 8000
 _MLFLOW_DIGEST_LENGTH = 36  # datasets.digest is VARCHAR(36) in MLflow's SQL store
 
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
-_SECRET_QUERY = re.compile(
-    r"(?P<key>[?&;](?:password|passwd|pwd|token|secret|api[_-]?key|access[_-]?key|sig)=)[^&;\s]*",
-    re.IGNORECASE,
-)
 _METRIC_NAME_BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
@@ -71,9 +76,9 @@ class RegistryError(RuntimeError):
 
 
 def redact(text: str) -> str:
-    """``text`` with URL user-info and secret query values replaced by ``***``."""
-    text = _URL_USERINFO.sub(r"\g<scheme>***@", text)
-    return _SECRET_QUERY.sub(r"\g<key>***", text)
+    """``text`` with URL user-info and secret query values replaced by ``***``
+    (:func:`registry.url_redaction.redact_urls`)."""
+    return redact_urls(text)
 
 
 def sanitize_metric_name(name: str) -> str:
@@ -292,9 +297,10 @@ def _metrics(request: RegistrationRequest) -> dict[str, float]:
     return metrics
 
 
-def _version_tags(request: RegistrationRequest, key: str) -> dict[str, str]:
+def _version_tags(request: RegistrationRequest, key: str, manifest: Manifest) -> dict[str, str]:
     tags = {
         tag.IDEMPOTENCY_KEY: key,
+        tag.CHECKPOINT_SHA256: manifest_digest(manifest),
         tag.CORPUS_DIGEST: request.corpus_digest,
         tag.FALLBACK_LAYERS: json.dumps(sorted(request.fallback_layers)),
         tag.SCHEME: request.scheme,
@@ -402,8 +408,37 @@ def _log_lineage(client: MlflowClient, run_id: str, request: RegistrationRequest
     client.log_inputs(run_id, datasets=[dataset_input])
 
 
-def _log_artifacts(client: MlflowClient, run_id: str, request: RegistrationRequest) -> None:
-    client.log_artifacts(run_id, str(request.checkpoint_dir), CHECKPOINT_ARTIFACT_PATH)
+def log_checkpoint(
+    client: MlflowClient, run_id: str, checkpoint_dir: Path, manifest: Manifest
+) -> None:
+    """Upload ``checkpoint_dir`` as the run's checkpoint and its manifest beside it; on a local
+    artifact store, verify the uploaded copy against the manifest (a partial copy is refused)."""
+    client.log_text(run_id, json.dumps(manifest_document(manifest), indent=2), MANIFEST_ARTIFACT)
+    client.log_artifacts(run_id, str(checkpoint_dir), CHECKPOINT_ARTIFACT_PATH)
+    uploaded = _local_artifact_dir(client.get_run(run_id).info.artifact_uri)
+    if uploaded is not None:
+        verify_folder(
+            uploaded / CHECKPOINT_ARTIFACT_PATH,
+            manifest_digest(manifest),
+            label=f"upload of {checkpoint_dir}",
+            expected_manifest=manifest,
+        )
+
+
+def _local_artifact_dir(artifact_uri: str) -> Path | None:
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme not in ("", "file"):
+        return None
+    path = Path(unquote(parsed.path) if parsed.scheme else artifact_uri)
+    return path if path.is_dir() else None
+
+
+def _log_artifacts(
+    client: MlflowClient, run_id: str, request: RegistrationRequest, manifest: Manifest
+) -> None:
+    log_checkpoint(client, run_id, request.checkpoint_dir, manifest)
     if request.calibration_json is not None:
         # always stored as ``calibration.json`` beside the checkpoint, whatever the local name
         with tempfile.TemporaryDirectory(prefix="fp4roll-calibration-") as staging:
@@ -430,7 +465,11 @@ def table_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
 
 
 def _create_run(
-    client: MlflowClient, experiment_id: str, request: RegistrationRequest, key: str
+    client: MlflowClient,
+    experiment_id: str,
+    request: RegistrationRequest,
+    key: str,
+    manifest: Manifest,
 ) -> str:
     from mlflow.entities import Metric, Param, RunTag
 
@@ -454,10 +493,14 @@ def _create_run(
             )
         client.log_batch(
             run_id,
-            tags=[RunTag(k, v) for k, v in _version_tags(request, key).items() if k != tag.OUTCOME],
+            tags=[
+                RunTag(k, v)
+                for k, v in _version_tags(request, key, manifest).items()
+                if k != tag.OUTCOME
+            ],
         )
         _log_lineage(client, run_id, request)
-        _log_artifacts(client, run_id, request)
+        _log_artifacts(client, run_id, request, manifest)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -475,6 +518,7 @@ def register(
     created) is reused instead of logging a second run.
     """
     client, uri = client_for(tracking_uri)
+    manifest = build_manifest(request.checkpoint_dir)
     key = idempotency_key(request)
     name = request.model_name
     ensure_registered_model(client, name)
@@ -497,14 +541,14 @@ def register(
         run_id = run.info.run_id
         logger.info("reusing finished run %s for %s (key %s)", run_id, name, key)
     else:
-        run_id = _create_run(client, experiment_id, request, key)
+        run_id = _create_run(client, experiment_id, request, key, manifest)
     artifact_uri = client.get_run(run_id).info.artifact_uri.rstrip("/")
     source = f"{artifact_uri}/{CHECKPOINT_ARTIFACT_PATH}"
     version = client.create_model_version(
         name,
         source=source,
         run_id=run_id,
-        tags=_version_tags(request, key),
+        tags=_version_tags(request, key, manifest),
         description=redact(
             f"{request.scheme} checkpoint of {request.source_model}, corpus "
             f"{request.corpus_digest[:12]}, {len(request.fallback_layers)} fallback layers"
@@ -576,10 +620,12 @@ def move_alias(
     from_version = current.get(alias.value)
     if from_version == to_version:
         return
+    crash_point(f"move:before:{alias.value}")
     if to_version is None:
         client.delete_registered_model_alias(model_name, alias.value)
     else:
         client.set_registered_model_alias(model_name, alias.value, to_version)
+    crash_point(f"move:after:{alias.value}")
     moves.append(
         AliasMove(
             model_name=model_name,
@@ -611,39 +657,54 @@ def promote(
     *,
     reason: str = "canary passed",
     tracking_uri: str | None = None,
+    before: Mapping[str, str] | None = None,
 ) -> tuple[AliasMove, ...]:
     """Make ``version`` the champion; the old champion becomes ``previous-champion``; the
-    ``challenger`` alias is removed if it pointed at ``version``. Idempotent: promoting the current
-    champion moves nothing and returns ``()``."""
+    ``challenger`` alias is removed if it pointed at ``version``.
+
+    ``before``: the aliases when the promotion was decided (its ledger intent). Given, a retry after
+    a crash anywhere midway completes the SAME promotion: the old champion and the
+    ``previous_champion_before`` tag come from ``before``, never from a half-moved state, so a retry
+    cannot overwrite them; every step is idempotent (aliases already in place are not moved, tags
+    already written are kept). Without it the current aliases are used, and promoting the current
+    champion moves nothing. Returns the moves made by this call."""
     client, _ = client_for(tracking_uri)
     version = str(version)
     _require_version(client, model_name, version)
     current = _aliases(client, model_name)
+    decided = dict(before) if before is not None else current
     moves: list[AliasMove] = []
-    old_champion = current.get(Alias.CHAMPION.value)
-    if old_champion != version:
-        # remember what previous-champion was, so a rollback restores the state exactly
-        _tag(
-            client,
-            model_name,
-            version,
-            {tag.PREVIOUS_CHAMPION_BEFORE: current.get(Alias.PREVIOUS_CHAMPION.value) or ""},
-        )
+    old_champion = decided.get(Alias.CHAMPION.value)
+    if old_champion != version and (
+        before is not None or current.get(Alias.CHAMPION.value) != version
+    ):
+        tags = client.get_model_version(model_name, version).tags
+        promoted = tags.get(tag.OUTCOME) == VersionOutcome.PROMOTED.value
+        if not promoted:
+            # remember what previous-champion was, so a rollback restores the state exactly
+            _tag(
+                client,
+                model_name,
+                version,
+                {tag.PREVIOUS_CHAMPION_BEFORE: decided.get(Alias.PREVIOUS_CHAMPION.value) or ""},
+            )
         if old_champion is not None:
             move_alias(
                 client, model_name, Alias.PREVIOUS_CHAMPION, current, old_champion, reason, moves
             )
         move_alias(client, model_name, Alias.CHAMPION, current, version, reason, moves)
-        _tag(
-            client,
-            model_name,
-            version,
-            {
-                tag.OUTCOME: VersionOutcome.PROMOTED.value,
-                tag.PROMOTED_AT: _now(),
-                tag.PROMOTE_REASON: reason,
-            },
-        )
+        if not promoted:
+            _tag(
+                client,
+                model_name,
+                version,
+                {
+                    tag.OUTCOME: VersionOutcome.PROMOTED.value,
+                    tag.PROMOTED_AT: _now(),
+                    tag.PROMOTE_REASON: reason,
+                },
+            )
+            crash_point("tags:after-outcome")
         if old_champion is not None:
             _tag(
                 client,
@@ -662,39 +723,46 @@ def rollback(
     *,
     reason: str,
     tracking_uri: str | None = None,
+    before: Mapping[str, str] | None = None,
 ) -> tuple[AliasMove, ...]:
     """Put ``to_version`` (default: ``previous-champion``) back as champion.
 
     The rolled-back champion is tagged ``rolled_back`` with ``reason``; ``previous-champion`` is
     restored to what it was before that champion's promotion, so promote-then-rollback leaves
-    ``champion`` and ``previous-champion`` exactly as they were. Idempotent: when the champion was
-    put in place by a rollback (tag ``fp4roll.outcome=restored``) a default call only completes
-    that rollback (after a crash) and otherwise moves nothing; to go further back, name
-    ``to_version``. Returns the alias moves made (``()`` when none).
+    ``champion`` and ``previous-champion`` exactly as they were. ``before`` (the aliases when the
+    rollback was decided, its ledger intent): a retry completes the same rollback. Without it:
+    idempotent too — when the champion was put in place by a rollback (tag
+    ``fp4roll.outcome=restored``) a default call only completes that rollback (after a crash) and
+    otherwise moves nothing; to go further back, name ``to_version``. Returns the moves made.
     """
     if not reason or not reason.strip():
         raise ValueError("rollback needs a reason")
     client, _ = client_for(tracking_uri)
     current = _aliases(client, model_name)
-    champion = current.get(Alias.CHAMPION.value)
     moves: list[AliasMove] = []
-    if champion is not None and (to_version is None or str(to_version) == champion):
-        champion_tags = client.get_model_version(model_name, champion).tags
-        if champion_tags.get(tag.OUTCOME) == VersionOutcome.RESTORED.value:
-            _finish_rollback(client, model_name, champion, champion_tags, current, moves)
-            return tuple(moves)
-        if to_version is not None:
-            return ()  # already the champion, nothing to undo
-    target = (
-        str(to_version) if to_version is not None else current.get(Alias.PREVIOUS_CHAMPION.value)
-    )
+    if before is not None:
+        champion = before.get(Alias.CHAMPION.value)
+        previous_now = before.get(Alias.PREVIOUS_CHAMPION.value)
+    else:
+        champion = current.get(Alias.CHAMPION.value)
+        previous_now = current.get(Alias.PREVIOUS_CHAMPION.value)
+        if champion is not None and (to_version is None or str(to_version) == champion):
+            champion_tags = client.get_model_version(model_name, champion).tags
+            if champion_tags.get(tag.OUTCOME) == VersionOutcome.RESTORED.value:
+                _finish_rollback(client, model_name, champion, champion_tags, current, moves)
+                return tuple(moves)
+            if to_version is not None:
+                return ()  # already the champion, nothing to undo
+    target = str(to_version) if to_version is not None else previous_now
     if target is None:
         raise RegistryError(f"{model_name}: no previous-champion to roll back to")
+    if target == champion:
+        return ()
     _require_version(client, model_name, target)
-    previous_after = current.get(Alias.PREVIOUS_CHAMPION.value)
-    if champion is not None and target == previous_after:
-        before = client.get_model_version(model_name, champion).tags
-        previous_after = before.get(tag.PREVIOUS_CHAMPION_BEFORE) or None
+    previous_after = previous_now
+    if champion is not None and target == previous_now:
+        champion_tags = client.get_model_version(model_name, champion).tags
+        previous_after = champion_tags.get(tag.PREVIOUS_CHAMPION_BEFORE) or None
     # the target's tags record the whole rollback first, so a crash midway can be completed
     target_tags = {
         tag.OUTCOME: VersionOutcome.RESTORED.value,
@@ -703,7 +771,12 @@ def rollback(
         tag.RESTORED_AT: _now(),
         tag.ROLLBACK_REASON: reason,
     }
-    _tag(client, model_name, target, target_tags)
+    existing = client.get_model_version(model_name, target).tags
+    if not (
+        existing.get(tag.OUTCOME) == VersionOutcome.RESTORED.value
+        and existing.get(tag.RESTORED_FROM) == (champion or "")
+    ):
+        _tag(client, model_name, target, target_tags)
     move_alias(client, model_name, Alias.CHAMPION, current, target, reason, moves)
     _finish_rollback(client, model_name, target, target_tags, current, moves)
     return tuple(moves)
@@ -761,6 +834,7 @@ def reject_challenger(
         version,
         {tag.OUTCOME: VersionOutcome.REJECTED.value, tag.REJECT_REASON: reason},
     )
+    crash_point("tags:after-outcome")
     return tuple(moves)
 
 

@@ -12,6 +12,7 @@ Defaults follow DESIGN.md "Gates":
 * latency: Mann–Whitney U on per-request latency; a significant p99 regression of ≥ 1.2× fails the
   metric (the stage does not pass, so no promotion), ≥ 1.5× is a critical failure (roll back);
 * outlier fallback rate < 0.5 % of tokens (critical);
+* error rate: failed requests are counted (1 per failed request, never NaN), > 1 % is critical;
 * at least ``min_samples`` samples per side and metric, otherwise Inconclusive, never Pass;
 * staged plan 1 % → 10 % → 50 % → 100 % with a failure limit and an inconclusive limit
   (Flagger ``threshold`` / Argo Rollouts ``failureLimit`` / ``inconclusiveLimit``).
@@ -39,6 +40,7 @@ class Metric(str, Enum):
     KL_MEAN = "kl_mean"
     KL_P99 = "kl_p99"
     OUTLIER_FALLBACK_RATE = "outlier_fallback_rate"
+    ERROR_RATE = "error_rate"  # 1.0 per failed request of a side, never NaN
 
 
 class Direction(str, Enum):
@@ -258,6 +260,83 @@ def default_metric_gates() -> tuple[MetricGate, ...]:
             direction=Direction.LOWER_IS_BETTER,
             comparison=Comparison.CANDIDATE_ONLY,
             ceiling=0.005,
+            critical=True,
+        ),
+        error_rate_gate(),
+    )
+
+
+#: Share of the candidate's requests that may fail (after bounded retries) before the stage fails.
+DEFAULT_MAX_ERROR_RATE = 0.01
+
+
+def error_rate_gate(max_error_rate: float = DEFAULT_MAX_ERROR_RATE) -> MetricGate:
+    """Failed requests, counted: samples are 1.0 (the candidate's side of the request failed) or
+    0.0 per request, never NaN, so a failed request can never be dropped as missing data. The mean
+    is the candidate's error rate; above ``max_error_rate`` is a critical failure (roll back)."""
+    return MetricGate(
+        name=Metric.ERROR_RATE.value,
+        direction=Direction.LOWER_IS_BETTER,
+        comparison=Comparison.CANDIDATE_ONLY,
+        statistic=Statistic.MEAN,
+        ceiling=max_error_rate,
+        critical=True,
+    )
+
+
+def endpoint_metric_gates() -> tuple[MetricGate, ...]:
+    """Gates only an endpoint evaluator can feed (streamed generations of both sides); added to
+    :func:`default_metric_gates` when the canary mirrors traffic to real endpoints.
+
+    * ``ttft_ms`` / ``tpot_ms``: time to first token and per output token, p99, the latency rule
+      (significant ≥ 1.2× fails, ≥ 1.5× critical) like ``latency_ms``;
+    * ``task_quality``: per-request 1/0 "the answer is usable for its route family" (valid JSON for
+      extraction, code that parses for code, a non-empty non-refusal answer otherwise); a
+      significant drop of more than 1 point (0.01) against the baseline is critical (the seeds'
+      "quality drop > 1 % ⇒ rollback", judged per route);
+    * ``refusal_rate`` / ``empty_rate``: significant rise of more than 1 point fails (critical);
+    * ``task_agreement``: field / label agreement with the baseline's answer (extraction and
+      classification routes only), floor 0.5; ``answer_flip``: share of requests whose extracted
+      answer differs from the baseline's, ceiling 0.5. Their floors/ceilings stay loose because the
+      A/A greedy exact-match on llama.cpp is 0.75 (README "Canary gates").
+    """
+    latency = dict(
+        direction=Direction.LOWER_IS_BETTER,
+        statistic=Statistic.P99,
+        effect=Effect.RATIO,
+        max_effect=1.2,
+        critical_effect=1.5,
+        require_significance=True,
+    )
+    drop = dict(
+        comparison=Comparison.TWO_SAMPLE,
+        statistic=Statistic.MEAN,
+        effect=Effect.DIFFERENCE,
+        critical=True,
+        require_significance=True,
+    )
+    return (
+        MetricGate(name="ttft_ms", **latency),
+        MetricGate(name="tpot_ms", **latency),
+        MetricGate(
+            name="task_quality", direction=Direction.HIGHER_IS_BETTER, max_effect=-0.01, **drop
+        ),
+        MetricGate(
+            name="refusal_rate", direction=Direction.LOWER_IS_BETTER, max_effect=0.01, **drop
+        ),
+        MetricGate(name="empty_rate", direction=Direction.LOWER_IS_BETTER, max_effect=0.01, **drop),
+        MetricGate(
+            name="task_agreement",
+            direction=Direction.HIGHER_IS_BETTER,
+            comparison=Comparison.CANDIDATE_ONLY,
+            ceiling=0.5,
+            critical=True,
+        ),
+        MetricGate(
+            name="answer_flip",
+            direction=Direction.LOWER_IS_BETTER,
+            comparison=Comparison.CANDIDATE_ONLY,
+            ceiling=0.5,
             critical=True,
         ),
     )

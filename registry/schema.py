@@ -236,6 +236,11 @@ class Rollout(Base):
         UTCDateTime(), nullable=False, default=utcnow, onupdate=utcnow
     )
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # The flow run driving the rollout and its heartbeat lease (another run is refused until then).
+    owner: Mapped[str | None] = mapped_column(sa.String(128))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # sha256 of the gate policy pinned at creation (stages and baseline_version are pinned too).
+    gate_policy_hash: Mapped[str | None] = mapped_column(sa.String(64))
 
     stage_results: Mapped[list[StageResult]] = relationship(
         back_populates="rollout", cascade="all, delete-orphan", order_by="StageResult.id"
@@ -270,6 +275,25 @@ class StageResult(Base):
     rollout: Mapped[Rollout] = relationship(back_populates="stage_results")
 
 
+class TrafficWeight(Base):
+    """Journal of the candidate's traffic weight at the gateway: the intent before a change and the
+    weight read back after it, so a rerun after a crash knows what the gateway should carry."""
+
+    __tablename__ = "traffic_weights"
+    __table_args__ = (sa.Index("ix_traffic_weights_rollout_id", "rollout_id"),)
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[int] = mapped_column(
+        BigIntId, sa.ForeignKey("rollouts.id", ondelete="CASCADE"), nullable=False
+    )
+    stage: Mapped[int | None] = mapped_column(sa.Integer)
+    candidate_percent: Mapped[float] = mapped_column(sa.Float, nullable=False)
+    phase: Mapped[str] = mapped_column(sa.String(16), nullable=False)  # intent | applied
+    router: Mapped[str] = mapped_column(sa.String(64), nullable=False)
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+
 class AliasMove(Base):
     """Ledger of MLflow alias changes (champion / challenger / previous-champion)."""
 
@@ -286,3 +310,32 @@ class AliasMove(Base):
         BigIntId, sa.ForeignKey("rollouts.id", ondelete="SET NULL")
     )
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+
+class AliasIntent(Base):
+    """An alias action recorded BEFORE MLflow aliases move, completed in the transaction that
+    records the moves: a crash in between is reconciled on the next entry (at most one open
+    intent per model)."""
+
+    __tablename__ = "alias_intents"
+    __table_args__ = (
+        sa.Index(
+            "uq_alias_intents_one_open_per_model",
+            "model_name",
+            unique=True,
+            sqlite_where=sa.text("completed_at IS NULL"),
+            postgresql_where=sa.text("completed_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    model_name: Mapped[str] = mapped_column(sa.String(256), nullable=False)
+    action: Mapped[str] = mapped_column(sa.String(16), nullable=False)  # promote|reject|rollback
+    version: Mapped[str | None] = mapped_column(sa.String(64))  # promote/reject: the version
+    rollout_id: Mapped[int | None] = mapped_column(
+        BigIntId, sa.ForeignKey("rollouts.id", ondelete="SET NULL")
+    )
+    reason: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    before: Mapped[dict[str, Any]] = mapped_column(JSONType, nullable=False)  # alias -> version
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())

@@ -15,6 +15,9 @@ SCHEME = "fp4roll.scheme"
 BLOCK_SIZE = "fp4roll.block_size"
 CODE_VERSION = "fp4roll.code_version"
 SOURCE_MODEL = "fp4roll.source_model"
+CHECKPOINT_SHA256 = (
+    "fp4roll.checkpoint_sha256"  # digest of the checkpoint manifest (registry.integrity)
+)
 
 # --- model versions: what the rollout did to them (registry.aliases.VersionOutcome)
 OUTCOME = "fp4roll.outcome"

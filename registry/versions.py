@@ -4,8 +4,11 @@
   of the same registered model and made ``champion`` when there is none, so the first canary has a
   baseline and a rollback target like every later one.
 * :func:`resolve_version` — ``"3"``, ``"champion"``, ``"challenger"`` … → the version, its source and tags.
-* :func:`local_checkpoint` — a local folder for a version: the artifact folder itself on a local
-  store, otherwise a download cached under ``$FP4ROLL_HOME/cache/versions`` (atomic rename).
+* :func:`local_checkpoint` — a local folder for a version, verified against the sha256 manifest
+  registered with it (:mod:`registry.integrity`) every time it is asked for: the artifact folder
+  itself on a local store, otherwise a download cached under
+  ``$FP4ROLL_HOME/cache/checkpoints/<manifest digest>`` (keyed by content, not by version number;
+  atomic rename; a cached copy that no longer verifies is evicted and downloaded again).
 """
 
 from __future__ import annotations
@@ -23,17 +26,28 @@ from pydantic import BaseModel, ConfigDict
 
 from registry import tags as tag
 from registry.aliases import Alias, AliasMove, VersionOutcome
+from registry.integrity import (
+    MANIFEST_ARTIFACT,
+    IntegrityError,
+    Manifest,
+    build_manifest,
+    manifest_digest,
+    parse_manifest_document,
+    verify_folder,
+)
 from registry.mlflow_registry import (
     CHECKPOINT_ARTIFACT_PATH,
     RegistryError,
     checkpoint_digest,
     client_for,
     code_version,
+    default_tracking_uri,
     ensure_experiment,
     ensure_registered_model,
     experiment_name,
     find_version_by_key,
     fp4roll_home,
+    log_checkpoint,
     move_alias,
     redact,
 )
@@ -64,6 +78,16 @@ class VersionInfo(BaseModel):
     @property
     def corpus_digest(self) -> str | None:
         return self.tags.get(tag.CORPUS_DIGEST) or None
+
+    @property
+    def manifest_digest(self) -> str | None:
+        """sha256 of the checkpoint manifest registered with the version (None: registered
+        before manifests existed)."""
+        return self.tags.get(tag.CHECKPOINT_SHA256) or None
+
+    @property
+    def label(self) -> str:
+        return f"{self.model_name} v{self.version}"
 
 
 def _info(model_name: str, mv: ModelVersion) -> VersionInfo:
@@ -165,6 +189,7 @@ def register_baseline(
         raise RegistryError(f"baseline model folder not found: {model_dir}")
     client, uri = client_for(tracking_uri)
     ensure_registered_model(client, model_name)
+    manifest = build_manifest(model_dir)
     key = "baseline-" + checkpoint_digest(model_dir)
     existing = find_version_by_key(client, model_name, key)
     if existing is None:
@@ -181,7 +206,7 @@ def register_baseline(
         try:
             client.log_param(run.info.run_id, "source_model", redact(str(model_dir)))
             client.log_param(run.info.run_id, "scheme", BASELINE_SCHEME)
-            client.log_artifacts(run.info.run_id, str(model_dir), CHECKPOINT_ARTIFACT_PATH)
+            log_checkpoint(client, run.info.run_id, model_dir, manifest)
         except BaseException:
             client.set_terminated(run.info.run_id, "FAILED")
             raise
@@ -193,6 +218,7 @@ def register_baseline(
             run_id=run.info.run_id,
             tags={
                 tag.IDEMPOTENCY_KEY: key,
+                tag.CHECKPOINT_SHA256: manifest_digest(manifest),
                 tag.SCHEME: BASELINE_SCHEME,
                 tag.SOURCE_MODEL: redact(str(model_dir)),
                 tag.CODE_VERSION: code_version(),
@@ -219,32 +245,101 @@ def register_baseline(
     )
 
 
-def local_checkpoint(info: VersionInfo, *, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local folder holding ``info``'s checkpoint (see module doc). Never partially written."""
+def registered_manifest(info: VersionInfo, *, tracking_uri: str | None = None) -> Manifest | None:
+    """The manifest document logged with ``info``'s run, if it can be read and matches the tag."""
+    if not info.run_id or not info.manifest_digest:
+        return None
+    import mlflow.artifacts
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="fp4roll-manifest-") as staging:
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=info.source.rsplit("/", 1)[0] + "/" + MANIFEST_ARTIFACT,
+                dst_path=staging,
+                tracking_uri=tracking_uri or default_tracking_uri(),
+            )
+            digest, manifest = parse_manifest_document(Path(path).read_text())
+    except Exception as exc:  # noqa: BLE001 - only used to name the files in an error message
+        logger.warning("%s: manifest artifact unreadable: %s", info.label, type(exc).__name__)
+        return None
+    return manifest if digest == info.manifest_digest else None
+
+
+def verify_checkpoint(
+    info: VersionInfo, folder: str | os.PathLike, *, tracking_uri: str | None = None
+) -> Path:
+    """Rehash ``folder`` against ``info``'s registered manifest; :class:`IntegrityError` (naming
+    the files) when it differs or the version has no manifest. Returns the folder."""
+    _require_manifest(info)
+    try:
+        verify_folder(folder, str(info.manifest_digest), label=info.label)
+    except IntegrityError:
+        verify_folder(
+            folder,
+            str(info.manifest_digest),
+            label=info.label,
+            expected_manifest=registered_manifest(info, tracking_uri=tracking_uri),
+        )
+    return Path(folder)
+
+
+def _require_manifest(info: VersionInfo) -> None:
+    if not info.manifest_digest:
+        raise IntegrityError(
+            f"{info.label} has no checkpoint manifest (tag {tag.CHECKPOINT_SHA256}): it was registered "
+            "before checkpoint integrity was recorded, so its bytes cannot be verified. Register "
+            "the checkpoint again as a new version."
+        )
+
+
+def _local_source(info: VersionInfo) -> Path | None:
     parsed = urlparse(info.source)
     if parsed.scheme in ("", "file"):
         path = Path(unquote(parsed.path) if parsed.scheme else info.source)
         if path.is_dir():
             return path
-    cache_root = Path(cache_dir) if cache_dir else fp4roll_home() / "cache" / "versions"
-    target = cache_root / info.model_name / f"v{info.version}"
+    return None
+
+
+def local_checkpoint(
+    info: VersionInfo,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    tracking_uri: str | None = None,
+) -> Path:
+    """A local folder holding ``info``'s checkpoint, verified against its registered manifest
+    (see module doc). Never partially written; raises :class:`IntegrityError` when the bytes differ."""
+    _require_manifest(info)
+    local = _local_source(info)
+    if local is not None:
+        return verify_checkpoint(info, local, tracking_uri=tracking_uri)
+    cache_root = Path(cache_dir) if cache_dir else fp4roll_home() / "cache" / "checkpoints"
+    target = cache_root / str(info.manifest_digest)
     if target.is_dir():
-        return target
+        try:
+            return verify_checkpoint(info, target, tracking_uri=tracking_uri)
+        except IntegrityError as exc:
+            logger.warning("evicting a cached checkpoint that no longer verifies: %s", exc)
+            shutil.rmtree(target, ignore_errors=True)
     cache_root.mkdir(parents=True, exist_ok=True)
     import mlflow.artifacts
 
-    staging = Path(
-        tempfile.mkdtemp(
-            prefix=f".v{info.version}-", dir=target.parent if target.parent.exists() else cache_root
-        )
-    )
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=cache_root))
     try:
         downloaded = Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(staging))
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=info.source,
+                dst_path=str(staging),
+                tracking_uri=tracking_uri or default_tracking_uri(),
+            )
         )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(downloaded, target)
+        verify_checkpoint(info, downloaded, tracking_uri=tracking_uri)
+        try:
+            os.replace(downloaded, target)
+        except OSError:  # another process put the same content there first
+            if not target.is_dir():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    logger.info("downloaded %s v%s to %s", info.model_name, info.version, target)
+    logger.info("downloaded %s to %s", info.label, target)
     return target

@@ -104,17 +104,28 @@ def test_judge_samples_shape(model, tokenizer, holdout):
     assert cand[Metric.OUTLIER_FALLBACK_RATE][2] == rec.outlier_fallback_rate_candidate
 
 
-def test_failed_requests_are_missing_on_both_sides():
+def test_failed_requests_are_missing_on_both_sides_and_counted_as_errors():
     ok = ReplayRecord(0, "a", 5, 0.01, 0.02, 0.1, 0.3, 0.9, 2.0, 2.1, 0.0, 0.001)
     failed = ReplayRecord(1, "b", 0, *[math.nan] * 9, error="boom")
+    cand_only = ReplayRecord(2, "c", 0, *[math.nan] * 9, error="HTTP 500", failed_side="candidate")
     result = ReplayResult(
-        records=(ok, failed), baseline_name="b", candidate_name="c", seed=0, max_len=8, batch_size=1
+        records=(ok, failed, cand_only),
+        baseline_name="b",
+        candidate_name="c",
+        seed=0,
+        max_len=8,
+        batch_size=1,
     )
     base, cand = judge_samples(result)
     for metric in Metric:
         assert not math.isnan(base[metric][0]) and not math.isnan(cand[metric][0])
+        if metric is Metric.ERROR_RATE:
+            continue
         assert math.isnan(base[metric][1]) and math.isnan(cand[metric][1])
     assert cand[Metric.LATENCY_MS][0] == pytest.approx(20.0)
+    # failed requests are counted, never NaN: in process a failure is both sides'
+    assert cand[Metric.ERROR_RATE] == [0.0, 1.0, 1.0]
+    assert base[Metric.ERROR_RATE] == [0.0, 1.0, 0.0]
 
 
 @pytest.mark.parametrize("window", [0, 10, 49, 50, 120, 1000, 12_345])

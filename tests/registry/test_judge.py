@@ -37,6 +37,7 @@ def _healthy_samples(rng: np.random.Generator, n: int = N, latency_scale: float 
         "kl_mean": rng.uniform(0.0, 0.01, size=n),
         "kl_p99": rng.uniform(0.0, 0.1, size=n),
         "outlier_fallback_rate": rng.uniform(0.0, 0.002, size=n),
+        "error_rate": np.zeros(n),  # 1.0 per failed request
     }
     return baseline, candidate
 
@@ -96,9 +97,9 @@ def test_1_3x_latency_fails_the_metric_not_critical_and_does_not_advance():
     verdict = judge_stage(baseline, candidate)
     latency = verdict.metric("latency_ms")
     assert latency.verdict is Outcome.FAIL and not latency.critical
-    # 5 of 6 metrics pass: score 83 is marginal -> inconclusive, never pass
+    # 6 of 7 metrics pass: score 86 is marginal -> inconclusive, never pass
     assert verdict.outcome is Outcome.INCONCLUSIVE
-    assert verdict.score == pytest.approx(500 / 6)
+    assert verdict.score == pytest.approx(600 / 7)
     decision, progress = decide(verdict, RolloutProgress())
     assert decision is Decision.HOLD
     assert progress.stage_index == 0
@@ -262,9 +263,46 @@ def test_reported_only_metric_never_decides_the_stage():
         "kl_mean": np.full(n, 0.001),
         "kl_p99": np.full(n, 0.01),
         "outlier_fallback_rate": np.zeros(n),
+        "error_rate": np.zeros(n),
     }
     verdict = judge_stage(baseline, candidate, policy)
     assert verdict.outcome is Outcome.PASS and verdict.score == 100.0
     latency = verdict.metric("latency_ms")
     assert latency.verdict is Outcome.FAIL and not latency.enforced
     assert judge_stage(baseline, candidate, GatePolicy()).outcome is Outcome.FAIL
+
+
+@pytest.mark.parametrize("failed", [0, 1, 2, 3])
+def test_error_rate_gate_counts_failed_requests(failed):
+    """100 requests, ``failed`` of them failed: 1 % passes (ceiling), 2 % and 3 % fail critically;
+    failures are 1.0 samples, never NaN, so they cannot be dropped as missing data."""
+    rng = np.random.default_rng(0)
+    baseline, candidate = _healthy_samples(rng, n=100)
+    errors = np.zeros(100)
+    errors[:failed] = 1.0
+    verdict = judge_stage(baseline, {**candidate, "error_rate": errors})
+    result = verdict.metric("error_rate")
+    assert result.candidate_statistic == pytest.approx(failed / 100)
+    if failed <= 1:
+        assert result.verdict is Outcome.PASS
+    else:
+        assert result.verdict is Outcome.FAIL and result.critical
+        assert verdict.outcome is Outcome.FAIL and verdict.critical_failure
+
+
+def test_route_regression_fails_the_stage_while_the_pool_passes():
+    from registry.judge import judge_stage_with_routes
+
+    rng = np.random.default_rng(1)
+    baseline, candidate = _healthy_samples(rng)
+    pool = judge_stage(baseline, candidate)
+    assert pool.outcome is Outcome.PASS
+    bad = {**candidate, "top1_agreement": rng.uniform(0.5, 0.6, size=N)}
+    routes = {"chat": judge_stage(baseline, candidate), "code": judge_stage(baseline, bad)}
+    combined = judge_stage_with_routes(pool, routes)
+    assert combined.outcome is Outcome.FAIL and combined.critical_failure
+    assert "code" in combined.reason and "route:code/top1_agreement" in combined.failed_metrics
+    few = judge_stage({k: v[:3] for k, v in baseline.items()}, {k: v[:3] for k, v in bad.items()})
+    assert few.outcome is Outcome.INCONCLUSIVE
+    combined = judge_stage_with_routes(pool, {"chat": routes["chat"], "rare": few})
+    assert combined.outcome is Outcome.PASS and "rare" in combined.reason

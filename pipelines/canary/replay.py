@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calibration.evaluate import CanaryEvaluator, Prompt, ReplayResult, save_replay
-from registry.judge import Decision, RolloutProgress, StageVerdict, decide, judge_stage
+from registry.judge import Decision, RolloutProgress, StageVerdict, decide
 from registry.policy import GatePolicy, Metric
 
 logger = logging.getLogger(__name__)
@@ -85,8 +85,10 @@ def judge_samples(
     * ``latency_ms``, ``nll``: both sides measured (two-sample metrics);
     * ``kl_mean``, ``kl_p99``, ``top1_agreement``: relative to the baseline already; the baseline side
       gets its self-values (0, 0, 1.0) — the judge only looks at the candidate for these;
-    * ``outlier_fallback_rate``: measured on both (a champion may itself be W4A4).
-    Failed requests contribute NaN on both sides, which the judge counts as missing data.
+    * ``outlier_fallback_rate``: measured on both (a champion may itself be W4A4);
+    * ``error_rate``: 1.0 for each request whose side failed, else 0.0 — never NaN, so a failed
+      request is counted by the error-rate gate, never dropped. Its other metrics are NaN on both
+      sides (missing data).
     """
     base: dict[str, list[float]] = {}
     cand: dict[str, list[float]] = {}
@@ -96,9 +98,11 @@ def judge_samples(
         cand.setdefault(metric.value, []).append(candidate_value)
 
     for rec in result.records:
+        put(Metric.ERROR_RATE, float(rec.baseline_failed), float(rec.candidate_failed))
         if not rec.ok:
             for metric in Metric:
-                put(metric, math.nan, math.nan)
+                if metric is not Metric.ERROR_RATE:
+                    put(metric, math.nan, math.nan)
             continue
         put(Metric.LATENCY_MS, rec.latency_baseline_s * 1000.0, rec.latency_candidate_s * 1000.0)
         put(Metric.NLL, rec.nll_baseline, rec.nll_candidate)
@@ -116,9 +120,11 @@ def judge_samples(
 def judge_replay(
     result: ReplayResult, policy: GatePolicy | None = None, *, stage_index: int = 0
 ) -> StageVerdict:
-    """The judge's verdict on a replay (per-request samples from :func:`judge_samples`)."""
-    baseline, candidate = judge_samples(result)
-    return judge_stage(baseline, candidate, policy, stage_index=stage_index)
+    """The judge's verdict on a replay: the pool, and every route with enough requests judged on its
+    own (:func:`pipelines.canary.judging.judge_window`; a route regressing fails the stage)."""
+    from pipelines.canary.judging import judge_window
+
+    return judge_window(result, policy or GatePolicy(), stage_index=stage_index)
 
 
 # ------------------------------------------------------------------------------------ stages
