@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -36,6 +35,7 @@ import numpy as np
 
 from calibration.data import SAMPLE_PROMPT_LOGS
 from calibration.models import smollm2_gguf_path
+from pipelines.canary.endpoints import top1, topk_tail_kl
 from tests.serving.llama_server import LlamaServer
 
 GEN_TOKENS = 24
@@ -97,26 +97,6 @@ def count_tokens(client: httpx.Client, server: LlamaServer, text: str) -> int:
     response = client.post(f"{server.url}/extras/tokenize/count", json={"input": text})
     response.raise_for_status()
     return response.json()["count"]
-
-
-def topk_tail_kl(base_top: dict[str, float], cand_top: dict[str, float], k: int) -> float:
-    """KL(P‖Q) over the baseline's top-k tokens plus one tail bucket for everything else.
-
-    A baseline token missing from the candidate's (longer) list gets the smallest probability the
-    candidate listed (an upper bound), and the candidate's tail is what its top-k leaves.
-    """
-    top = sorted(base_top.items(), key=lambda kv: kv[1], reverse=True)[:k]
-    floor = min(cand_top.values())
-    p = np.array([math.exp(lp) for _, lp in top])
-    q = np.array([math.exp(cand_top.get(tok, floor)) for tok, _ in top])
-    p_tail = max(1.0 - p.sum(), 1e-12)
-    q_tail = max(1.0 - q.sum(), 1e-12)
-    kl = float(np.sum(p * (np.log(p) - np.log(q)))) + p_tail * (math.log(p_tail) - math.log(q_tail))
-    return max(kl, 0.0)
-
-
-def top1(top: dict[str, float]) -> str:
-    return max(top.items(), key=lambda kv: kv[1])[0]
 
 
 # --------------------------------------------------------------------------------------- requests
