@@ -43,6 +43,7 @@ from calibration.fisher import score_tiers
 from calibration.groups import LinearGroup, TargetSelection, select_targets
 from calibration.models import load_causal_lm
 from calibration.observers import (
+    DEFAULT_MAX_BATCH_TOKENS,
     ActivationStats,
     collect_activation_stats,
     tokenize_prompts,
@@ -86,6 +87,8 @@ Prompts = Sequence[RenderedPrompt | str]
 FLOOR_MARGIN = 0.5
 #: At most this many exact checks (the largest estimates first): the floor should be rare.
 MAX_EXACT_GROUPS = 24
+#: Padded tokens per scoring batch: each real token's logits are ``vocab`` floats (SmolLM2: 49 152).
+SCORING_BATCH_TOKENS = 1024
 SCORES_FORMAT = "fp4roll.tier-scores"
 SWEEP_FORMAT = "fp4roll.kl-sweep"
 
@@ -145,13 +148,21 @@ def _load(model_dir: str | Path, config: CalibrationConfig) -> _Loaded:
     return _Loaded(loaded.model, loaded.tokenizer, loaded.source_dir, selection)
 
 
-def _tokenize(loaded: _Loaded, prompts: Prompts, config: CalibrationConfig, *, budget: int | None):
+def _tokenize(
+    loaded: _Loaded,
+    prompts: Prompts,
+    config: CalibrationConfig,
+    *,
+    budget: int | None,
+    batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+):
     return tokenize_prompts(
         loaded.tokenizer,
         prompts,
         max_length=config.max_prompt_tokens,
         batch_size=config.batch_size,
         token_budget=budget,
+        max_batch_tokens=batch_tokens,
     )
 
 
@@ -242,7 +253,9 @@ def _baseline(
     progress: bool,
     groups: Sequence[LinearGroup] = (),
 ) -> Baseline:
-    tokenized = _tokenize(loaded, prompts, config, budget=config.sensitivity_tokens)
+    tokenized = _tokenize(
+        loaded, prompts, config, budget=config.sensitivity_tokens, batch_tokens=SCORING_BATCH_TOKENS
+    )
     return compute_baseline(
         loaded.model,
         tokenized.batches,

@@ -251,6 +251,10 @@ def compute_baseline(
 # ------------------------------------------------------------------------------------------- scoring
 
 
+#: Rows of ``[tokens, vocab]`` scored at a time (memory of the KL's temporaries).
+_ROWS = 256
+
+
 @dataclass
 class _Accumulator:
     kl: list[np.ndarray] = field(default_factory=list)
@@ -259,16 +263,20 @@ class _Accumulator:
     nll_count: int = 0
 
     def add(self, logits: torch.Tensor, batch: EvalBatch) -> None:
-        log_q = torch.log_softmax(logits, dim=-1)  # [R, vocab] fp32
-        log_p = batch.base_logprobs.float()
-        kl = (
-            (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)
-        )  # [R]; tiny negatives are rounding
-        self.kl.append(kl.double().cpu().numpy())
-        self.agree += int((log_q.argmax(-1) == batch.base_top1).sum())
-        nll = -log_q.gather(-1, batch.target_ids[:, None]).squeeze(-1).double()
-        self.nll += float(nll[batch.has_target].sum())
-        self.nll_count += int(batch.has_target.sum())
+        """Accumulate ``logits`` [R, vocab] against the batch's baseline, ``_ROWS`` rows at a time
+        (each row is independent: the same bits as all at once, a fraction of the temporaries)."""
+        for start in range(0, logits.shape[0], _ROWS):
+            rows = slice(start, start + _ROWS)
+            log_q = torch.log_softmax(logits[rows], dim=-1)  # [rows, vocab] fp32
+            log_p = batch.base_logprobs[rows].float()
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)  # tiny negatives: rounding
+            self.kl.append(kl.double().cpu().numpy())
+            self.agree += int((log_q.argmax(-1) == batch.base_top1[rows]).sum())
+            target = batch.target_ids[rows]
+            nll = -log_q.gather(-1, target[:, None]).squeeze(-1).double()
+            has_target = batch.has_target[rows]
+            self.nll += float(nll[has_target].sum())
+            self.nll_count += int(has_target.sum())
 
     def score(self, baseline: Baseline) -> QualityScore:
         kl = np.concatenate(self.kl)
