@@ -411,7 +411,11 @@ class _Side:
         self.model.train(self.was_training)
 
 
-def _failed(index: int, digest: str, num_tokens: int, error: str) -> ReplayRecord:
+def failed_record(
+    index: int, digest: str, num_tokens: int, error: str, **fields: Any
+) -> ReplayRecord:
+    """A request that failed: every metric NaN, the error kept (``fields``: e.g. ``failed_side``,
+    ``route``, ``attempts``); the error-rate gate counts it."""
     nan = math.nan
     return ReplayRecord(
         request_index=index,
@@ -427,6 +431,7 @@ def _failed(index: int, digest: str, num_tokens: int, error: str) -> ReplayRecor
         outlier_fallback_rate_baseline=nan,
         outlier_fallback_rate_candidate=nan,
         error=error,
+        **fields,
     )
 
 
@@ -554,7 +559,7 @@ def _replay_batch(
 ) -> list[ReplayRecord]:
     valid = [(index, ids, digest) for index, (ids, digest) in chunk if ids]
     records = {
-        index: _failed(index, digest, 0, "prompt produced no tokens")
+        index: failed_record(index, digest, 0, "prompt produced no tokens")
         for index, (ids, digest) in chunk
         if not ids
     }
@@ -576,7 +581,7 @@ def _replay_batch(
             logger.exception("forward failed for requests %s", [i for i, _, _ in valid])
             message = f"{type(exc).__name__}: {exc}"
             for index, ids, digest in valid:
-                records[index] = _failed(index, digest, len(ids), message)
+                records[index] = failed_record(index, digest, len(ids), message)
         else:
             for row, (index, ids, digest) in enumerate(valid):
                 records[index] = _record(

@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from calibration.evaluate import ReplayRecord, ReplayResult
+from calibration.evaluate import ReplayRecord, ReplayResult, failed_record
 from calibration.prompts import Prompt, RenderedPrompt
 
 logger = logging.getLogger(__name__)
@@ -552,20 +552,11 @@ class EndpointEvaluator:
         nan = math.nan
 
         def failed(side: str, message: str, n_tokens: int = 0) -> ReplayRecord:
-            return ReplayRecord(
-                request_index=index,
-                prompt_digest=digest,
-                num_tokens=n_tokens,
-                latency_baseline_s=nan,
-                latency_candidate_s=nan,
-                kl_mean=nan,
-                kl_p99=nan,
-                top1_agreement=nan,
-                nll_baseline=nan,
-                nll_candidate=nan,
-                outlier_fallback_rate_baseline=nan,
-                outlier_fallback_rate_candidate=nan,
-                error=message,
+            return failed_record(
+                index,
+                digest,
+                n_tokens,
+                message,
                 failed_side=side,
                 route=route,
                 attempts=base_attempts.count + cand_attempts.count,
