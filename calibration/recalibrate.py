@@ -1,7 +1,7 @@
 """Calibration end to end, in one call or in file-backed stages.
 
-stats (input amax over every calibration prompt) → rounding (GPTQ / MSE block scales, one sequential
-pass) → cheap sensitivity (one Fisher pass scores every group at every tier) → exact KL of the groups
+rounding (GPTQ / MSE block scales, one sequential pass over every calibration prompt that also
+observes each group's input amax) → cheap sensitivity (one Fisher pass scores every group at every tier) → exact KL of the groups
 near the runbook floor (only where the floor decision depends on it) → tier plan (NVFP4 / FP8 / BF16 by
 KL removed per extra byte, within the bytes budget; with a target, the fewest bytes whose *measured*
 combined KL reaches it) → export of exactly the measured plan, with ``calibration.json`` and the KL
@@ -10,7 +10,7 @@ chart inside the checkpoint folder.
 * :func:`recalibrate` — everything in one process (one model load).
 * The stages the Prefect flow runs as separate tasks, passing only paths (a rerun resumes from the
   last finished stage; the exact checks can fan out over threads, processes or a Dask cluster):
-  :func:`collect_stats_file` → :func:`round_file` → :func:`score_file` → :func:`exact_candidates`
+  :func:`calibrate_files` → :func:`score_file` → :func:`exact_candidates`
   → :func:`sweep_file` (one per subset) → :func:`plan_and_export`. Each writes its output atomically
   and returns it unchanged when it already exists.
 
@@ -59,7 +59,14 @@ from calibration.report import (
     build_calibration_record,
     render_kl_chart,
 )
-from calibration.rounding import RoundedGroup, load_rounded, round_model, save_rounded
+from calibration.rounding import (
+    RoundedGroup,
+    load_rounded,
+    observes_every_input,
+    round_and_observe,
+    round_model,
+    save_rounded,
+)
 from calibration.sensitivity import (
     Baseline,
     GroupSensitivity,
@@ -88,7 +95,7 @@ FLOOR_MARGIN = 0.5
 #: At most this many exact checks (the largest estimates first): the floor should be rare.
 MAX_EXACT_GROUPS = 24
 #: Padded tokens per scoring batch: each real token's logits are ``vocab`` floats (SmolLM2: 49 152).
-SCORING_BATCH_TOKENS = 1024
+SCORING_BATCH_TOKENS = 512
 SCORES_FORMAT = "fp4roll.tier-scores"
 SWEEP_FORMAT = "fp4roll.kl-sweep"
 
@@ -170,10 +177,18 @@ def _calibration_batches(loaded: _Loaded, prompts: Prompts, config: CalibrationC
     return _tokenize(loaded, prompts, config, budget=config.token_budget).batches
 
 
-def _stats(
+def _needs_input_amax(config: CalibrationConfig) -> bool:
+    """Only W4A4 groups carry a static input scale (FP8's activations are dynamic per token)."""
+    return Tier.NVFP4 in _candidate_tiers(config)
+
+
+def _calibrate(
     loaded: _Loaded, prompts: Prompts, config: CalibrationConfig, progress: bool
-) -> ActivationStats:
-    """Input amax of every targeted group over the calibration prompts (within the token budget)."""
+) -> tuple[ActivationStats, dict[str, RoundedGroup]]:
+    """Input statistics and rounding over the calibration prompts (within the token budget), in as
+    few passes as they allow: the sequential rounding pass observes every group's input amax on the
+    way when it sees every group (plain decoder-block Linears); W4A16 plans need no amax at all; only
+    round-to-nearest W4A4 and MoE models run a separate statistics forward."""
     tokenized = _tokenize(loaded, prompts, config, budget=config.token_budget)
     if tokenized.truncated:
         logger.warning(
@@ -182,36 +197,49 @@ def _stats(
             tokenized.num_prompts,
             config.max_prompt_tokens,
         )
-    stats = collect_activation_stats(
-        loaded.model, tokenized.batches, loaded.selection, progress=progress
+    selection = loaded.selection
+    counts = dict(
+        num_prompts=tokenized.num_prompts,
+        num_tokens=tokenized.num_tokens,
+        truncated_prompts=tokenized.truncated,
+        over_budget_prompts=tokenized.over_budget,
     )
-    return dataclasses.replace(
-        stats, truncated_prompts=tokenized.truncated, over_budget_prompts=tokenized.over_budget
-    )
-
-
-def _round(
-    loaded: _Loaded,
-    prompts: Prompts,
-    config: CalibrationConfig,
-    stats: ActivationStats,
-    progress: bool,
-) -> dict[str, RoundedGroup]:
-    """Rounded NVFP4 weights and scales of every group (empty for round-to-nearest). W4A4 groups
-    pass their fake-quantized inputs on to the next block, as the server computes."""
-    if config.rounding is Rounding.RTN:
-        return {}
-    return round_model(
-        loaded.model,
-        _calibration_batches(loaded, prompts, config),
-        loaded.selection,
-        config.rounding,
+    needs_amax = _needs_input_amax(config)
+    rounding = dict(
         damp=config.gptq_damp,
         act_order=config.gptq_act_order,
         tiers=config.scheme,
-        input_amax=stats.group_input_amax,
         progress=progress,
     )
+    if needs_amax and not observes_every_input(selection, config.rounding):
+        stats = dataclasses.replace(
+            collect_activation_stats(loaded.model, tokenized.batches, selection, progress=progress),
+            **counts,
+        )
+        rounded = {}
+        if config.rounding is not Rounding.RTN:
+            rounded = round_model(
+                loaded.model,
+                tokenized.batches,
+                selection,
+                config.rounding,
+                input_amax=stats.group_input_amax,
+                **rounding,
+            )
+        return stats, rounded
+    rounded = {}
+    amax: dict[str, float] = {}
+    if config.rounding is not Rounding.RTN:
+        rounded, amax = round_and_observe(
+            loaded.model,
+            tokenized.batches,
+            selection,
+            config.rounding,
+            observe_input_amax=needs_amax,
+            **rounding,
+        )
+    member_to_group = {m: g.name for g in selection.groups for m in g.members}
+    return ActivationStats(amax, member_to_group, **counts), rounded
 
 
 def _candidate_tiers(config: CalibrationConfig) -> tuple[Tier, ...]:
@@ -691,8 +719,7 @@ def recalibrate(
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     loaded = _load(model_dir, config)
-    stats = _stats(loaded, calibration_prompts, config, progress)
-    rounded = _round(loaded, calibration_prompts, config, stats, progress)
+    stats, rounded = _calibrate(loaded, calibration_prompts, config, progress)
     scores = _scores(loaded, calibration_prompts, config, stats, rounded, progress)
     unscored = [g.name for g in loaded.selection.groups if g.name not in scores]
     candidates = selection_groups(loaded.selection, exact_candidate_names(scores, unscored, config))
@@ -717,40 +744,25 @@ def recalibrate(
 # ------------------------------------------------------------------------------------------ stages
 
 
-def collect_stats_file(
-    model_dir: str | Path,
-    calibration_prompts: Prompts,
-    out_path: str | Path,
-    config: CalibrationConfig | None = None,
-    *,
-    progress: bool = True,
-) -> Path:
-    """Stage 1: input amax of every targeted group over the calibration prompts → JSON."""
-    config = config or CalibrationConfig()
-    out_path = Path(out_path)
-    if out_path.exists():
-        return out_path
-    stats = _stats(_load(model_dir, config), calibration_prompts, config, progress)
-    return atomic.write_text(out_path, stats.to_json())
-
-
-def round_file(
+def calibrate_files(
     model_dir: str | Path,
     calibration_prompts: Prompts,
     stats_path: str | Path,
-    out_path: str | Path,
+    rounded_path: str | Path,
     config: CalibrationConfig | None = None,
     *,
     progress: bool = True,
-) -> Path:
-    """Stage 2: rounded NVFP4 weights and scales of every group → safetensors (empty for rtn)."""
+) -> tuple[Path, Path]:
+    """Stage 1: input statistics → JSON and the rounded NVFP4 weights and scales of every group →
+    safetensors (empty for rtn), from as few passes as :func:`_calibrate` needs. Both files are
+    written atomically, the statistics last: they mark the stage finished."""
     config = config or CalibrationConfig()
-    out_path = Path(out_path)
-    if out_path.exists():
-        return out_path
-    stats = ActivationStats.from_json(Path(stats_path).read_text())
-    rounded = _round(_load(model_dir, config), calibration_prompts, config, stats, progress)
-    return save_rounded(out_path, rounded)
+    stats_path, rounded_path = Path(stats_path), Path(rounded_path)
+    if stats_path.exists() and rounded_path.exists():
+        return stats_path, rounded_path
+    stats, rounded = _calibrate(_load(model_dir, config), calibration_prompts, config, progress)
+    save_rounded(rounded_path, rounded)
+    return atomic.write_text(stats_path, stats.to_json()), rounded_path
 
 
 def score_file(
@@ -763,7 +775,7 @@ def score_file(
     *,
     progress: bool = True,
 ) -> Path:
-    """Stage 3: estimated KL of every group at every candidate tier (one Fisher pass) → JSON."""
+    """Stage 2: estimated KL of every group at every candidate tier (one Fisher pass) → JSON."""
     config = config or CalibrationConfig()
     out_path = Path(out_path)
     if out_path.exists():
@@ -792,7 +804,7 @@ def load_score_file(path: str | Path) -> tuple[dict[str, dict[Tier, float]], lis
 
 
 def exact_candidates(scores_path: str | Path, config: CalibrationConfig) -> list[str]:
-    """Stage 4: the groups that need an exact KL (see :func:`exact_candidate_names`)."""
+    """Stage 3: the groups that need an exact KL (see :func:`exact_candidate_names`)."""
     return exact_candidate_names(*load_score_file(scores_path), config)
 
 
@@ -807,7 +819,7 @@ def sweep_file(
     *,
     progress: bool = True,
 ) -> Path:
-    """Stage 5 (fans out): exact KL of each of ``group_names`` quantized alone → JSON records.
+    """Stage 4 (fans out): exact KL of each of ``group_names`` quantized alone → JSON records.
 
     Results do not depend on how the groups are split (each group is scored alone against the same
     baseline), so any partition merged by :func:`plan_and_export` gives the same plan.
@@ -853,7 +865,7 @@ def plan_and_export(
     *,
     progress: bool = True,
 ) -> RecalibrationResult:
-    """Stage 6: plan (measured), export the checkpoint. A finished ``out_dir`` (its
+    """Stage 5: plan (measured), export the checkpoint. A finished ``out_dir`` (its
     ``calibration.json`` exists) is reused as is."""
     config = config or CalibrationConfig()
     started = time.perf_counter()

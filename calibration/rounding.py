@@ -27,7 +27,7 @@ scales for ``gptq``, rounded to nearest. Groups whose tier is not NVFP4 are not 
 under their tier while propagating). A W4A4 group without an ``input_amax`` entry propagates as W4A16.
 
 Memory: the cached hidden states of one block (``batches × seq × hidden`` float), one Hessian per group
-of the current block, and the rounded weights (float32, what the result holds).
+of the current block, and the rounded groups (NVFP4 codes and scales, about a ninth of float32).
 """
 
 from __future__ import annotations
@@ -74,21 +74,49 @@ class RoundingError(ValueError):
 
 @dataclass(frozen=True)
 class RoundedGroup:
-    """One fused group's NVFP4 rounding: what ``quantize_group(weights=, block_scales=, global_scale=)``
-    packs without loss.
+    """One fused group's NVFP4 rounding, kept as the checkpoint keeps it (about a ninth of float32).
 
-    ``weights``: member -> float32 ``[out, in]``, every value on the grid of its block scale;
-    ``block_scales``: member -> float8_e4m3fn ``[out, in/16]``; ``global_scale``: float32 ``[1]``,
-    shared by the members (vLLM fuses q/k/v and gate/up into one weight with one global scale).
+    ``packed``: member -> uint8 NVFP4 codes ``[out, in/2]``; ``block_scales``: member ->
+    float8_e4m3fn ``[out, in/16]``; ``global_scale``: float32 ``[1]``, shared by the members (vLLM
+    fuses q/k/v and gate/up into one weight with one global scale). :attr:`weights` decodes them:
+    what ``quantize_group(weights=, block_scales=, global_scale=)`` packs without loss.
     """
 
-    weights: Mapping[str, torch.Tensor]
+    packed: Mapping[str, torch.Tensor]
     block_scales: Mapping[str, torch.Tensor]
     global_scale: torch.Tensor
 
+    @classmethod
+    def from_weights(
+        cls,
+        weights: Mapping[str, torch.Tensor],
+        block_scales: Mapping[str, torch.Tensor],
+        global_scale: torch.Tensor,
+    ) -> RoundedGroup:
+        """Pack ``weights`` (member -> ``[out, in]``, every value on the grid of its block scale);
+        raises :class:`RoundingError` for a weight off that grid."""
+        gs = global_scale.reshape(1).to(torch.float32).cpu()
+        packed = {}
+        for member, weight in weights.items():
+            weight = weight.detach().to(torch.float32).cpu()
+            codes = quantize_nvfp4(weight, gs, block_scale=block_scales[member], name=member)
+            if not torch.equal(dequantize_nvfp4(*codes, torch.float32), weight):
+                raise RoundingError(f"{member}: weight is not on the NVFP4 grid of its scales")
+            packed[member] = codes.weight_packed.contiguous()
+        scales = {m: s.cpu().contiguous() for m, s in block_scales.items()}
+        return cls(packed=packed, block_scales=scales, global_scale=gs)
+
     @property
     def members(self) -> tuple[str, ...]:
-        return tuple(self.weights)
+        return tuple(self.packed)
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """member -> float32 ``[out, in]``, decoded (a new tensor per call)."""
+        return {
+            m: dequantize_nvfp4(codes, self.block_scales[m], self.global_scale, torch.float32)
+            for m, codes in self.packed.items()
+        }
 
 
 # ------------------------------------------------------------------------------------- one group
@@ -150,11 +178,7 @@ def round_group(
             m: dequantize_nvfp4(*quantize_nvfp4(w, gs, block_scale=scales[m]), torch.float32) + 0.0
             for m, w in weights.items()
         }
-    return RoundedGroup(
-        weights={m: t.cpu() for m, t in rounded.items()},
-        block_scales={m: s.cpu().contiguous() for m, s in scales.items()},
-        global_scale=gs.reshape(1).to(torch.float32).cpu(),
-    )
+    return RoundedGroup.from_weights(rounded, scales, gs)
 
 
 # ------------------------------------------------------------------------------------- the pass
@@ -171,24 +195,29 @@ def _tier_of(group: LinearGroup, tiers: Mapping[str, Tier] | Tier) -> Tier:
 @contextmanager
 def _input_hooks(
     modules: Mapping[str, nn.Module],
-    accumulators: Mapping[str, tuple[str, HessianAccumulator]],
+    accumulators: Mapping[str, tuple[str, HessianAccumulator | None]],
     mask: list[torch.Tensor | None],
+    input_amax: dict[str, float],
 ) -> Iterator[None]:
-    """Feed every real (non-pad) input row of ``module`` into its group's accumulator."""
+    """Feed every real (non-pad) input row of each group's first member into the group's
+    accumulator (None: none) and fold its ``max |x|`` into ``input_amax[group]``."""
 
-    def hook(accumulator: HessianAccumulator):
+    def hook(name: str, accumulator: HessianAccumulator | None):
         def pre_hook(_module: nn.Module, args: tuple) -> None:
             x = args[0]
             current = mask[0]
             if current is not None and x.shape[:-1] == current.shape:
                 x = x[current]  # [R, in]
-            accumulator.add(x)
+            if accumulator is not None:
+                accumulator.add(x)
+            if x.numel():
+                input_amax[name] = max(input_amax.get(name, 0.0), float(x.abs().amax()))
 
         return pre_hook
 
     handles = [
-        modules[member].register_forward_pre_hook(hook(acc))
-        for member, acc in accumulators.values()
+        modules[member].register_forward_pre_hook(hook(name, acc))
+        for name, (member, acc) in accumulators.items()
     ]
     try:
         yield
@@ -239,7 +268,7 @@ def _fallback_group(
 
 
 @torch.no_grad()
-def round_model(
+def round_and_observe(
     model: nn.Module,
     batches: Sequence[TokenBatch],
     selection: TargetSelection,
@@ -253,8 +282,10 @@ def round_model(
     input_amax: Mapping[str, float] | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     progress: bool = False,
-) -> dict[str, RoundedGroup]:
-    """Round every NVFP4 group of ``selection`` by ``method`` in one sequential pass (module doc).
+    observe_input_amax: bool = False,
+) -> tuple[dict[str, RoundedGroup], dict[str, float]]:
+    """Round every NVFP4 group of ``selection`` by ``method`` in one sequential pass (module doc);
+    returns ``(rounded groups, input amax)``.
 
     ``batches``: calibration prompts (right-padded; pad positions never reach a Hessian). ``tiers``:
     one tier for all, or group name -> tier (a group missing from the mapping counts as BF16); only
@@ -263,6 +294,11 @@ def round_model(
     fake-quant. ``damp``, ``act_order``, ``block_size``: GPTQ (:func:`calibration.gptq.gptq_nvfp4`);
     ``scale_candidates``, ``headroom``: the MSE search (``kernels.ScaleCandidates``,
     ``global_scale_from_amax``). The model's parameters are unchanged on return.
+
+    ``observe_input_amax``: every group of a decoder block (NVFP4 or not, no routed experts) records
+    the ``max |x|`` of its calibration inputs as they reach it in the pass (carrying the error of the
+    blocks before it, as served), and a W4A4 group propagates with that amax, so no separate
+    statistics forward is needed (:func:`observes_every_input`). Otherwise the amax map is empty.
     """
     method = Rounding(method)
     linears = linear_modules(model)
@@ -275,22 +311,56 @@ def round_model(
         block_size=block_size,
     )
     result: dict[str, RoundedGroup] = {}
+    observed: dict[str, float] = {}
     fallback = [g for g in targets if g.expert_slots or g.block_index is None]
     in_blocks = [g for g in targets if g not in fallback]
-    if method.needs_calibration and in_blocks:
+    if observe_input_amax and not observes_every_input(selection, method):
+        raise RoundingError(
+            f"{method.value} cannot observe every group's input amax (round-to-nearest, routed "
+            "experts or groups outside the decoder blocks): collect activation statistics"
+        )
+    if method.needs_calibration and (in_blocks or observe_input_amax):
         if not batches:
             raise RoundingError(f"{method.value} needs calibration batches")
-        result.update(
-            _sequential_pass(
-                model, batches, selection, in_blocks, method, tiers, input_amax, options, progress
-            )
+        rounded, observed = _sequential_pass(
+            model,
+            batches,
+            selection,
+            in_blocks,
+            method,
+            tiers,
+            input_amax,
+            options,
+            progress,
+            observe_input_amax=observe_input_amax,
         )
+        result.update(rounded)
     else:
         fallback = targets
     for group in fallback:
         result[group.name] = round_group(_fallback_group(model, linears, group), method, **options)
     order = {g.name: i for i, g in enumerate(selection.groups)}
-    return dict(sorted(result.items(), key=lambda item: order[item[0]]))
+    ordered = dict(sorted(result.items(), key=lambda item: order[item[0]]))
+    return ordered, {g.name: observed[g.name] for g in selection.groups if g.name in observed}
+
+
+def observes_every_input(selection: TargetSelection, method: Rounding) -> bool:
+    """Whether :func:`round_and_observe` sees the input of every group of ``selection``: a
+    calibrated (sequential) method and only plain Linear groups inside the decoder blocks."""
+    return Rounding(method).needs_calibration and all(
+        g.block_index is not None and not g.expert_slots for g in selection.groups
+    )
+
+
+def round_model(
+    model: nn.Module,
+    batches: Sequence[TokenBatch],
+    selection: TargetSelection,
+    method: Rounding,
+    **options,
+) -> dict[str, RoundedGroup]:
+    """:func:`round_and_observe`'s rounded groups (same arguments, no amax observation)."""
+    return round_and_observe(model, batches, selection, method, **options)[0]
 
 
 def _sequential_pass(
@@ -303,7 +373,9 @@ def _sequential_pass(
     input_amax: Mapping[str, float] | None,
     options: Mapping,
     progress: bool,
-) -> dict[str, RoundedGroup]:
+    *,
+    observe_input_amax: bool = False,
+) -> tuple[dict[str, RoundedGroup], dict[str, float]]:
     layers = decoder_layers(model)
     modules = dict(model.named_modules())
     linears = linear_modules(model)
@@ -317,22 +389,31 @@ def _sequential_pass(
     for group in selection.groups:
         if group.block_index is not None and not group.expert_slots:
             block_members.setdefault(group.block_index, []).append(group)
-    last = max(by_block)
+    last = max([*by_block, *(block_members if observe_input_amax else ())])
     result: dict[str, RoundedGroup] = {}
+    observed: dict[str, float] = {}
+    amax_in_use = observed if observe_input_amax else (input_amax or {})
     cached: list[torch.Tensor | None] = [None] * len(batches)
     masks = [b.attention_mask.bool() for b in batches]
     for index in tqdm(range(last + 1), desc=f"rounding ({method.value})", disable=not progress):
         todo = by_block.get(index, [])
-        if todo:
+        watched = block_members.get(index, []) if observe_input_amax else todo
+        if watched:
             accumulators = {
-                g.name: (g.members[0], HessianAccumulator(g.in_features, not method.uses_gptq))
-                for g in todo
+                g.name: (
+                    g.members[0],
+                    HessianAccumulator(g.in_features, not method.uses_gptq) if g in todo else None,
+                )
+                for g in watched
             }
             current: list[torch.Tensor | None] = [None]
-            with _input_hooks(modules, accumulators, current):
+            block_amax: dict[str, float] = {}
+            with _input_hooks(modules, accumulators, current, block_amax):
                 for i, tokens in enumerate(batches):
                     current[0] = masks[i]
                     _run_to_block(model, layers, index, tokens, cached[i])
+            if observe_input_amax:
+                observed.update(block_amax)
             for group in todo:
                 acc = accumulators[group.name][1]
                 result[group.name] = round_group(
@@ -350,7 +431,7 @@ def _sequential_pass(
             tier = _tier_of(group, tiers)
             if not tier.quantizes_weights:
                 continue
-            amax = (input_amax or {}).get(group.name)
+            amax = amax_in_use.get(group.name)
             if tier is Tier.NVFP4 and amax is None:
                 tier = Tier.NVFP4A16
             rounded = result.get(group.name) if tier.is_nvfp4 else None
@@ -365,7 +446,7 @@ def _sequential_pass(
         with emulate(model, quantized):
             for i, tokens in enumerate(batches):
                 cached[i] = _run_to_block(model, layers, index, tokens, cached[i])
-    return result
+    return result, observed
 
 
 # ------------------------------------------------------------------------------------- files
@@ -382,8 +463,7 @@ def save_rounded(
     Per member ``<member>.weight_packed`` (uint8 NVFP4 codes) and ``<member>.weight_scale`` (FP8); per
     group ``<group>:global_scale`` (float32 [1]); the header's metadata holds ``format``, ``version``,
     ``groups`` (JSON: group -> members) and the caller's ``metadata`` (str -> str, e.g. the method).
-    Weights are stored as their codes, checked to decode to the weights bit for bit (raises if a
-    weight is not on its grid).
+    Weights are stored as the group's codes.
     """
     from safetensors.torch import save
 
@@ -394,15 +474,8 @@ def save_rounded(
         gs = rounded.global_scale.reshape(1).to(torch.float32)
         tensors[f"{name}:global_scale"] = gs.clone()
         for member in rounded.members:
-            weight = rounded.weights[member].to(torch.float32)
-            packed = quantize_nvfp4(
-                weight, gs, block_scale=rounded.block_scales[member], name=member
-            )
-            decoded = dequantize_nvfp4(*packed, torch.float32)
-            if not torch.equal(decoded, weight):
-                raise RoundingError(f"{member}: weight is not on the NVFP4 grid of its scales")
-            tensors[f"{member}.weight_packed"] = packed.weight_packed.contiguous()
-            tensors[f"{member}.weight_scale"] = packed.weight_scale.contiguous()
+            tensors[f"{member}.weight_packed"] = rounded.packed[member].contiguous()
+            tensors[f"{member}.weight_scale"] = rounded.block_scales[member].contiguous()
     header = dict(metadata or {})
     header.update(format=ROUNDED_FORMAT, version=ROUNDED_VERSION, groups=json.dumps(layout))
     return write_bytes(path, save(tensors, metadata=header))
@@ -426,8 +499,7 @@ def _checked_header(path: str | os.PathLike, metadata: Mapping[str, str] | None)
 
 
 def load_rounded(path: str | os.PathLike) -> dict[str, RoundedGroup]:
-    """Read a :func:`save_rounded` file: group name -> :class:`RoundedGroup` (weights float32,
-    decoded from the stored codes: the saved weights bit for bit)."""
+    """Read a :func:`save_rounded` file: group name -> :class:`RoundedGroup` (the saved codes)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as fh:
@@ -436,10 +508,7 @@ def load_rounded(path: str | os.PathLike) -> dict[str, RoundedGroup]:
         groups: dict[str, RoundedGroup] = {}
         for name, members in layout.items():
             gs = fh.get_tensor(f"{name}:global_scale")
-            weights, scales = {}, {}
-            for member in members:
-                packed = fh.get_tensor(f"{member}.weight_packed")
-                scales[member] = fh.get_tensor(f"{member}.weight_scale")
-                weights[member] = dequantize_nvfp4(packed, scales[member], gs, torch.float32)
-            groups[name] = RoundedGroup(weights=weights, block_scales=scales, global_scale=gs)
+            packed = {m: fh.get_tensor(f"{m}.weight_packed") for m in members}
+            scales = {m: fh.get_tensor(f"{m}.weight_scale") for m in members}
+            groups[name] = RoundedGroup(packed=packed, block_scales=scales, global_scale=gs)
     return groups

@@ -145,8 +145,7 @@ sample_calibration_set_task = task(name="sample-calibration-set", **_IO)(
 register_baseline_task = task(name="register-baseline", **_IO)(
     _redact_errors(steps.register_baseline)
 )
-activation_stats_task = task(name="activation-stats", **_CACHED)(steps.activation_stats)
-rounding_task = task(name="rounding", **_CACHED)(steps.rounded_weights)
+calibration_pass_task = task(name="calibration-pass", **_CACHED)(steps.calibration_pass)
 tier_scores_task = task(name="tier-scores", **_CACHED)(steps.tier_scores)
 kl_sweep_part_task = task(name="kl-sweep-part", **_CACHED)(steps.kl_sweep_part)
 plan_and_export_task = task(name="plan-and-export", **_CACHED)(steps.plan_and_export)
@@ -198,7 +197,7 @@ def _sweep_runner(params: RecalibrateParams) -> TaskRunner:
 
 @flow(name="recalibrate", log_prints=False)
 def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> RecalibrationRecord:  # noqa: B008
-    """Sample logs → activation stats → rounding → tier scores → exact checks near the floor →
+    """Sample logs → calibration pass (rounding + input statistics) → tier scores → exact checks near the floor →
     measured tier plan → pack → register challenger."""
     config, db_url = params.calibration, params.db_url
     source_dir = resolve_source_model_task(params.source_model)
@@ -208,8 +207,7 @@ def recalibrate_flow(params: RecalibrateParams = RecalibrateParams()) -> Recalib
         params.model_name, source_dir, tracking_uri=params.tracking_uri, db_url=db_url
     )
     work_dir = steps.calibration_work_dir(params, digest, source_dir)
-    stats_path = activation_stats_task(source_dir, digest, db_url, config, work_dir)
-    rounded_path = rounding_task(source_dir, digest, db_url, stats_path, config, work_dir)
+    stats_path, rounded_path = calibration_pass_task(source_dir, digest, db_url, config, work_dir)
     scores_path = tier_scores_task(
         source_dir, digest, db_url, stats_path, rounded_path, config, work_dir
     )

@@ -167,32 +167,25 @@ def _prompts(corpus_digest: str, db_url: str | None, role: Role) -> list[Rendere
     return prompts
 
 
-def activation_stats(
+def calibration_pass(
     source_dir: str,
     corpus_digest: str,
     db_url: str | None,
     config: CalibrationConfig,
     work_dir: str,
-) -> str:
-    """Static input amax of every targeted Linear over every calibration prompt → JSON path."""
-
-    out = Path(work_dir) / "activation_stats.json"
+) -> tuple[str, str]:
+    """Input statistics and GPTQ / MSE-rounded NVFP4 weights of every group over every calibration
+    prompt → (statistics JSON path, rounded safetensors path)."""
     prompts = _prompts(corpus_digest, db_url, Role.CALIBRATION)
-    return str(recalibrate.collect_stats_file(source_dir, prompts, out, config, progress=False))
-
-
-def rounded_weights(
-    source_dir: str,
-    corpus_digest: str,
-    db_url: str | None,
-    stats_path: str,
-    config: CalibrationConfig,
-    work_dir: str,
-) -> str:
-    """GPTQ / MSE-rounded NVFP4 weights and scales of every group → safetensors path."""
-    out = Path(work_dir) / "rounded.safetensors"
-    prompts = _prompts(corpus_digest, db_url, Role.CALIBRATION)
-    return str(recalibrate.round_file(source_dir, prompts, stats_path, out, config, progress=False))
+    stats, rounded = recalibrate.calibrate_files(
+        source_dir,
+        prompts,
+        Path(work_dir) / "activation_stats.json",
+        Path(work_dir) / "rounded.safetensors",
+        config,
+        progress=False,
+    )
+    return str(stats), str(rounded)
 
 
 def tier_scores(

@@ -9,13 +9,12 @@ import pytest
 
 from calibration.config import CalibrationConfig
 from calibration.recalibrate import (
-    collect_stats_file,
+    calibrate_files,
     exact_candidates,
     load_score_file,
     load_sweep_file,
     plan_and_export,
     recalibrate,
-    round_file,
     score_file,
     sweep_file,
 )
@@ -28,8 +27,9 @@ CONFIG = CalibrationConfig(
 
 
 def _run_stages(model_dir, tmp_path, partitions, config=CONFIG):
-    stats = collect_stats_file(model_dir, TEXTS[:4], tmp_path / "stats.json", config)
-    rounded = round_file(model_dir, TEXTS[:4], stats, tmp_path / "rounded.safetensors", config)
+    stats, rounded = calibrate_files(
+        model_dir, TEXTS[:4], tmp_path / "stats.json", tmp_path / "rounded.safetensors", config
+    )
     scores = score_file(model_dir, TEXTS[:4], stats, rounded, tmp_path / "scores.json", config)
     groups = exact_candidates(scores, config)
     parts = [
@@ -99,8 +99,9 @@ def test_stages_resume_instead_of_recomputing(tiny_llama_dir, tmp_path):
 
 
 def test_stage_errors_are_specific(tiny_llama_dir, tmp_path):
-    stats = collect_stats_file(tiny_llama_dir, TEXTS[:4], tmp_path / "stats.json", CONFIG)
-    rounded = round_file(tiny_llama_dir, TEXTS[:4], stats, tmp_path / "r.safetensors", CONFIG)
+    stats, rounded = calibrate_files(
+        tiny_llama_dir, TEXTS[:4], tmp_path / "stats.json", tmp_path / "r.safetensors", CONFIG
+    )
     with pytest.raises(ValueError, match="unknown group name"):
         sweep_file(
             tiny_llama_dir,

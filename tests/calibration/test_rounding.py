@@ -15,6 +15,8 @@ from calibration.rounding import (
     RoundedGroup,
     RoundingError,
     load_rounded,
+    observes_every_input,
+    round_and_observe,
     round_model,
     rounded_metadata,
     save_rounded,
@@ -39,6 +41,32 @@ def setup():
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int32)
+
+
+def test_the_pass_observes_the_input_amax_the_statistics_forward_sees(setup):
+    """With nothing quantized on the way (every group BF16), the rounding pass's observed amax is the
+    statistics forward's exactly; under W4A4 block 0 still matches (its inputs carry no error yet)
+    and later blocks see their propagated, quantized inputs."""
+    model, _, selection, batches, _, _ = setup
+    stats = collect_activation_stats(model, batches, selection, progress=False)
+    assert observes_every_input(selection, Rounding.GPTQ_MSE)
+    assert not observes_every_input(selection, Rounding.RTN)
+    rounded, amax = round_and_observe(
+        model, batches, selection, Rounding.GPTQ, tiers={}, observe_input_amax=True
+    )
+    assert rounded == {}
+    assert amax == pytest.approx(dict(stats.group_input_amax), rel=0, abs=0)
+    _, w4a4 = round_and_observe(
+        model, batches, selection, Rounding.GPTQ, tiers=Tier.NVFP4, observe_input_amax=True
+    )
+    assert list(w4a4) == [g.name for g in selection.groups]
+    for group in selection.groups:
+        if group.block_index == 0:
+            assert w4a4[group.name] == stats.group_input_amax[group.name], group.name
+    later = [g.name for g in selection.groups if g.block_index == 2]
+    assert any(w4a4[n] != stats.group_input_amax[n] for n in later)
+    with pytest.raises(RoundingError, match="cannot observe"):
+        round_and_observe(model, batches, selection, Rounding.RTN, observe_input_amax=True)
 
 
 def test_round_model_restores_the_models_weights(setup):
@@ -224,15 +252,14 @@ def test_save_and_load_round_trip_bit_for_bit(setup, tmp_path):
     assert path.stat().st_size < fp32_bytes / 4
 
 
-def test_save_refuses_weights_off_the_grid(setup, tmp_path):
+def test_weights_off_the_grid_are_refused(setup, tmp_path):
     _, _, selection, _, _, rounded = setup
     r = rounded[Rounding.RTN][selection.groups[0].name]
     member = r.members[0]
-    off = dict(r.weights)
-    off[member] = r.weights[member] + 1e-3
-    bad = RoundedGroup(weights=off, block_scales=r.block_scales, global_scale=r.global_scale)
-    with pytest.raises(RoundingError):
-        save_rounded(tmp_path / "bad.safetensors", {selection.groups[0].name: bad})
+    off = r.weights
+    off[member] = off[member] + 1e-3
+    with pytest.raises(RoundingError, match="not on the NVFP4 grid"):
+        RoundedGroup.from_weights(off, r.block_scales, r.global_scale)
     (tmp_path / "other.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(RoundingError):
         load_rounded(tmp_path / "other.safetensors")

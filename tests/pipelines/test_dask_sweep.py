@@ -32,9 +32,8 @@ def test_kl_sweep_on_dask_matches_thread_pool(
     )
     config = params.calibration
     digest = steps.sample_calibration_set(params, tiny_llama_dir).digest
-    stats = steps.activation_stats(tiny_llama_dir, digest, None, config, str(tmp_path / "stats"))
     work = str(tmp_path / "shared")
-    rounded = steps.rounded_weights(tiny_llama_dir, digest, None, stats, config, work)
+    stats, rounded = steps.calibration_pass(tiny_llama_dir, digest, None, config, work)
     scores = steps.tier_scores(tiny_llama_dir, digest, None, stats, rounded, config, work)
     partitions = steps.sweep_partitions(steps.exact_candidates(scores, config), 2)
     assert sum(map(len, partitions)) == 8
