@@ -143,7 +143,7 @@ class CalibrationConfig:
         True, "GPTQ quantizes columns in order of decreasing input second moment."
     )
     fisher_tokens: Annotated[int, at.Ge(8)] | None = described(
-        16384,
+        4096,
         "Calibration tokens the one-pass Fisher sensitivity reads (prompts in order while they fit; "
         "'none': all).",
     )

@@ -210,9 +210,9 @@ def quantize_groups(
         if choice is None:
             out.append(quantize_group(linears, group, tier, input_amax=amax, weights=weights))
             continue
-        if set(choice.weights) != set(group.members):
+        if set(choice.members) != set(group.members):
             raise EmulationError(
-                f"{group.name}: rounded members {sorted(choice.weights)} are not the group's"
+                f"{group.name}: rounded members {sorted(choice.members)} are not the group's"
             )
         out.append(
             quantize_group(
@@ -295,9 +295,22 @@ class Emulation:
     """Handle of :func:`emulate`: ``remove()`` (or leaving the ``with`` block) restores the model."""
 
     def __init__(self) -> None:
-        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, original data)
+        # (tensor, original data as kept, original dtype)
+        self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.dtype]] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.layers: tuple[str, ...] = ()
+
+    def _replace(self, tensor: torch.Tensor, data: torch.Tensor) -> None:
+        """Point ``tensor`` at ``data``, keeping its original data to restore. A float32 original
+        that bfloat16 holds exactly (a bf16 checkpoint computed in float32) is kept in bfloat16:
+        half the memory, restored bit for bit."""
+        original = tensor.data
+        if original.dtype == torch.float32:
+            compact = original.to(torch.bfloat16)
+            if torch.equal(compact.to(torch.float32), original):
+                original = compact
+        self._saved.append((tensor, original, tensor.dtype))
+        tensor.data = data
 
     @property
     def active(self) -> bool:
@@ -307,8 +320,8 @@ class Emulation:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        for tensor, original in reversed(self._saved):
-            tensor.data = original
+        for tensor, original, dtype in reversed(self._saved):
+            tensor.data = original.to(dtype)
         self._saved.clear()
 
     def __enter__(self) -> Emulation:
@@ -346,9 +359,7 @@ def emulate(
                     layers.append(layer)
                     continue
                 weight = modules[layer.name].weight
-                decoded = layer.dequantized_weight(weight.dtype).to(weight.device)
-                handle._saved.append((weight, weight.data))
-                weight.data = decoded
+                handle._replace(weight, layer.dequantized_weight(weight.dtype).to(weight.device))
                 layers.append(layer)
         decoded = [
             (slots[layer.name], layer.dequantized_weight) for layer in layers if layer.name in slots
@@ -363,8 +374,9 @@ def emulate(
                 if id(tensor) in replaced or not tensor.is_floating_point():
                     continue
                 if tensor.dtype != storage_dtype:
-                    handle._saved.append((tensor, tensor.data))
-                    tensor.data = tensor.data.to(storage_dtype).to(tensor.dtype)
+                    stored = tensor.data.to(storage_dtype).to(tensor.dtype)
+                    if not torch.equal(stored, tensor.data):  # already exact: nothing to change
+                        handle._replace(tensor, stored)
         handle._hooks.extend(install_input_quantizers(model, layers, slots))
         handle.layers = tuple(layer.name for layer in layers)
     except BaseException:

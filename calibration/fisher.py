@@ -112,7 +112,7 @@ class FisherForm(str, Enum):
 #: The form :func:`score_tiers` returns (chosen by rank agreement with the exact sweep; module doc).
 DEFAULT_FORM = FisherForm.DIAGONAL
 #: Token positions per forward/backward (a caller's batch is split by rows to stay under it).
-DEFAULT_MAX_BATCH_TOKENS = 512
+DEFAULT_MAX_BATCH_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -371,15 +371,20 @@ def fisher_pass(
     acc = _Accumulator([(g.name, t) for g in groups for t in quantizing], device)
     # diagonal form alone: sum g² over the draws, then one Δy per member and tier per micro-batch
     diagonal_only = forms == (FisherForm.DIAGONAL,)
-    saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # member -> (input, output)
+    saved: dict[str, torch.Tensor] = {}  # member -> input (q/k/v and gate/up share one tensor)
     grad_squares: dict[str, torch.Tensor] = {}  # member -> Σ_draws g² [B, T, out]
+
+    def unquantized_output(member: str, x: torch.Tensor) -> torch.Tensor:
+        """Recomputed rather than kept: holding every Linear's output until the backward would
+        double the pass's memory."""
+        return F.linear(x, linears[member].weight, linears[member].bias)
 
     def output_change(member: str, how: _MemberTier, x: torch.Tensor, y: torch.Tensor):
         linear = linears[member]
         xq = x if how.quantize_input is None else how.quantize_input(x)
         return F.linear(xq, how.weight(linear.weight), linear.bias).float() - y.float()
 
-    def grad_hook(member: str, x: torch.Tensor, y: torch.Tensor):
+    def grad_hook(member: str, x: torch.Tensor):
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
                 g = grad.float()  # [B, T, out]
@@ -387,6 +392,7 @@ def fisher_pass(
                     previous = grad_squares.get(member)
                     grad_squares[member] = g.square() if previous is None else previous + g.square()
                     return
+                y = unquantized_output(member, x)
                 for key, how in plan[member]:
                     product = g * output_change(member, how, x, y)
                     acc.add(key, product.sum(-1), product.square().sum(-1))
@@ -396,20 +402,21 @@ def fisher_pass(
     def forward_hook(member: str):
         def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if torch.is_grad_enabled() and output.requires_grad:
-                x, y = args[0].detach(), output.detach()
+                x = args[0].detach()
                 if diagonal_only:
-                    saved[member] = (x, y)
-                output.register_hook(grad_hook(member, x, y))
+                    saved[member] = x
+                output.register_hook(grad_hook(member, x))
 
         return hook
 
     @torch.no_grad()
     def close_diagonal(mask: torch.Tensor) -> None:
         weight = mask.to(torch.float64)
-        for member, (x, y) in saved.items():
+        for member, x in saved.items():
             squares = grad_squares.get(member)
             if squares is None:
                 continue  # the output did not reach the loss
+            y = unquantized_output(member, x)
             for key, how in plan[member]:
                 diagonal = (squares * output_change(member, how, x, y).square()).sum(-1)
                 acc.add_diagonal(key, diagonal, weight)
