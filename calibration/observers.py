@@ -60,7 +60,7 @@ class TokenizedPrompts:
 
 #: Padded tokens per batch at most (``rows x longest``): attention over a long prompt costs
 #: ``rows x heads x seq²`` floats, so long prompts go in smaller batches (one alone if need be).
-DEFAULT_MAX_BATCH_TOKENS = 4096
+DEFAULT_MAX_BATCH_TOKENS = 2048
 
 
 def _chunks(

@@ -96,6 +96,9 @@ FLOOR_MARGIN = 0.5
 MAX_EXACT_GROUPS = 24
 #: Padded tokens per scoring batch: each real token's logits are ``vocab`` floats (SmolLM2: 49 152).
 SCORING_BATCH_TOKENS = 512
+#: The Fisher pass reads each prompt's first tokens only: a prompt is never split across its
+#: micro-batches, so its autograd memory grows with the longest prompt (~0.6 MB per SmolLM2 token).
+FISHER_PROMPT_TOKENS = 512
 SCORES_FORMAT = "fp4roll.tier-scores"
 SWEEP_FORMAT = "fp4roll.kl-sweep"
 
@@ -162,19 +165,16 @@ def _tokenize(
     *,
     budget: int | None,
     batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    max_length: int | None = None,
 ):
     return tokenize_prompts(
         loaded.tokenizer,
         prompts,
-        max_length=config.max_prompt_tokens,
+        max_length=min(config.max_prompt_tokens, max_length or config.max_prompt_tokens),
         batch_size=config.batch_size,
         token_budget=budget,
         max_batch_tokens=batch_tokens,
     )
-
-
-def _calibration_batches(loaded: _Loaded, prompts: Prompts, config: CalibrationConfig):
-    return _tokenize(loaded, prompts, config, budget=config.token_budget).batches
 
 
 def _needs_input_amax(config: CalibrationConfig) -> bool:
@@ -255,13 +255,15 @@ def _scores(
     progress: bool,
 ) -> dict[str, dict[Tier, float]]:
     """Estimated KL of every group alone at every candidate tier (one Fisher pass over the first
-    ``fisher_tokens`` calibration tokens). Groups the pass cannot score (routed experts) are left out:
+    ``fisher_tokens`` calibration tokens, each prompt cut at ``FISHER_PROMPT_TOKENS``). Groups the pass cannot score (routed experts) are left out:
     they get exact checks. With nothing to decide (no budget, target or floor) nothing is scored."""
     if config.max_extra_bytes == 0 and config.target_kl is None and config.kl_threshold is None:
         return {
             g.name: dict.fromkeys(_candidate_tiers(config), 0.0) for g in loaded.selection.groups
         }
-    tokenized = _tokenize(loaded, prompts, config, budget=config.fisher_tokens)
+    tokenized = _tokenize(
+        loaded, prompts, config, budget=config.fisher_tokens, max_length=FISHER_PROMPT_TOKENS
+    )
     return score_tiers(
         loaded.model,
         tokenized.batches,
