@@ -112,49 +112,47 @@ recalibrate = options_command(
 )
 
 
-def canary(
-    model: ModelOption = DEFAULT_MODEL_NAME,
-    candidate: Annotated[str | None, typer.Option(help="Version (default: challenger).")] = None,
-    baseline: Annotated[str | None, typer.Option(help="Version (default: champion).")] = None,
-    stages: Annotated[
-        str, typer.Option(help="Traffic percentages, comma-separated.")
-    ] = "1,10,50,100",
-    min_samples: Annotated[int, typer.Option(help="Minimum requests per stage.")] = 50,
-    require_approval: Annotated[
-        bool, typer.Option(help="Pause for a human before the last stage.")
-    ] = False,
-    auto_promote: Annotated[bool, typer.Option(help="Promote when every stage passes.")] = True,
-    policy: Annotated[Path | None, typer.Option(help="JSON file of gate-policy overrides.")] = None,
-    db: DbOption = None,
-    tracking_uri: TrackingOption = None,
-) -> None:
-    """Staged canary of the challenger against the champion; promote, or roll back automatically."""
+def _run_canary(params: CanaryParams, *, policy: Path | None = None) -> None:
     from pipelines.flows import canary_flow
 
-    try:
-        stage_list = [float(s) for s in stages.split(",") if s.strip()]
-    except ValueError:
-        err_console.print(
-            f"[red]--stages must be numbers separated by commas, got {stages!r}[/red]"
+    if policy is not None:
+        params = _params(
+            CanaryParams,
+            **{
+                **params.model_dump(exclude_unset=True),
+                "gate_policy": json.loads(policy.read_text()),
+            },
         )
-        raise typer.Exit(2) from None
-    params = _params(
-        CanaryParams,
-        model_name=model,
-        candidate_version=candidate,
-        baseline_version=baseline,
-        stages=stage_list,
-        min_samples=min_samples,
-        require_approval=require_approval,
-        auto_promote=auto_promote,
-        gate_policy=json.loads(policy.read_text()) if policy else None,
-        db_url=db,
-        tracking_uri=tracking_uri,
-    )
     result = canary_flow(params)
     print_stages(console, result)
     if result.outcome is CanaryOutcome.ROLLED_BACK:
         raise typer.Exit(3)
+
+
+#: ``fp4roll canary``: one option per field of CanaryParams, the live-endpoint fields
+#: (LiveCanaryParams) flattened: giving any of them (``--candidate-url`` ...) runs the live canary.
+canary = options_command(
+    CanaryParams,
+    _run_canary,
+    flags={
+        "model_name": ("--model", "-m"),
+        "candidate_version": ("--candidate",),
+        "baseline_version": ("--baseline",),
+        "db_url": ("--db",),
+    },
+    exclude=("gate_policy", "fail_after_stage"),
+    extra={
+        "policy": (
+            Path | None,
+            None,
+            typer.Option(help="JSON file of gate-policy overrides (GatePolicyOverrides)."),
+        )
+    },
+    doc="Staged canary of the challenger against the champion; promote, or roll back "
+    "automatically (exit 3). In process by default; the --baseline-url / --candidate-url options "
+    "run it against live OpenAI-compatible endpoints, with --router nginx setting the "
+    "candidate's weight at a running gateway per stage.",
+)
 
 
 def promote(

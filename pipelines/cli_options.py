@@ -5,7 +5,8 @@
 (nested fields are flattened, so leaf names must be unique), help text from the field's description
 with the model's default shown. Options left out are not passed, so the model's own defaults apply; what
 is given goes through the model's validation (one place for bounds and cross-field rules). ``none``
-sets an optional field to None; list fields repeat their option.
+sets an optional field to None; list fields repeat their option (numbers also take "1,10,100").
+An optional nested model (``CanaryParams.live``) is built when any of its options is given.
 """
 
 from __future__ import annotations
@@ -119,11 +120,14 @@ def _metavar(inner: Any) -> str:
 
 
 def _value(leaf: _Leaf, raw: Any) -> Any:
-    _, optional = _unwrap(leaf.annotation)
+    inner, optional = _unwrap(leaf.annotation)
     if optional and isinstance(raw, str) and raw.strip().lower() == "none":
         return None
     if isinstance(raw, list) and len(raw) == 1 and optional and raw[0].strip().lower() == "none":
         return None
+    item = typing.get_args(inner)[0] if typing.get_origin(inner) in (tuple, list) else None
+    if isinstance(raw, list) and item in (int, float):  # numbers: "1,10,100" or repeated
+        return [part.strip() for value in raw for part in value.split(",") if part.strip()]
     return raw
 
 
@@ -173,12 +177,13 @@ def options_command(
     """A Typer command whose options are ``model``'s fields; it validates them and calls ``run``.
 
     ``flags`` renames a leaf's option (e.g. ``{"model_name": ("--model", "-m")}``); ``exclude`` leaves
-    fields out of the command line (their defaults, or the environment, apply); ``extra`` adds options
+    fields (or whole nested models) out of the command line (their defaults, or the environment,
+    apply); ``extra`` adds options
     that are not parameters (name -> (annotation, default, typer.Option without a default)), passed
     to ``run`` as keywords.
     """
     flags = dict(flags or {})
-    leaves = [leaf for leaf in _leaves(model) if leaf.path[-1] not in exclude]
+    leaves = [leaf for leaf in _leaves(model) if not set(leaf.path) & set(exclude)]
     names = [leaf.path[-1] for leaf in leaves]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

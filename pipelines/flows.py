@@ -267,6 +267,9 @@ class Approval(RunInput):
 
 plan_canary_task = task(name="plan-canary", **_IO)(_redact_errors(rollout_steps.plan_canary))
 open_rollout_task = task(name="open-rollout", **_IO)(_redact_errors(rollout_steps.open_rollout))
+reconcile_gateway_task = task(name="reconcile-gateway", **_IO)(
+    _redact_errors(rollout_steps.reconcile_gateway)
+)
 canary_stage_task = task(
     name="canary-stage", cache_policy=NO_CACHE, persist_result=True, result_serializer="json"
 )(_redact_errors(rollout_steps.run_stage))
@@ -337,8 +340,9 @@ def _drive_stages(
 
 @flow(name="canary", log_prints=False)
 def canary_flow(params: CanaryParams = CanaryParams()) -> CanaryRecord:  # noqa: B008
-    """Staged replay canary (1 % → 10 % → 50 % → 100 % by default) of the challenger against the
-    champion. Pass every stage → promote; a Fail → automatic rollback (champion untouched, challenger
+    """Staged canary (1 % → 10 % → 50 % → 100 % by default) of the challenger against the
+    champion: replayed in process, or (``params.live``) against live endpoints with the candidate's
+    weight set per stage at a gateway, reconciled with the ledger first. Pass every stage → promote; a Fail → automatic rollback (champion untouched, challenger
     rejected); not enough evidence → hold. A crash marks the rollout aborted; champion never moves."""
     plan = plan_canary_task(params)
     state = open_rollout_task(plan)
@@ -346,6 +350,8 @@ def canary_flow(params: CanaryParams = CanaryParams()) -> CanaryRecord:  # noqa:
     outcome = CanaryOutcome.HELD
     try:
         with rollout_steps.lease_heartbeat(plan, state):
+            if plan.live is not None:  # the gateway first carries what the ledger says
+                reconcile_gateway_task(plan, state.rollout_id)
             outcome = _drive_stages(params, plan, state, reports)
     except (LostOwnershipError, RolloutOwnedError):
         raise  # another run owns the rollout now: never abort it from here
@@ -353,6 +359,14 @@ def canary_flow(params: CanaryParams = CanaryParams()) -> CanaryRecord:  # noqa:
         rollout_steps.abort_rollout(
             plan.db_url, state.rollout_id, f"canary flow stopped: {type(exc).__name__}: {exc}"
         )
+        if plan.live is not None:  # an aborted candidate gets no traffic (a rerun also fixes it)
+            try:
+                rollout_steps.reconcile_gateway(plan, state.rollout_id)
+            except Exception as gateway_exc:  # noqa: BLE001 - the original error matters more
+                logger.error(
+                    "could not put the gateway back after the abort: %s",
+                    redact_urls(str(gateway_exc)),
+                )
         raise
     _table_artifact(
         key="canary-stages",

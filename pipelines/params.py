@@ -7,6 +7,9 @@ Unknown fields are refused, so a typo in a deployment's parameters fails loudly 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from enum import Enum
+
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -17,6 +20,7 @@ from pydantic import (
 )
 
 from calibration.config import CalibrationConfig, SamplingConfig
+from pipelines.canary.endpoints import ClientSettings, ServerFlavor
 from registry.policy import GatePolicy, GatePolicyOverrides, Metric, build_gate_policy
 from registry.url_redaction import has_credentials
 
@@ -112,8 +116,152 @@ class SampleParams(BaseModel):
     _no_credentials = field_validator("db_url")(refuse_credentials)
 
 
+class RouterKind(str, Enum):
+    """Where a live canary sets the candidate's traffic weight."""
+
+    NONE = "none"  # no gateway: the stages only mirror held-out requests (replay-only router)
+    NGINX = "nginx"  # a running fp4roll nginx gateway (pipelines.canary.nginx), reloaded per stage
+
+
+#: An environment variable's name (an API key is read from it, never passed as a parameter).
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+_CLIENT = ClientSettings()  # the evaluator's HTTP defaults, written once
+
+
+class LiveCanaryParams(BaseModel):
+    """The canary against two live OpenAI-compatible endpoints (``pipelines.canary``): held-out
+    requests mirrored to both, the candidate's weight set per stage at a gateway, latency enforced.
+
+    Leaf names are unique across :class:`CanaryParams` (the CLI flattens them into options)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    baseline_url: str = Field(
+        ...,
+        description="Baseline endpoint base URL (OpenAI-compatible, with or without /v1), no "
+        "credentials.",
+    )
+    candidate_url: str = Field(
+        ...,
+        description="Candidate endpoint base URL (the candidate itself, or the gateway's "
+        "candidate-only front), no credentials.",
+    )
+    baseline_model: str = Field(
+        ..., min_length=1, max_length=200, description="Model name the baseline server serves."
+    )
+    candidate_model: str = Field(
+        ..., min_length=1, max_length=200, description="Model name the candidate server serves."
+    )
+    flavor: ServerFlavor = Field(
+        ServerFlavor.VLLM,
+        description="Server dialect for prompt log-probabilities: vllm (prompt_logprobs) or "
+        "llamacpp (echo + logprobs).",
+    )
+    baseline_api_key_env: str | None = Field(
+        None,
+        pattern=ENV_NAME_PATTERN,
+        description="Name of the environment variable holding the baseline's API key (the key "
+        "itself is never a parameter).",
+    )
+    candidate_api_key_env: str | None = Field(
+        None,
+        pattern=ENV_NAME_PATTERN,
+        description="Name of the environment variable holding the candidate's API key.",
+    )
+    concurrency: int = Field(
+        _CLIENT.concurrency, ge=1, le=256, description="Requests in flight per side."
+    )
+    connect_timeout_s: float = Field(_CLIENT.connect_timeout_s, gt=0, le=600)
+    read_timeout_s: float = Field(_CLIENT.read_timeout_s, gt=0, le=3600)
+    max_retries: int = Field(
+        _CLIENT.max_retries,
+        ge=0,
+        le=10,
+        description="Extra attempts for requests that cannot have been served (connection "
+        "refused, 429); a request still failing counts against the error-rate gate.",
+    )
+    max_tokens: int = Field(
+        _CLIENT.max_tokens, ge=1, le=4096, description="Greedy generation length per side."
+    )
+    top_k: int = Field(_CLIENT.top_k, ge=1, le=100, description="Log-probabilities per position.")
+    kl_top_k: int = Field(
+        _CLIENT.kl_top_k, ge=1, le=100, description="k of the truncated KL (at most top_k)."
+    )
+    router: RouterKind = Field(
+        RouterKind.NONE,
+        description="none: mirror held-out requests only; nginx: also set the candidate's weight "
+        "at the running gateway in nginx_dir per stage.",
+    )
+    nginx_dir: str | None = Field(
+        None,
+        description="Folder of a running fp4roll nginx gateway (nginx.conf, nginx.pid, "
+        "gateway.json); required with router=nginx.",
+    )
+    route_min_samples: int = Field(
+        20,
+        ge=2,
+        description="Fewer requests than this on a route is inconclusive for that route.",
+    )
+    reuse_records: bool = Field(
+        False,
+        description="Send each stage only the held-out requests earlier stages did not (stage "
+        "samples are nested); off: every stage measures its whole window afresh.",
+    )
+
+    @field_validator("baseline_url", "candidate_url")
+    @classmethod
+    def _http_url(cls, value: str, info: ValidationInfo) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"{info.field_name} must be an http(s) URL")
+        if has_credentials(value):
+            raise ValueError(
+                f"{info.field_name} carries credentials; flow parameters are persisted and shown "
+                "in the Prefect UI. Name the variable holding the key in *_api_key_env instead."
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LiveCanaryParams:
+        if self.router is RouterKind.NGINX and not self.nginx_dir:
+            raise ValueError("router=nginx needs nginx_dir (the running gateway's folder)")
+        if self.router is RouterKind.NONE and self.nginx_dir:
+            raise ValueError("nginx_dir is given but router is none: set router=nginx")
+        self.client_settings()  # ClientSettings' own cross-field rules (kl_top_k <= top_k)
+        return self
+
+    def client_settings(self) -> ClientSettings:
+        """The evaluator's HTTP settings."""
+        return ClientSettings(
+            concurrency=self.concurrency,
+            connect_timeout_s=self.connect_timeout_s,
+            read_timeout_s=self.read_timeout_s,
+            max_retries=self.max_retries,
+            top_k=self.top_k,
+            kl_top_k=self.kl_top_k,
+            max_tokens=self.max_tokens,
+        )
+
+
+def canary_policy(
+    stages: Sequence[float],
+    min_samples: int,
+    overrides: GatePolicyOverrides | None,
+    *,
+    live: LiveCanaryParams | None,
+) -> GatePolicy:
+    """The judge's policy of a canary: the in-process replay's (latency reported only), or, with
+    ``live`` endpoints, the endpoint policy (latency enforced, token guards, task gates per route;
+    ``pipelines.canary.judging.build_endpoint_policy``)."""
+    if live is not None:
+        from pipelines.canary.judging import build_endpoint_policy  # torch: only when live
+
+        return build_endpoint_policy(stages, min_samples, overrides)
+    return build_gate_policy(stages, min_samples, overrides, reported_only=IN_PROCESS_REPORTED_ONLY)
+
+
 class CanaryParams(_Params):
-    """Staged replay canary of ``candidate_version`` against ``baseline_version``; promote or roll back."""
+    """Staged canary of ``candidate_version`` against ``baseline_version``: replayed in process, or
+    against live endpoints behind a gateway (``live``); promote or roll back."""
 
     model_name: str = Field(DEFAULT_MODEL_NAME, pattern=MODEL_NAME_PATTERN)
     candidate_version: str | None = Field(
@@ -140,6 +288,11 @@ class CanaryParams(_Params):
     fail_after_stage: int | None = Field(
         None, ge=0, description="Testing aid: raise after this stage index to simulate a crash."
     )
+    live: LiveCanaryParams | None = Field(
+        None,
+        description="Run against live endpoints (None: the in-process replay of the two "
+        "registered checkpoints).",
+    )
 
     @field_validator("stages")
     @classmethod
@@ -155,10 +308,8 @@ class CanaryParams(_Params):
         return stages
 
     def policy(self) -> GatePolicy:
-        """The judge's policy for this canary (the in-process replay: latency reported only)."""
-        return build_gate_policy(
-            self.stages, self.min_samples, self.gate_policy, reported_only=IN_PROCESS_REPORTED_ONLY
-        )
+        """The judge's policy for this canary (:func:`canary_policy`)."""
+        return canary_policy(self.stages, self.min_samples, self.gate_policy, live=self.live)
 
     @model_validator(mode="after")
     def _valid_policy(self) -> CanaryParams:

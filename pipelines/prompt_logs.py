@@ -230,9 +230,17 @@ def calibration_prompts(
 ) -> list[RenderedPrompt]:
     """The REDACTED prompts of a stored set's ``role``, in order, as the server sees them (a set
     sampled before rendering gives its flattened texts as plain prompts)."""
+    return [prompt for prompt, _ in calibration_prompts_with_routes(digest, db_url, role)]
+
+
+def calibration_prompts_with_routes(
+    digest: str, db_url: str | None = None, role: Role = Role.CALIBRATION
+) -> list[tuple[RenderedPrompt, str]]:
+    """:func:`calibration_prompts` with each member's route, in order (the live canary judges per
+    route)."""
     role = Role(role)
     members = store.load_calibration_set(digest, db_url).role(role.value)
-    return [RenderedPrompt(m.prompt_text, templated=m.templated) for m in members]
+    return [(RenderedPrompt(m.prompt_text, templated=m.templated), m.route) for m in members]
 
 
 def export_calibration_set(digest: str, out_dir: str | Path, db_url: str | None = None) -> Path:

@@ -17,14 +17,26 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from calibration.evaluate import InProcessEvaluator
+from calibration.evaluate import InProcessEvaluator, load_replay
 from calibration.sampling import Role
 from pipelines.canary import run_replay_stage
-from pipelines.params import IN_PROCESS_REPORTED_ONLY, CanaryParams, PromoteParams, RollbackParams
-from pipelines.prompt_logs import calibration_prompts
+from pipelines.canary.endpoints import CanaryRequest, Endpoint, EndpointEvaluator
+from pipelines.canary.live import LedgerWeightJournal, reconcile_weight, run_live_canary
+from pipelines.canary.nginx import NginxGateway
+from pipelines.canary.router import NginxRouter, ReplayOnlyRouter, TrafficRouter
+from pipelines.params import (
+    CanaryParams,
+    LiveCanaryParams,
+    PromoteParams,
+    RollbackParams,
+    RouterKind,
+    canary_policy,
+)
+from pipelines.prompt_logs import calibration_prompts, calibration_prompts_with_routes
 from pipelines.results import CanaryOutcome, StageReport
 from registry import db, ledger, rollout_actions
 from registry import tags as tag
@@ -37,11 +49,13 @@ from registry.guards import (
     rollback_refusal,
 )
 from registry.integrity import verify_folder
+from registry.judge import Decision
+from registry.judge import StageVerdict as JudgeVerdict
 from registry.mlflow_registry import (
     RegistryError,
     aliases,
 )
-from registry.policy import GatePolicy, GatePolicyOverrides, build_gate_policy
+from registry.policy import GatePolicy, GatePolicyOverrides
 from registry.versions import local_checkpoint, resolve_version
 
 logger = logging.getLogger(__name__)
@@ -68,6 +82,7 @@ class CanaryPlan(BaseModel):
     gate_policy: GatePolicyOverrides | None
     db_url: str | None
     tracking_uri: str | None
+    live: LiveCanaryParams | None = None  # None: the in-process replay of the two checkpoints
 
 
 class RolloutState(BaseModel):
@@ -148,10 +163,9 @@ def lease_heartbeat(plan: CanaryPlan, state: RolloutState) -> Iterator[None]:
 
 
 def gate_policy(plan: CanaryPlan) -> GatePolicy:
-    """:func:`build_gate_policy` for a canary plan."""
-    return build_gate_policy(
-        plan.stages, plan.min_samples, plan.gate_policy, reported_only=IN_PROCESS_REPORTED_ONLY
-    )
+    """The judge's policy of a canary plan (:func:`pipelines.params.canary_policy`: replay or live
+    endpoints)."""
+    return canary_policy(plan.stages, plan.min_samples, plan.gate_policy, live=plan.live)
 
 
 def plan_canary(params: CanaryParams) -> CanaryPlan:
@@ -201,6 +215,7 @@ def plan_canary(params: CanaryParams) -> CanaryPlan:
         gate_policy=params.gate_policy,
         db_url=params.db_url,
         tracking_uri=params.tracking_uri,
+        live=params.live,
     )
     gate_policy(plan)  # validate the overrides before anything is started
     return plan
@@ -253,9 +268,11 @@ def verified_version(model_name: str, version_or_alias: str, *, tracking_uri: st
 def run_stage(
     plan: CanaryPlan, rollout_id: int, stage_index: int, owner: str | None = None
 ) -> StageReport:
-    """Replay stage ``stage_index``'s share of the hold-out through both models, judge it, record the
-    verdict and the decision in the ledger, and advance the rollout when the decision says so."""
-
+    """Run stage ``stage_index``: replay its share of the hold-out through both models in process,
+    or, with ``plan.live``, :func:`run_live_stage`; judge it, record the verdict and the decision in
+    the ledger, and advance the rollout when the decision says so."""
+    if plan.live is not None:
+        return run_live_stage(plan, rollout_id, stage_index, owner)
     policy = gate_policy(plan)
     verify_plan_checkpoints(plan)
     holdout = calibration_prompts(plan.corpus_digest, plan.db_url, Role.HOLDOUT)
@@ -265,9 +282,7 @@ def run_stage(
         max_len=plan.max_seq_len,
         seed=plan.seed,
     )
-    replay_path = (
-        fp4roll_home() / "work" / "rollouts" / str(rollout_id) / f"stage-{stage_index}.json"
-    )
+    replay_path = rollout_work_dir(rollout_id) / f"stage-{stage_index}.json"
     stage = run_replay_stage(
         evaluator,
         holdout,
@@ -279,12 +294,29 @@ def run_stage(
     decision = rollout_actions.record_stage(
         rollout_id, stage.verdict, policy, owner=owner, db_url=plan.db_url
     )
-    verdict = stage.verdict
+    return stage_report(
+        rollout_id, stage.verdict, decision, len(stage.request_indices), stage.replay_path
+    )
+
+
+def rollout_work_dir(rollout_id: int) -> Path:
+    """Where a rollout's per-stage request records are written."""
+    return fp4roll_home() / "work" / "rollouts" / str(rollout_id)
+
+
+def stage_report(
+    rollout_id: int,
+    verdict: JudgeVerdict,
+    decision: Decision,
+    requests: int,
+    replay_path: str | os.PathLike | None,
+) -> StageReport:
+    """A judged and recorded stage as the flow, its artifacts and the CLI show it."""
     return StageReport(
         rollout_id=rollout_id,
-        stage_index=stage_index,
+        stage_index=verdict.stage_index,
         traffic_percent=verdict.traffic_percent,
-        requests=len(stage.request_indices),
+        requests=requests,
         outcome=verdict.outcome,
         decision=decision,
         score=verdict.score,
@@ -303,7 +335,137 @@ def run_stage(
             }
             for m in verdict.metrics
         },
-        replay_path=str(stage.replay_path),
+        replay_path=str(replay_path),
+    )
+
+
+# ------------------------------------------------------------------------- live endpoints
+
+
+def _router_name(live: LiveCanaryParams) -> str:
+    return NginxRouter.name if live.router is RouterKind.NGINX else ReplayOnlyRouter.name
+
+
+def weight_journal(plan: CanaryPlan, rollout_id: int) -> LedgerWeightJournal:
+    """The gateway-weight journal of ``rollout_id`` in the ledger."""
+    assert plan.live is not None
+    return LedgerWeightJournal(rollout_id, _router_name(plan.live), plan.db_url)
+
+
+def traffic_router(live: LiveCanaryParams, expected: float | None = None) -> TrafficRouter:
+    """The router ``live`` names: the running nginx gateway in ``nginx_dir`` (attached, reloaded
+    per stage, never stopped here), or the replay-only router holding ``expected`` (the weight the
+    ledger says is in force)."""
+    if live.router is RouterKind.NGINX:
+        return NginxRouter(NginxGateway.attach(str(live.nginx_dir)))
+    return ReplayOnlyRouter(expected or 0.0)
+
+
+def reconcile_gateway(plan: CanaryPlan, rollout_id: int) -> float | None:
+    """Make the gateway carry what the ledger says (:func:`pipelines.canary.live.reconcile_weight`):
+    on entry of a live canary, and after its flow stopped. A rollout that journaled nothing yet
+    answers for what the model's previous rollout left at the gateway (0 unless it was promoted:
+    a crashed, aborted or rolled-back candidate gets no traffic). Returns the weight in force
+    (None: nothing journaled, nothing to fix)."""
+    journal = weight_journal(plan, rollout_id)
+    if journal.expected() is None:
+        earlier = [
+            r
+            for r in ledger.rollouts(plan.model_name, db_url=plan.db_url)
+            if r.id != rollout_id and ledger.last_weight(r.id, db_url=plan.db_url) is not None
+        ]
+        if earlier and earlier[-1].status.value != "promoted":
+            journal = weight_journal(plan, earlier[-1].id)
+    return reconcile_weight(traffic_router(plan.live, journal.expected()), journal)
+
+
+def live_holdout(plan: CanaryPlan) -> list[CanaryRequest]:
+    """The hold-out of the candidate's calibration set as the servers see it (the stored rendered
+    text), with each request's route."""
+    return [
+        CanaryRequest(prompt.text, route=route)
+        for prompt, route in calibration_prompts_with_routes(
+            plan.corpus_digest, plan.db_url, Role.HOLDOUT
+        )
+    ]
+
+
+def live_evaluator(live: LiveCanaryParams) -> EndpointEvaluator:
+    """The endpoint evaluator of ``live`` (API keys read from the named environment variables when
+    a request is sent, never stored)."""
+    return EndpointEvaluator(
+        baseline=Endpoint(
+            live.baseline_url,
+            live.baseline_model,
+            flavor=live.flavor,
+            api_key_env=live.baseline_api_key_env,
+        ),
+        candidate=Endpoint(
+            live.candidate_url,
+            live.candidate_model,
+            flavor=live.flavor,
+            api_key_env=live.candidate_api_key_env,
+        ),
+        settings=live.client_settings(),
+    )
+
+
+def run_live_stage(
+    plan: CanaryPlan, rollout_id: int, stage_index: int, owner: str | None = None
+) -> StageReport:
+    """One stage against the live endpoints (:func:`pipelines.canary.live.run_live_canary` with
+    ``max_stages=1``): the weight journaled in the ledger and set at the gateway (read back), the
+    stage's share of the hold-out mirrored to both endpoints, judged per pool and per route; a
+    rollback puts the weight to 0 before the verdict is recorded (:func:`record_stage`, the same
+    ledger write as the replay)."""
+    live = plan.live
+    assert live is not None
+    policy = gate_policy(plan)
+    progress = ledger.progress(rollout_id, db_url=plan.db_url)
+    if progress.stage_index != stage_index:
+        raise ledger.LedgerError(
+            f"rollout {rollout_id} stands at stage {progress.stage_index}, not {stage_index}"
+        )
+    holdout = live_holdout(plan)
+    journal = weight_journal(plan, rollout_id)
+    work = rollout_work_dir(rollout_id)
+    previous = None
+    if live.reuse_records and stage_index > 0:
+        earlier = work / f"live-stage-{stage_index - 1}.json"
+        previous = load_replay(earlier) if earlier.exists() else None
+    decisions: list[Decision] = []
+
+    def record(stage) -> None:
+        decisions.append(
+            rollout_actions.record_stage(
+                rollout_id, stage.verdict, policy, owner=owner, db_url=plan.db_url
+            )
+        )
+
+    result = run_live_canary(
+        live_evaluator(live),
+        traffic_router(live, journal.expected()),
+        holdout,
+        policy=policy,
+        routes=[request.route for request in holdout],
+        seed=plan.seed,
+        progress=progress,
+        journal=journal,
+        replay_dir=work,
+        route_min_samples=live.route_min_samples,
+        on_stage=record,
+        reuse_records=live.reuse_records,
+        previous=previous,
+        max_stages=1,
+    )
+    stage = result.stages[0]
+    if decisions[0] is not stage.decision:  # same verdict, same progress: cannot differ
+        raise ledger.LedgerError(
+            f"stage {stage_index}: the ledger decided {decisions[0].value}, the stage driver "
+            f"{stage.decision.value}"
+        )
+    return stage_report(
+        rollout_id, stage.verdict, decisions[0], len(stage.request_indices), stage.replay_path
     )
 
 
@@ -425,6 +587,19 @@ def rollback_version(params: RollbackParams) -> tuple[AliasMove, ...]:
     )
 
 
+def live_lines(plan: CanaryPlan) -> list[str]:
+    """What a live canary ran against (no keys: only the names of their variables)."""
+    live = plan.live
+    if live is None:
+        return []
+    return [
+        "",
+        f"Live endpoints ({live.flavor.value}): baseline {live.baseline_url} "
+        f"(`{live.baseline_model}`), candidate {live.candidate_url} (`{live.candidate_model}`); "
+        f"router `{live.router.value}`; latency enforced.",
+    ]
+
+
 def canary_summary(
     plan: CanaryPlan, state: RolloutState, reports: list[StageReport], outcome: CanaryOutcome
 ) -> str:
@@ -435,6 +610,7 @@ def canary_summary(
         "",
         f"Rollout {state.rollout_id}{' (resumed)' if state.resumed else ''}; hold-out of calibration set "
         f"`{plan.corpus_digest[:16]}` ({plan.holdout_size} prompts); stages {list(plan.stages)} %.",
+        *live_lines(plan),
         "",
         "| stage | traffic | requests | outcome | decision | score | failed metrics |",
         "|---|---|---|---|---|---|---|",

@@ -43,6 +43,19 @@ class Metric(str, Enum):
     ERROR_RATE = "error_rate"  # 1.0 per failed request of a side, never NaN
 
 
+class EndpointMetric(str, Enum):
+    """Metrics only an endpoint evaluator measures: the gates of :func:`endpoint_metric_gates`
+    (overridable in ``GatePolicyOverrides`` when the canary runs against live endpoints)."""
+
+    TTFT_MS = "ttft_ms"
+    TPOT_MS = "tpot_ms"
+    TASK_QUALITY = "task_quality"
+    REFUSAL_RATE = "refusal_rate"
+    EMPTY_RATE = "empty_rate"
+    TASK_AGREEMENT = "task_agreement"
+    ANSWER_FLIP = "answer_flip"
+
+
 class Direction(str, Enum):
     """Which way is better for a metric."""
 
@@ -316,24 +329,35 @@ def endpoint_metric_gates() -> tuple[MetricGate, ...]:
         require_significance=True,
     )
     return (
-        MetricGate(name="ttft_ms", **latency),
-        MetricGate(name="tpot_ms", **latency),
+        MetricGate(name=EndpointMetric.TTFT_MS.value, **latency),
+        MetricGate(name=EndpointMetric.TPOT_MS.value, **latency),
         MetricGate(
-            name="task_quality", direction=Direction.HIGHER_IS_BETTER, max_effect=-0.01, **drop
+            name=EndpointMetric.TASK_QUALITY.value,
+            direction=Direction.HIGHER_IS_BETTER,
+            max_effect=-0.01,
+            **drop,
         ),
         MetricGate(
-            name="refusal_rate", direction=Direction.LOWER_IS_BETTER, max_effect=0.01, **drop
+            name=EndpointMetric.REFUSAL_RATE.value,
+            direction=Direction.LOWER_IS_BETTER,
+            max_effect=0.01,
+            **drop,
         ),
-        MetricGate(name="empty_rate", direction=Direction.LOWER_IS_BETTER, max_effect=0.01, **drop),
         MetricGate(
-            name="task_agreement",
+            name=EndpointMetric.EMPTY_RATE.value,
+            direction=Direction.LOWER_IS_BETTER,
+            max_effect=0.01,
+            **drop,
+        ),
+        MetricGate(
+            name=EndpointMetric.TASK_AGREEMENT.value,
             direction=Direction.HIGHER_IS_BETTER,
             comparison=Comparison.CANDIDATE_ONLY,
             ceiling=0.5,
             critical=True,
         ),
         MetricGate(
-            name="answer_flip",
+            name=EndpointMetric.ANSWER_FLIP.value,
             direction=Direction.LOWER_IS_BETTER,
             comparison=Comparison.CANDIDATE_ONLY,
             ceiling=0.5,
@@ -430,12 +454,13 @@ class GatePolicyOverrides(BaseModel):
     ``{"metric_overrides": {"top1_agreement": {"ceiling": 0.9}}, "confidence": 0.99}``.
 
     ``metric_overrides`` changes fields of named default gates (unknown metric names or fields are
-    errors); ``metrics`` replaces the gate list entirely (not both). Only fields given apply.
+    errors; :class:`EndpointMetric` names only apply to a canary against live endpoints, the
+    in-process replay refuses them); ``metrics`` replaces the gate list entirely (not both). Only fields given apply.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    metric_overrides: dict[Metric, MetricOverride] = Field(default_factory=dict)
+    metric_overrides: dict[Metric | EndpointMetric, MetricOverride] = Field(default_factory=dict)
     metrics: tuple[MetricGate, ...] | None = None
     confidence: float | None = None
     min_samples: int | None = None
@@ -463,6 +488,13 @@ def build_gate_policy(
     but not enforced (metrics the evaluator cannot measure meaningfully). Raises ``ValueError``
     when the result is not a valid policy."""
     overrides = overrides or GatePolicyOverrides()
+    known = {gate.name for gate in default_metric_gates()}
+    unknown = sorted(key.value for key in overrides.metric_overrides if key.value not in known)
+    if unknown:
+        raise ValueError(
+            f"metric_overrides names {unknown}: measured by the endpoint evaluator only "
+            "(a live canary), not by the in-process replay"
+        )
     given = overrides.model_dump(
         exclude_unset=True, exclude={"metric_overrides", "metrics", "plan"}
     )

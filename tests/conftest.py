@@ -173,3 +173,13 @@ def smollm2_dir() -> str:
         os.environ.get("FP4ROLL_TEST_MODEL_CACHE", Path.home() / ".cache" / "fp4roll" / "models")
     )
     return str(prepare_smollm2(cache / SMOLLM2_NAME))
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Run flows against a throw-away local Prefect API (PREFECT_HOME is a temp dir, above); one
+    for the whole session (it takes 6–12 s to start), shared by tests/pipelines and tests/serving."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

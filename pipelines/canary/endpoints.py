@@ -34,13 +34,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
 
-from calibration.evaluate import ReplayRecord, ReplayResult, failed_record
 from calibration.prompts import Prompt, RenderedPrompt
+
+if TYPE_CHECKING:  # calibration.evaluate imports torch: the flow parameters import this module
+    from calibration.evaluate import ReplayRecord, ReplayResult
 
 logger = logging.getLogger(__name__)
 
@@ -499,6 +501,8 @@ class EndpointEvaluator:
             raise EndpointError(f"{len(indices)} request indices for {len(prompts)} prompts")
         if routes is not None and len(routes) != len(prompts):
             raise EndpointError(f"{len(routes)} routes for {len(prompts)} prompts")
+        from calibration.evaluate import ReplayResult
+
         records = asyncio.run(self._run(prompts, indices, routes))
         result = ReplayResult(
             records=tuple(records),
@@ -542,6 +546,7 @@ class EndpointEvaluator:
     async def _one(
         self, base: EndpointClient, cand: EndpointClient, index: int, prompt, route
     ) -> ReplayRecord:
+        from calibration.evaluate import ReplayRecord, failed_record
         from pipelines.canary.tasks import route_family, task_metrics
 
         text = _prompt_text(prompt, self.render)

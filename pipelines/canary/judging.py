@@ -21,6 +21,7 @@ from pipelines.canary.tasks import TASK_JUDGE_METRICS, family_judge_metrics, rou
 from registry.judge import StageVerdict, judge_stage, judge_stage_with_routes
 from registry.policy import (
     GatePolicy,
+    GatePolicyOverrides,
     default_metric_gates,
     endpoint_metric_gates,
     load_gate_policy,
@@ -169,12 +170,17 @@ def judge_window(
 
 
 def build_endpoint_policy(
-    stages: Sequence[float], min_samples: int, overrides: Mapping[str, Any] | None = None
+    stages: Sequence[float],
+    min_samples: int,
+    overrides: Mapping[str, Any] | GatePolicyOverrides | None = None,
 ) -> GatePolicy:
     """The default gates (:mod:`registry.policy`) for live endpoints, ``stages``, ``min_samples``,
     then ``overrides`` as :func:`registry.policy.load_gate_policy` takes them (``metric_overrides``
-    changes fields of named gates)."""
+    changes fields of named gates), or as the canary flow's ``gate_policy`` parameter
+    (:class:`~registry.policy.GatePolicyOverrides`: only the fields given apply)."""
     base = endpoint_gate_policy(GatePolicy())
+    if isinstance(overrides, GatePolicyOverrides):
+        overrides = overrides.model_dump(mode="json", exclude_unset=True)
     overrides = dict(overrides or {})
     per_metric = dict(overrides.pop("metric_overrides", None) or {})
     unknown = sorted(set(per_metric) - {g.name for g in base.metrics})

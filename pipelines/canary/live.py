@@ -166,6 +166,8 @@ def run_live_canary(
     route_min_samples: int = 20,
     on_stage: Callable[[LiveStage], None] | None = None,
     reuse_records: bool = False,
+    previous: ReplayResult | None = None,
+    max_stages: int | None = None,
 ) -> LiveCanaryResult:
     """Run stages from ``progress.stage_index`` until PROMOTE, ROLLBACK or HOLD (module docstring).
 
@@ -173,12 +175,19 @@ def run_live_canary(
     every analysed stage after any rollback weight change (the ledger records it there).
     ``reuse_records``: stage samples are nested, so a mirrored replay of the hold-out only needs to
     send each stage's new requests (the earlier records are kept); off by default, since a live
-    window should measure latency and errors under the stage's own traffic."""
+    window should measure latency and errors under the stage's own traffic. ``previous``: the
+    last window of an earlier call (its records are kept with ``reuse_records``).
+    ``max_stages``: return after that many analysed stages even on ADVANCE (a caller that runs
+    one stage per task, as the canary flow does)."""
+    if max_stages is not None and max_stages < 1:
+        raise ValueError(f"max_stages must be >= 1, got {max_stages}")
     journal = journal or MemoryWeightJournal()
     progress = progress or RolloutProgress()
     reconcile_weight(router, journal)
     stages: list[LiveStage] = []
     kept: dict[int, Any] = {}  # request index -> record (reuse_records)
+    if reuse_records and previous is not None:
+        kept.update({r.request_index: r for r in previous.records})
     while True:
         index = progress.stage_index
         percent = policy.plan.steps[index]
@@ -191,7 +200,7 @@ def run_live_canary(
         )
         if reuse_records:
             kept.update({r.request_index: r for r in (fresh.records if fresh else ())})
-            template = fresh if fresh is not None else stages[-1].replay
+            template = fresh if fresh is not None else (stages[-1].replay if stages else previous)
             result = dataclasses.replace(template, records=tuple(kept[i] for i in indices))
         else:
             result = fresh
@@ -229,7 +238,9 @@ def run_live_canary(
         )
         if on_stage is not None:
             on_stage(stage)
-        if decision is not Decision.ADVANCE:
+        if decision is not Decision.ADVANCE or (
+            max_stages is not None and len(stages) >= max_stages
+        ):
             return LiveCanaryResult(decision, progress, tuple(stages), applied_after)
 
 

@@ -20,6 +20,11 @@ Routing (generated config, see :func:`render_config`):
   apply on a second listener, ``candidate_front_url``, which fronts the candidate alone: a client
   that mirrors traffic straight to "the candidate endpoint" sees the same error rate.
 
+The gateway's folder (nginx's prefix) holds ``nginx.conf``, ``nginx.pid`` and ``gateway.json`` (the
+ports and the :class:`GatewayConfig` in force, rewritten atomically with every change), so another
+process, e.g. the canary flow, can take over a running gateway: :meth:`NginxGateway.attach` (it
+reloads the nginx it finds there and never stops it).
+
 Weight changes rewrite the config atomically, check it with ``nginx -t`` and send SIGHUP to the
 master (what ``nginx -s reload`` does); old workers finish their in-flight requests (and requests that
 arrive on connections they hold) with the old weights, so ``set_candidate_percent`` returns only when
@@ -35,7 +40,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
@@ -47,6 +52,7 @@ ROUTE_KEY_HEADER = "X-Fp4roll-Route-Key"
 UPSTREAM_HEADER = "X-Fp4roll-Upstream"
 WEIGHTS_PATH = "/fp4roll/weights"
 ROUTES = ("baseline", "candidate")
+STATE_FILE = "gateway.json"  # ports and config of a running gateway, for attach()
 
 
 class NginxError(RuntimeError):
@@ -234,7 +240,7 @@ class NginxGateway:
         )
         self._write_config(self.config)
         self._check_config()
-        self.proc = subprocess.Popen(
+        self.proc: subprocess.Popen | None = subprocess.Popen(
             [
                 binary,
                 "-p",
@@ -254,6 +260,42 @@ class NginxGateway:
             self.close()
             raise
 
+    @classmethod
+    def attach(cls, workdir: str | os.PathLike) -> NginxGateway:
+        """Take over the running gateway whose folder is ``workdir`` (started by another process
+        with :class:`NginxGateway`): weights are set by rewriting its config and reloading its
+        master (pid from ``nginx.pid``); :meth:`close` leaves it running. Raises
+        :class:`NginxError` when nothing serves there, or nginx serves another config generation
+        than the folder records (someone else changed it)."""
+        binary = nginx_binary()
+        if binary is None:
+            raise NginxError("nginx is not installed (Debian: apt-get install nginx-light)")
+        folder = Path(workdir)
+        try:
+            state = json.loads((folder / STATE_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise NginxError(f"no fp4roll gateway state in {folder}: {exc}") from None
+        self = cls.__new__(cls)
+        self.binary = binary
+        self._own_dir = False
+        self.workdir = folder
+        self.conf_path = folder / "nginx.conf"
+        self.port = int(state["port"])
+        self.front_port = int(state["front_port"])
+        self.config = GatewayConfig(**state["config"])
+        self.proc = None
+        self._require_running()
+        self._require_generation(self.config.generation)
+        return self
+
+    def _require_generation(self, generation: int) -> None:
+        served = self.effective_weights().get("generation")
+        if served != generation:
+            raise NginxError(
+                f"nginx in {self.workdir} serves config generation {served}, this gateway knows "
+                f"{generation}: another process changed it; attach again"
+            )
+
     # -- public API -----------------------------------------------------------------------------
 
     @property
@@ -272,7 +314,10 @@ class NginxGateway:
         timeout: float = 20.0,
     ) -> dict:
         """Rewrite the config with the new weight, reload nginx, and wait until nginx answers with
-        it. Returns the weights nginx reports (see :meth:`effective_weights`)."""
+        it. Returns the weights nginx reports (see :meth:`effective_weights`). First checks that
+        nginx still serves the config this object knows (else :class:`NginxError`: another
+        process, e.g. an attached flow, changed it since; nothing is overwritten)."""
+        self._require_generation(self.config.generation)
         cfg = GatewayConfig(
             baseline=self.config.baseline,
             candidate=self.config.candidate,
@@ -284,12 +329,11 @@ class NginxGateway:
             ),
             generation=self.config.generation + 1,
         )
-        previous = self.conf_path.read_text()
         self._write_config(cfg)
         try:
             self._check_config()
         except NginxError:
-            _atomic_write(self.conf_path, previous)
+            self._write_config(self.config)  # the config (and state) in force stay on disk
             raise
         self.config = cfg
         old_workers = self.worker_pids()
@@ -304,7 +348,17 @@ class NginxGateway:
     def reload(self) -> None:
         """SIGHUP to the master: re-read the config, start new workers, retire old ones."""
         self._require_running()
-        os.kill(self.proc.pid, signal.SIGHUP)
+        os.kill(self.master_pid, signal.SIGHUP)
+
+    @property
+    def master_pid(self) -> int:
+        """The nginx master: the process started here, else the one ``nginx.pid`` names."""
+        if self.proc is not None:
+            return self.proc.pid
+        try:
+            return int((self.workdir / "nginx.pid").read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise NginxError(f"no nginx master pid in {self.workdir}: {exc}") from None
 
     def effective_weights(self) -> dict:
         """The weights in the config nginx has loaded, as nginx itself reports them."""
@@ -324,13 +378,14 @@ class NginxGateway:
 
     def worker_pids(self) -> set[int]:
         """Pids of the master's child processes (its workers), from /proc."""
+        master = self.master_pid
         children = set()
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 fields = stat.read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == self.proc.pid:  # fields: state, ppid, ...
+            if int(fields[1]) == master:  # fields: state, ppid, ...
                 children.add(int(stat.parent.name))
         return children
 
@@ -342,6 +397,7 @@ class NginxGateway:
         return [line.split()[2] for line in path.read_text().splitlines() if line.strip()]
 
     def close(self) -> None:
+        """Stop the nginx started here (an attached gateway is left running)."""
         proc = getattr(self, "proc", None)
         if proc is not None:
             stop_process(proc, sig=signal.SIGQUIT)  # SIGQUIT: graceful shutdown
@@ -363,6 +419,8 @@ class NginxGateway:
             cfg, listen_port=self.port, front_port=self.front_port, workdir=self.workdir
         )
         _atomic_write(self.conf_path, text)
+        state = {"port": self.port, "front_port": self.front_port, "config": asdict(cfg)}
+        _atomic_write(self.workdir / STATE_FILE, json.dumps(state, sort_keys=True) + "\n")
 
     def _check_config(self) -> None:
         result = subprocess.run(
@@ -385,6 +443,15 @@ class NginxGateway:
             raise NginxError(f"nginx -t refused {self.conf_path}: {result.stderr.strip()}")
 
     def _require_running(self) -> None:
+        if self.proc is None:  # attached: the master must still be alive
+            pid = self.master_pid
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                raise NginxError(f"the nginx master {pid} of {self.workdir} is gone") from None
+            except PermissionError:
+                pass  # alive, another user's
+            return
         if self.proc.poll() is not None:
             err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
             log = self.workdir / "error.log"

@@ -97,3 +97,19 @@ def test_registry_imports_neither_torch_nor_prefect():
         check=True,
     )
     assert out.stdout.strip() == "", f"registry imported: {out.stdout.strip()}"
+
+
+def test_endpoint_metric_names_are_the_endpoint_gates():
+    """``GatePolicyOverrides`` validates endpoint metric names against one enum: it must name
+    exactly the gates an endpoint evaluator adds; the in-process replay refuses them."""
+    from registry.policy import (
+        EndpointMetric,
+        GatePolicyOverrides,
+        build_gate_policy,
+        endpoint_metric_gates,
+    )
+
+    assert {g.name for g in endpoint_metric_gates()} == {m.value for m in EndpointMetric}
+    overrides = GatePolicyOverrides(metric_overrides={"tpot_ms": {"max_effect": 2.0}})
+    with pytest.raises(ValueError, match="endpoint evaluator only"):
+        build_gate_policy((100.0,), 10, overrides)

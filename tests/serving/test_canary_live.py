@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import pytest
@@ -43,49 +42,6 @@ STEPS = (10.0, 50.0, 100.0)
 
 
 # --------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def gguf_files(tmp_path_factory) -> dict[str, Path]:
-    from benchmarks.serving_candidates import quantize
-    from calibration.models import ModelLoadError, smollm2_gguf_path
-
-    try:
-        source = smollm2_gguf_path()
-    except ModelLoadError as exc:
-        pytest.skip(str(exc))
-    folder = tmp_path_factory.mktemp("gguf")
-    files = {"baseline": source}
-    for type_name in ("Q8_0", "Q2_K"):
-        files[type_name] = folder / f"smollm2-{type_name}.gguf"
-        quantize(source, files[type_name], type_name)
-    return files
-
-
-class _Servers:
-    """Lazily started llama.cpp servers, one per GGUF, for the session."""
-
-    def __init__(self, files: dict[str, Path]) -> None:
-        self.files = files
-        self.running: dict[str, LlamaServer] = {}
-
-    def __getitem__(self, name: str) -> LlamaServer:
-        if name not in self.running:
-            self.running[name] = LlamaServer(self.files[name], alias="smollm2", n_ctx=512)
-        return self.running[name]
-
-    def close(self) -> None:
-        for server in self.running.values():
-            server.close()
-
-
-@pytest.fixture(scope="session")
-def servers(gguf_files):
-    pool = _Servers(gguf_files)
-    try:
-        yield pool
-    finally:
-        pool.close()
 
 
 @pytest.fixture(scope="session")

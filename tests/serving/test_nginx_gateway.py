@@ -152,3 +152,28 @@ def test_injected_candidate_errors(upstreams):
             client.get(gw.url, headers={ROUTE_KEY_HEADER: f"request-{i}"}).status_code
             for i in range(100)
         } == {200}
+
+
+@pytest.mark.integration
+@needs_nginx
+def test_attach_takes_over_a_running_gateway(upstreams, tmp_path):
+    """Another process (the canary flow) attaches to the gateway by its folder: it sets weights by
+    rewriting the config and reloading the master, and leaves nginx running when it is done."""
+    from tests.serving.nginx_gateway import NginxError
+
+    base, cand = upstreams
+    with NginxGateway(base.url, cand.url, workdir=tmp_path / "gw") as owner:
+        attached = NginxGateway.attach(tmp_path / "gw")
+        assert attached.url == owner.url and attached.master_pid == owner.proc.pid
+        assert attached.set_candidate_percent(50)["candidate_percent"] == 50
+        assert owner.effective_weights()["candidate_percent"] == 50  # nginx itself says so
+        attached.close()
+        assert owner.proc.poll() is None  # still serving
+        with pytest.raises(NginxError, match="serves config generation"):
+            owner.set_candidate_percent(10)  # a stale view is refused, never overwrites
+        again = NginxGateway.attach(tmp_path / "gw")
+        assert again.config.candidate_percent == 50 and again.config.generation == 1
+        assert again.set_candidate_percent(0)["generation"] == 2
+        assert again.loaded_config_percent() == 0 == owner.effective_weights()["candidate_percent"]
+    with pytest.raises(NginxError, match="no fp4roll gateway state"):
+        NginxGateway.attach(tmp_path / "nowhere")
