@@ -35,6 +35,7 @@ from torch import nn
 
 from calibration import moe
 from calibration.groups import ExpertSlot, LinearGroup, TargetSelection
+from calibration.memory import release_free_memory
 from calibration.precision import Tier
 
 if TYPE_CHECKING:
@@ -322,7 +323,9 @@ class Emulation:
         self._hooks.clear()
         for tensor, original, dtype in reversed(self._saved):
             tensor.data = original.to(dtype)
-        self._saved.clear()
+        if self._saved:
+            self._saved.clear()
+            release_free_memory()  # the decoded weights' pages
 
     def __enter__(self) -> Emulation:
         return self
@@ -382,6 +385,7 @@ def emulate(
     except BaseException:
         handle.remove()
         raise
+    release_free_memory()  # the replaced originals' pages
     return handle
 
 

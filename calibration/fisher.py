@@ -94,6 +94,7 @@ from calibration.emulate import (
     quantize_groups,
 )
 from calibration.groups import LinearGroup, TargetSelection
+from calibration.memory import release_free_memory
 from calibration.observers import TokenBatch, _model_device
 from calibration.precision import Tier
 from calibration.tiers import GroupOptions, TierOption
@@ -112,7 +113,7 @@ class FisherForm(str, Enum):
 #: The form :func:`score_tiers` returns (chosen by rank agreement with the exact sweep; module doc).
 DEFAULT_FORM = FisherForm.DIAGONAL
 #: Token positions per forward/backward (a caller's batch is split by rows to stay under it).
-DEFAULT_MAX_BATCH_TOKENS = 256
+DEFAULT_MAX_BATCH_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -462,6 +463,8 @@ def fisher_pass(
                 if diagonal_only:
                     close_diagonal(mask)
             num_tokens += int(mask.sum())
+            del logits, labels, loss
+            release_free_memory()
     finally:
         saved.clear()
         grad_squares.clear()

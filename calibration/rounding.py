@@ -49,6 +49,7 @@ from calibration.atomic import write_bytes
 from calibration.emulate import emulate, linear_modules, quantize_group
 from calibration.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, HessianAccumulator, gptq_nvfp4
 from calibration.groups import LinearGroup, TargetSelection
+from calibration.memory import release_free_memory
 from calibration.observers import TokenBatch, _model_device
 from calibration.precision import Rounding, Tier
 from calibration.sensitivity import _resume_at, decoder_layers
@@ -446,6 +447,7 @@ def _sequential_pass(
         with emulate(model, quantized):
             for i, tokens in enumerate(batches):
                 cached[i] = _run_to_block(model, layers, index, tokens, cached[i])
+        release_free_memory()
     return result, observed
 
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from calibration.emulate import GroupQuantization, emulate, quantize_groups
 from calibration.groups import LinearGroup, TargetSelection
+from calibration.memory import release_free_memory
 from calibration.observers import ActivationStats, TokenBatch, _model_device, head_free_forward
 from calibration.precision import Tier
 
@@ -236,6 +237,8 @@ def compute_baseline(
                     block_inputs=dict(captured),
                 )
             )
+            del logprobs, nll
+            release_free_memory()
     finally:
         for handle in handles:
             handle.remove()
@@ -252,7 +255,7 @@ def compute_baseline(
 
 
 #: Rows of ``[tokens, vocab]`` scored at a time (memory of the KL's temporaries).
-_ROWS = 256
+_ROWS = 64
 
 
 @dataclass
@@ -320,6 +323,7 @@ def score_emulation(
         else:
             for batch in baseline.batches:
                 acc.add(_forward_logits(model, batch.tokens), batch)
+    release_free_memory()
     return acc.score(baseline)
 
 
