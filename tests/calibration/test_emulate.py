@@ -67,6 +67,29 @@ def test_emulation_undoes_everything(setup):
         assert torch.equal(_forward_logits(model, batches[0]), reference)
 
 
+def test_bf16_exact_originals_are_kept_compact_and_restored_bit_for_bit(setup):
+    """A bf16 checkpoint computed in float32: emulation keeps the originals in bf16 (half the
+    memory) and restores the float32 values exactly; storage rounding that changes nothing is
+    skipped."""
+    _, _, _, _, batches, tiers = setup
+    model = tiny_llama(num_layers=2, seed=3)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(torch.bfloat16).float())
+    selection = select_targets(model)
+    stats = collect_activation_stats(model, batches, selection, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    planned = quantize_groups(model, selection.groups, tiers, stats.group_input_amax)
+    with emulate(model, planned, storage_dtype=torch.bfloat16) as handle:
+        kept = [original.dtype for _, original, _ in handle._saved]
+        assert kept and set(kept) == {torch.bfloat16}
+        assert len(kept) == len(handle.layers)  # only the quantized weights were replaced
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == before[name].dtype, name
+        assert torch.equal(tensor, before[name]), name
+
+
 def test_w4a4_changes_only_through_input_quantization(setup):
     model, _, selection, stats, batches, _ = setup
     group = selection.groups[0]
