@@ -41,6 +41,7 @@ from calibration.config import CalibrationConfig
 from calibration.emulate import GroupQuantization, quantize_groups, selection_groups
 from calibration.fisher import score_tiers
 from calibration.groups import LinearGroup, TargetSelection, select_targets
+from calibration.memory import release_free_memory
 from calibration.models import load_causal_lm
 from calibration.observers import (
     DEFAULT_MAX_BATCH_TOKENS,
@@ -729,6 +730,8 @@ def recalibrate(
     candidates = selection_groups(loaded.selection, exact_candidate_names(scores, unscored, config))
     baseline = _baseline(loaded, sensitivity_prompts, config, progress, candidates)
     exact = _exact(loaded, baseline, candidates, stats, rounded, config, progress)
+    baseline = baseline.without_block_cache()  # the plan's measurements run whole forwards
+    release_free_memory()
     return _plan_and_export(
         loaded,
         model_dir=model_dir,

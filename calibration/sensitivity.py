@@ -21,6 +21,7 @@ Nothing grows with the number of groups: each group's logits are reduced to per-
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import queue
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -99,6 +100,12 @@ class Baseline:
     num_tokens: int
     logprob_dtype: torch.dtype
     cached_blocks: tuple[int, ...]
+
+    def without_block_cache(self) -> Baseline:
+        """The same baseline without the cached block inputs (``batches × seq × hidden`` floats per
+        cached block), once no exact check resumes from them."""
+        release = tuple(dataclasses.replace(b, block_inputs={}) for b in self.batches)
+        return dataclasses.replace(self, batches=release, cached_blocks=())
 
     @property
     def perplexity(self) -> float:
