@@ -298,7 +298,7 @@ class Emulation:
     def __init__(self) -> None:
         # (tensor, original data as kept, original dtype)
         self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.dtype]] = []
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle | _DecodeOnCall] = []
         self.layers: tuple[str, ...] = ()
 
     def _replace(self, tensor: torch.Tensor, data: torch.Tensor) -> None:
@@ -334,18 +334,49 @@ class Emulation:
         self.remove()
 
 
+class _DecodeOnCall:
+    """Forward hooks giving one Linear its decoded checkpoint weight for the call only: no decoded
+    copy (nor a kept original) lives between calls. ``remove()`` also restores a weight left
+    swapped by a forward that raised."""
+
+    def __init__(self, module: nn.Module, layer: QuantizedLinear) -> None:
+        self.module, self.layer = module, layer
+        self._original: torch.Tensor | None = None
+        self._handles = [
+            module.register_forward_pre_hook(self._swap_in),
+            module.register_forward_hook(self._swap_out),
+        ]
+
+    def _swap_in(self, module: nn.Module, _args: tuple) -> None:
+        weight = module.weight
+        self._original = weight.data
+        weight.data = self.layer.dequantized_weight(weight.dtype).to(weight.device)
+
+    def _swap_out(self, module: nn.Module, _args: tuple, _output: object) -> None:
+        module.weight.data, self._original = self._original, None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        if self._original is not None:
+            self.module.weight.data, self._original = self._original, None
+
+
 @torch.no_grad()
 def emulate(
     model: nn.Module,
     quantized: Iterable[GroupQuantization],
     *,
     storage_dtype: torch.dtype | None = None,
+    decode_per_call: bool = False,
 ) -> Emulation:
     """Make ``model`` compute as the checkpoint of ``quantized`` serves, in place and undoably.
 
     Each member's weight becomes its decoded checkpoint tensors (in the model's dtype); W4A4 / W8A8
     members get their input fake-quant. With ``storage_dtype``, every other floating tensor of the state
-    dict is rounded through it (what an export in that dtype stores). Not thread-safe: one model per thread.
+    dict is rounded through it (what an export in that dtype stores). ``decode_per_call``: a plain
+    Linear member decodes its weight at each forward call instead of once (the same bits; no decoded
+    copy of the model held: for a few whole-model forwards). Not thread-safe: one model per thread.
     """
     modules = dict(model.named_modules())
     handle = Emulation()
@@ -361,8 +392,14 @@ def emulate(
                 if layer.name in slots:
                     layers.append(layer)
                     continue
-                weight = modules[layer.name].weight
-                handle._replace(weight, layer.dequantized_weight(weight.dtype).to(weight.device))
+                module = modules[layer.name]
+                if decode_per_call:
+                    handle._hooks.append(_DecodeOnCall(module, layer))
+                else:
+                    weight = module.weight
+                    handle._replace(
+                        weight, layer.dequantized_weight(weight.dtype).to(weight.device)
+                    )
                 layers.append(layer)
         decoded = [
             (slots[layer.name], layer.dequantized_weight) for layer in layers if layer.name in slots

@@ -321,7 +321,8 @@ def score_emulation(
         first_block = None  # something outside the block stack (e.g. embeddings) may change
     resume = use_block_cache and first_block is not None and first_block in baseline.cached_blocks
     acc = _Accumulator()
-    with emulate(model, quantized, storage_dtype=storage_dtype):
+    # whole-model plans: decoding per call holds no decoded copy of the model between batches
+    with emulate(model, quantized, storage_dtype=storage_dtype, decode_per_call=not resume):
         if resume:
             with _resume_at(model, first_block) as handover:
                 for batch in baseline.batches:

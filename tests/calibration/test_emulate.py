@@ -90,6 +90,26 @@ def test_bf16_exact_originals_are_kept_compact_and_restored_bit_for_bit(setup):
         assert torch.equal(tensor, before[name]), name
 
 
+def test_decoding_per_call_computes_the_same_bits_and_undoes_everything(setup):
+    model, _, selection, stats, batches, tiers = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    planned = quantize_groups(model, selection.groups, tiers, stats.group_input_amax)
+    with emulate(model, planned, storage_dtype=torch.bfloat16), torch.no_grad():
+        once = [_forward_logits(model, b) for b in batches]
+    with emulate(model, planned, storage_dtype=torch.bfloat16, decode_per_call=True) as handle:
+        with torch.no_grad():
+            per_call = [_forward_logits(model, b) for b in batches]
+        # between calls the quantized members hold their own weights, not decoded copies
+        state = model.state_dict()
+        assert handle.layers
+        for layer in handle.layers:
+            assert torch.equal(state[f"{layer}.weight"], before[f"{layer}.weight"]), layer
+    for a, b in zip(once, per_call, strict=True):
+        assert torch.equal(a, b)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
 def test_w4a4_changes_only_through_input_quantization(setup):
     model, _, selection, stats, batches, _ = setup
     group = selection.groups[0]
