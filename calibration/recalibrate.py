@@ -402,9 +402,10 @@ def tier_options(
 
 @dataclass(frozen=True)
 class _Measured:
+    """A measured plan (its checkpoint tensors are not kept: a bisection measures several)."""
+
     plan: TierPlan
     tiers: dict[str, Tier]  # group name -> tier
-    quantized: tuple[GroupQuantization, ...]
     score: QualityScore
 
 
@@ -426,7 +427,7 @@ class _Planner:
         self._cache: dict[tuple, _Measured] = {}
         self.storage = config.storage_dtype.torch_dtype
         base = {g.name: config.scheme for g in loaded.selection.groups}
-        self.all_base = self._quantize(base)
+        self.all_base = self.quantize(base)
         self.base_checkpoint_bytes = sum(
             checkpoint_bytes_by_tier(loaded.model, self.all_base, self.storage).values()
         )
@@ -438,7 +439,7 @@ class _Planner:
             else config.max_extra_bytes * self.base_checkpoint_bytes / base_group_bytes
         )
 
-    def _quantize(self, tiers: Mapping[str, Tier]) -> tuple[GroupQuantization, ...]:
+    def quantize(self, tiers: Mapping[str, Tier]) -> tuple[GroupQuantization, ...]:
         return quantize_groups(
             self.loaded.model,
             self.loaded.selection.groups,
@@ -457,7 +458,7 @@ class _Planner:
         tiers = {g.name: plan.tiers[g.tier_unit] for g in self.loaded.selection.groups}
         key = tuple(sorted(tiers.items()))
         if key not in self._cache:
-            quantized = self._quantize(tiers)
+            quantized = self.quantize(tiers)
             score = score_emulation(
                 self.loaded.model, self.baseline, quantized, storage_dtype=self.storage
             )
@@ -467,7 +468,7 @@ class _Planner:
                 100 * plan.extra_bytes / self.base_checkpoint_bytes,
                 score.mean_kl,
             )
-            self._cache[key] = _Measured(plan, tiers, quantized, score)
+            self._cache[key] = _Measured(plan, tiers, score)
         return self._cache[key]
 
     def probe(self, measured: _Measured, upgrades: int) -> PlanProbe:
@@ -571,6 +572,7 @@ def _plan_and_export(
     all_base = score_emulation(
         loaded.model, baseline, planner.all_base, storage_dtype=planner.storage
     )
+    planner.all_base = ()  # measured; its tensors are no longer needed
     chosen, target_met, probes = planner.choose()
     notes = []
     if target_met is False:
@@ -604,7 +606,8 @@ def _plan_and_export(
         ),
     )
     storage = planner.storage
-    bytes_by_tier = checkpoint_bytes_by_tier(loaded.model, chosen.quantized, storage)
+    chosen_quantized = planner.quantize(chosen.tiers)  # what was measured, bit for bit
+    bytes_by_tier = checkpoint_bytes_by_tier(loaded.model, chosen_quantized, storage)
     record = build_calibration_record(
         corpus_digest=corpus_digest,
         scheme=config.scheme,
@@ -627,7 +630,7 @@ def _plan_and_export(
     written = export_checkpoint(
         loaded.model,
         out_dir,
-        chosen.quantized,
+        chosen_quantized,
         skipped=skipped,
         source_dir=loaded.source_dir,
         tokenizer=loaded.tokenizer,
