@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--only", nargs="*", default=None, help="variant / recipe names")
     parser.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
+    parser.add_argument(
+        "--no-eval", action="store_true", help="build the checkpoints only (score them later)"
+    )
     parser.add_argument("--calibration", type=int, default=128)
     parser.add_argument("--sensitivity", type=int, default=32)
     parser.add_argument("--holdout", type=int, default=64)
@@ -170,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--recipe", recipe, "--dtype", "float32",
                         "--max-seq-len", str(args.max_seq_len), "--out", str(out)])  # fmt: skip
             checkpoints.append(out)
+    if args.no_eval:
+        return 0
     rows_path = work / "quality.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     _timed([sys.executable, str(HERE / "peer" / "evaluate_checkpoints.py"), "--base", str(model_dir),
