@@ -185,6 +185,27 @@ def _forward_logits(model: nn.Module, tokens: TokenBatch) -> torch.Tensor:
     return model.get_output_embeddings()(hidden[real]).float()  # [R, vocab]
 
 
+def _logit_chunks(
+    model: nn.Module, tokens: TokenBatch, rows: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, FP32 logits [≤rows, vocab])`` of the real tokens, the head applied ``rows``
+    real tokens at a time: one prompt of 2048 tokens would otherwise hold 2048 × vocab floats
+    (SmolLM2: 400 MB) at once, and its log-softmax as many again."""
+    real = tokens.attention_mask.bool()
+    decoder = head_free_forward(model)
+    if decoder is None:
+        logits = _forward_logits(model, tokens)
+        for start in range(0, logits.shape[0], rows):
+            yield start, logits[start : start + rows]
+        return
+    hidden = decoder(
+        input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, use_cache=False
+    ).last_hidden_state[real]  # [R, hidden]
+    head = model.get_output_embeddings()
+    for start in range(0, hidden.shape[0], rows):
+        yield start, head(hidden[start : start + rows]).float()
+
+
 @torch.inference_mode()
 def compute_baseline(
     model: nn.Module,
@@ -230,21 +251,27 @@ def compute_baseline(
         for tokens in tqdm(batches, desc="baseline", unit="batch", disable=not progress):
             tokens = tokens.to(device)
             captured.clear()
-            logprobs = torch.log_softmax(_forward_logits(model, tokens), dim=-1)  # [R, vocab]
             target_ids, has_target = _targets(tokens)
-            nll = -logprobs.gather(-1, target_ids[:, None]).squeeze(-1).double()
+            kept, top1, nll = [], [], []
+            for start, logits in _logit_chunks(model, tokens, _ROWS):
+                logprobs = torch.log_softmax(logits, dim=-1)  # [rows, vocab]
+                target = target_ids[start : start + logits.shape[0], None]
+                kept.append(logprobs.to(logprob_dtype))
+                top1.append(logprobs.argmax(-1))
+                nll.append(-logprobs.gather(-1, target).squeeze(-1).double())
+            nll = torch.cat(nll)
             eval_batches.append(
                 EvalBatch(
                     tokens=tokens,
-                    base_logprobs=logprobs.to(logprob_dtype),
-                    base_top1=logprobs.argmax(-1),
+                    base_logprobs=torch.cat(kept),
+                    base_top1=torch.cat(top1),
                     target_ids=target_ids,
                     has_target=has_target,
                     base_target_nll=torch.where(has_target, nll, 0.0),
                     block_inputs=dict(captured),
                 )
             )
-            del logprobs, nll
+            del kept, logprobs, logits
             release_free_memory()
     finally:
         for handle in handles:
@@ -272,12 +299,14 @@ class _Accumulator:
     nll: float = 0.0
     nll_count: int = 0
 
-    def add(self, logits: torch.Tensor, batch: EvalBatch) -> None:
-        """Accumulate ``logits`` [R, vocab] against the batch's baseline, ``_ROWS`` rows at a time
-        (each row is independent: the same bits as all at once, a fraction of the temporaries)."""
-        for start in range(0, logits.shape[0], _ROWS):
-            rows = slice(start, start + _ROWS)
-            log_q = torch.log_softmax(logits[rows], dim=-1)  # [rows, vocab] fp32
+    def add(self, logits: torch.Tensor, batch: EvalBatch, first_row: int = 0) -> None:
+        """Accumulate ``logits`` (rows ``first_row...`` of the batch's real tokens, ``[rows, vocab]``)
+        against the batch's baseline, ``_ROWS`` rows at a time (each row is independent: the same
+        bits as all at once, a fraction of the temporaries)."""
+        for offset in range(0, logits.shape[0], _ROWS):
+            start = first_row + offset
+            rows = slice(start, start + min(_ROWS, logits.shape[0] - offset))
+            log_q = torch.log_softmax(logits[offset : offset + _ROWS], dim=-1)  # [rows, vocab]
             log_p = batch.base_logprobs[rows].float()
             kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)  # tiny negatives: rounding
             self.kl.append(kl.double().cpu().numpy())
@@ -327,11 +356,13 @@ def score_emulation(
             with _resume_at(model, first_block) as handover:
                 for batch in baseline.batches:
                     handover.hidden = batch.block_inputs[first_block]
-                    acc.add(_forward_logits(model, batch.tokens), batch)
+                    for start, logits in _logit_chunks(model, batch.tokens, _ROWS):
+                        acc.add(logits, batch, start)
         else:
             for batch in baseline.batches:
-                acc.add(_forward_logits(model, batch.tokens), batch)
-    release_free_memory()
+                for start, logits in _logit_chunks(model, batch.tokens, _ROWS):
+                    acc.add(logits, batch, start)
+                release_free_memory()
     return acc.score(baseline)
 
 
