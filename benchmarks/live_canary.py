@@ -28,17 +28,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.serving_candidates import pick_prompts, quantize, render_chatml
+from benchmarks.serving_candidates import pick_prompts
 from calibration.models import smollm2_gguf_path
 from pipelines.canary.endpoints import CanaryRequest, ClientSettings, Endpoint, EndpointEvaluator
 from pipelines.canary.judging import build_endpoint_policy
 from pipelines.canary.live import LedgerWeightJournal, ledger_stage_recorder, run_live_canary
+from pipelines.canary.llamacpp import LlamaServer, quantize_gguf, render_chat_template
 from pipelines.canary.nginx import NginxGateway
 from pipelines.canary.router import NginxRouter
 from registry import db, ledger
 from registry.aliases import Alias, AliasMove
 from registry.judge import Decision
-from tests.serving.llama_server import LlamaServer
 
 
 def _holdout(source: Path, count: int, max_chars: int) -> list[CanaryRequest]:
@@ -49,7 +49,8 @@ def _holdout(source: Path, count: int, max_chars: int) -> list[CanaryRequest]:
     ).decode()
     prompts = pick_prompts(count, max_chars)
     return [
-        CanaryRequest(render_chatml(template, p["messages"]), route=p["route"]) for p in prompts
+        CanaryRequest(render_chat_template(template, p["messages"]), route=p["route"])
+        for p in prompts
     ]
 
 
@@ -74,7 +75,7 @@ def main() -> None:
     else:
         candidate_path = workdir / f"smollm2-{args.candidate}.gguf"
         if not candidate_path.exists():
-            quantize(source, candidate_path, args.candidate)
+            quantize_gguf(source, candidate_path, args.candidate)
     holdout = _holdout(source, args.prompts, args.max_chars)
     db_url = f"sqlite:///{workdir / 'ledger.db'}"
     db.upgrade(db_url)

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving.llama_server import LlamaServer
+from pipelines.canary.llamacpp import LlamaServer, quantize_gguf
 
 
 @pytest.fixture(scope="session")
 def gguf_files(tmp_path_factory) -> dict[str, Path]:
-    from benchmarks.serving_candidates import quantize
     from calibration.models import ModelLoadError, smollm2_gguf_path
 
     try:
@@ -24,7 +23,7 @@ def gguf_files(tmp_path_factory) -> dict[str, Path]:
     files = {"baseline": source}
     for type_name in ("Q8_0", "Q2_K"):
         files[type_name] = folder / f"smollm2-{type_name}.gguf"
-        quantize(source, files[type_name], type_name)
+        quantize_gguf(source, files[type_name], type_name)
     return files
 
 

@@ -23,10 +23,10 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from pipelines.canary.llamacpp import llama_cpp_server_missing_reason
 from pipelines.canary.nginx import UPSTREAM_HEADER, NginxGateway, nginx_binary
 from pipelines.results import CanaryOutcome
 from registry.judge import Decision
-from tests.serving.llama_server import llama_cpp_server_missing_reason
 
 _MISSING = llama_cpp_server_missing_reason() or (
     None if nginx_binary() else "nginx is not installed (apt-get install nginx)"
@@ -63,9 +63,9 @@ class _GGUFTemplate:
         self.chat_template = template
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True) -> str:
-        from benchmarks.serving_candidates import render_chatml
+        from pipelines.canary.llamacpp import render_chat_template
 
-        return render_chatml(self.chat_template, list(messages))
+        return render_chat_template(self.chat_template, list(messages))
 
 
 def _short_logs(path: Path, per_route: int = 30, max_chars: int = 60) -> Path:
