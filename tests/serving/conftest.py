@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.canary.llamacpp import LlamaServer, quantize_gguf
+from pipelines.demo_live import LIVE_DEMO, SERVED_MODEL
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +37,9 @@ class _Servers:
 
     def __getitem__(self, name: str) -> LlamaServer:
         if name not in self.running:
-            self.running[name] = LlamaServer(self.files[name], alias="smollm2", n_ctx=512)
+            self.running[name] = LlamaServer(
+                self.files[name], alias=SERVED_MODEL, n_ctx=LIVE_DEMO.n_ctx
+            )
         return self.running[name]
 
     def close(self) -> None:
