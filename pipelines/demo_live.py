@@ -7,8 +7,9 @@
    samples a calibration set whose hold-out is rendered with the GGUF's own chat template (the text
    the server sees), registers the packaged GGUF as an MLflow version (``champion``) and the
    candidate GGUF as the next one (``challenger``);
-3. starts llama.cpp's OpenAI-compatible server on each GGUF and nginx in front of both (weighted
-   upstreams, reloaded per stage, candidate at 0 %);
+3. starts llama.cpp's OpenAI-compatible server on the GGUF of ``champion`` and of ``challenger``
+   (each version's local checkpoint, verified against its registered manifest) and nginx in front of
+   both (weighted upstreams, reloaded per stage, candidate at 0 %);
 4. runs the ``canary`` flow with ``live`` parameters against a local Prefect API
    (:func:`pipelines.prefect_api.local_prefect_api`, telemetry off): the gateway reconciled with the
    ledger, then per stage the weight set at nginx and read back, the stage's share of the hold-out
@@ -60,7 +61,7 @@ from registry.mlflow_registry import (
     register,
 )
 from registry.policy import EndpointMetric, GatePolicyOverrides, Metric, MetricOverride
-from registry.versions import register_baseline
+from registry.versions import local_checkpoint, register_baseline, resolve_version
 
 #: The model name both llama.cpp servers serve (``--model_alias``).
 SERVED_MODEL = "smollm2"
@@ -230,6 +231,13 @@ def register_gguf_candidate(
     ).version
 
 
+def served_gguf(model_name: str, alias: str) -> Path:
+    """The GGUF file of the version ``alias`` names, in its local checkpoint verified against the
+    registered manifest: the server serves what the registry holds."""
+    folder = local_checkpoint(resolve_version(model_name, alias))
+    return folder / json.loads((folder / "serving.json").read_text())["file"]
+
+
 def live_canary_params(
     model_name: str,
     baseline_url: str,
@@ -385,18 +393,17 @@ def run_live_demo(
         )
 
         console.rule("3/5 llama.cpp servers and nginx")
+        champion, challenger = (served_gguf(model_name, a) for a in ("champion", "challenger"))
+        logs = home / "logs"
         with (
-            LlamaServer(
-                source, alias=SERVED_MODEL, n_ctx=config.n_ctx, log_dir=home / "logs"
-            ) as base,
-            LlamaServer(
-                cand_path, alias=SERVED_MODEL, n_ctx=config.n_ctx, log_dir=home / "logs"
-            ) as cand,
+            LlamaServer(champion, alias=SERVED_MODEL, n_ctx=config.n_ctx, log_dir=logs) as base,
+            LlamaServer(challenger, alias=SERVED_MODEL, n_ctx=config.n_ctx, log_dir=logs) as cand,
             NginxGateway(base.url, cand.url, workdir=home / "gateway") as gateway,
         ):
             console.print(
-                f"baseline {base.url}, candidate {cand.url}, nginx {gateway.url} (candidate "
-                f"front {gateway.candidate_front_url}) at "
+                f"champion (baseline) {base.url} and challenger (candidate) {cand.url}, each "
+                f"serving its version's verified GGUF; nginx {gateway.url} (candidate front "
+                f"{gateway.candidate_front_url}) at "
                 f"{gateway.effective_weights()['candidate_percent']:g} % candidate"
             )
 

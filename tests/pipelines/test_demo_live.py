@@ -109,6 +109,35 @@ def test_live_canary_params_drive_the_gateway_with_the_stated_gates(tmp_path):
     assert tuple(params.stages) == LIVE_DEMO.stages
 
 
+def test_gguf_versions_are_registered_and_served_from_their_verified_copies(tmp_path, monkeypatch):
+    """The baseline becomes champion, the candidate challenger without made-up figures; each
+    alias resolves to the GGUF bytes it registered; a changed byte is refused."""
+    from pipelines.demo_live import (
+        LiveStore,
+        register_gguf_candidate,
+        served_gguf,
+    )
+    from registry.integrity import IntegrityError
+    from registry.mlflow_registry import aliases
+    from registry.versions import register_baseline
+
+    monkeypatch.setenv("FP4ROLL_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    base, cand = tmp_path / "base.Q4_1.gguf", tmp_path / "cand.Q8_0.gguf"
+    base.write_bytes(b"Q4_1" * 64)
+    cand.write_bytes(b"Q8_0" * 64)
+    info, _ = register_baseline("m", gguf_version_folder(base, tmp_path / "v-base", "Q4_1"))
+    store = LiveStore("ab" * 32, 2, 12, 60, info.version)
+    version = register_gguf_candidate("m", cand, "Q8_0", store, tmp_path / "v-cand")
+    assert aliases("m") == {"champion": info.version, "challenger": version}
+    assert served_gguf("m", "champion").read_bytes() == base.read_bytes()
+    served = served_gguf("m", "challenger")
+    assert served.read_bytes() == cand.read_bytes()
+    served.write_bytes(b"Q2_K" * 64)  # the bytes under the version changed
+    with pytest.raises(IntegrityError):
+        served_gguf("m", "challenger")
+
+
 def _stage(index: int, percent: float, decision: Decision, failed=()) -> StageReport:
     return StageReport(
         rollout_id=1,
