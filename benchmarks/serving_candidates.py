@@ -205,7 +205,7 @@ def main() -> None:
     for type_name in args.types:
         target = workdir / f"smollm2-{type_name}.gguf"
         if not target.exists():
-            seconds = quantize_gguf(source, target, type_name)
+            seconds = quantize_gguf(source, target, type_name, verbose=True)
             results["quantize_seconds"][type_name] = seconds
             print(f"quantized {type_name}: {seconds:.1f} s, {target.stat().st_size / 1e6:.1f} MB")
         candidates[type_name] = target

@@ -53,7 +53,7 @@ from pipelines.params import CanaryParams, LiveCanaryParams, RouterKind
 from pipelines.prompt_logs import import_logs, sample_and_store
 from pipelines.render import print_stages
 from pipelines.results import CanaryOutcome, CanaryRecord
-from registry.db import fp4roll_home
+from registry.db import fp4roll_home, secure_dir
 from registry.mlflow_registry import (
     RegistrationMetrics,
     RegistrationRequest,
@@ -288,7 +288,7 @@ def live_demo_home(parent: Path | None = None) -> Path:
         if not (home / HOME_MARKER).exists():
             raise RuntimeError(f"{home} exists and was not made by the live demo; move it away")
         shutil.rmtree(home)
-    home.mkdir(parents=True)
+    secure_dir(home)
     (home / HOME_MARKER).write_text("made by `fp4roll demo --live`; emptied by the next run\n")
     return home
 

@@ -21,6 +21,7 @@ Facts about this server that a client must know (measured, see /work/notes/servi
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
@@ -178,11 +179,19 @@ class LlamaServer:
 # ------------------------------------------------------------------------------------ GGUF files
 
 
-def quantize_gguf(source: str | os.PathLike, target: str | os.PathLike, type_name: str) -> float:
+def quantize_gguf(
+    source: str | os.PathLike, target: str | os.PathLike, type_name: str, *, verbose: bool = False
+) -> float:
     """Write ``source`` requantized to ``type_name`` (``Q8_0``, ``Q2_K``, ... a llama.cpp
     ``LLAMA_FTYPE_MOSTLY_*`` name) to ``target``; returns the seconds it took. Requantizing a 4-bit
-    source compounds: the source's error stays and the target's is added."""
+    source compounds: the source's error stays and the target's is added. ``verbose``: llama.cpp's
+    log of every tensor (which type each one got) on stderr; otherwise only its errors."""
     import llama_cpp
+
+    # llama-cpp-python routes llama.cpp's log through this logger's level (set on import)
+    llama_log = logging.getLogger("llama-cpp-python")
+    previous_level = llama_log.level
+    llama_log.setLevel(logging.DEBUG if verbose else logging.ERROR)
 
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name.upper()}", None)
     if ftype is None:
@@ -192,7 +201,10 @@ def quantize_gguf(source: str | os.PathLike, target: str | os.PathLike, type_nam
     params.allow_requantize = True
     params.nthread = 1
     start = time.perf_counter()
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    try:
+        code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    finally:
+        llama_log.setLevel(previous_level)
     if code != 0:
         raise RuntimeError(f"llama_model_quantize({type_name}) returned {code}")
     return time.perf_counter() - start
