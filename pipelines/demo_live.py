@@ -37,7 +37,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from calibration.atomic import write_json
+from calibration.atomic import write_json, write_text
 from calibration.config import SamplingConfig
 from calibration.data import SAMPLE_PROMPT_LOGS
 from calibration.prompts import PromptRenderer
@@ -159,8 +159,7 @@ def write_short_logs(path: Path, config: LiveDemoConfig = LIVE_DEMO) -> Path:
             kept[route] = kept.get(route, 0) + 1
             lines.append(json.dumps(record))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_text(path, "\n".join(lines) + "\n")
 
 
 def gguf_version_folder(gguf: Path, folder: Path, quantization: str) -> Path:
