@@ -26,13 +26,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/fp4roll demo
 
-# The live canary: llama.cpp servers (baseline GGUF, requantized candidate) behind nginx, stages set at
-# the gateway, judged per pool and per route. Needs nginx (apt-get install nginx) and the `serving` extra
-# (builds llama.cpp with cmake). CANDIDATE=Q2_K shows a rollback, CANDIDATE=AA the A/A noise floor.
+# The canary flow against live endpoints (`fp4roll demo --live`): llama.cpp servers (the packaged GGUF,
+# a requantized candidate) behind nginx, MLflow versions champion/challenger in $FP4ROLL_HOME/live-demo,
+# stages set at the gateway, judged per pool and per route, aliases moved. Needs nginx (apt-get install
+# nginx) and the `serving` extra (builds llama.cpp with cmake). CANDIDATE=Q2_K shows a rollback
+# (exit 3), CANDIDATE=AA the A/A noise floor.
 CANDIDATE ?= Q8_0
 demo-live: $(STAMP)
 	$(PY) -m pip install -q -e ".[serving]"
-	OMP_NUM_THREADS=1 PYTHONPATH=. $(PY) -m benchmarks.live_canary --candidate $(CANDIDATE)
+	OMP_NUM_THREADS=1 $(VENV)/bin/fp4roll demo --live --candidate $(CANDIDATE)
 
 # The tests start with the linters, so CI (.ci/run → make test) enforces them.
 test: lint

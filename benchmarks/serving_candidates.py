@@ -36,7 +36,12 @@ import numpy as np
 from calibration.data import SAMPLE_PROMPT_LOGS
 from calibration.models import smollm2_gguf_path
 from pipelines.canary.endpoints import top1, topk_tail_kl
-from tests.serving.llama_server import LlamaServer
+from pipelines.canary.llamacpp import (
+    LlamaServer,
+    gguf_chat_template,
+    quantize_gguf,
+    render_chat_template,
+)
 
 GEN_TOKENS = 24
 TOP_K_REQUEST = 20  # vLLM's default --max-logprobs is 20 as well
@@ -68,14 +73,6 @@ def pick_prompts(count: int, max_chars: int) -> list[dict]:
         picked.append(bucket[(index // len(routes)) * 7 % len(bucket)])
         index += 1
     return picked
-
-
-def render_chatml(template: str, messages: list[dict]) -> str:
-    """The GGUF's own chat template (what the server applies to /v1/chat/completions)."""
-    import jinja2
-
-    env = jinja2.Environment(loader=jinja2.BaseLoader(), autoescape=False)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True)
 
 
 # --------------------------------------------------------------------------------------- metrics
@@ -185,21 +182,6 @@ def full_kl(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------- main
 
 
-def quantize(source: Path, target: Path, type_name: str) -> float:
-    import llama_cpp
-
-    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.allow_requantize = True
-    params.nthread = 1
-    start = time.perf_counter()
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
-    if code != 0:
-        raise RuntimeError(f"llama_model_quantize({type_name}) returned {code}")
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=30)
@@ -214,20 +196,16 @@ def main() -> None:
     source = smollm2_gguf_path()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fp4roll-candidates-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    import gguf
-
-    template = bytes(
-        gguf.GGUFReader(str(source)).fields["tokenizer.chat_template"].parts[-1]
-    ).decode()
+    template = gguf_chat_template(source)
     prompts = pick_prompts(args.prompts, args.max_chars)
-    texts = [render_chatml(template, p["messages"]) for p in prompts]
+    texts = [render_chat_template(template, p["messages"]) for p in prompts]
 
     candidates = {} if args.no_aa else {"Q4_1 (A/A)": source}
     results: dict = {"quantize_seconds": {}, "candidates": {}}
     for type_name in args.types:
         target = workdir / f"smollm2-{type_name}.gguf"
         if not target.exists():
-            seconds = quantize(source, target, type_name)
+            seconds = quantize_gguf(source, target, type_name, verbose=True)
             results["quantize_seconds"][type_name] = seconds
             print(f"quantized {type_name}: {seconds:.1f} s, {target.stat().st_size / 1e6:.1f} MB")
         candidates[type_name] = target

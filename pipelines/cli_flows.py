@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
 from pipelines.cli_options import credentials_to_environment, options_command
+from pipelines.demo_live import LiveCandidate
 from pipelines.params import (
     DEFAULT_MODEL_NAME,
     PACKAGED_SMOLLM2,
@@ -31,6 +32,7 @@ from pipelines.params import (
     PromoteParams,
     RecalibrateParams,
     RollbackParams,
+    RouterKind,
 )
 from pipelines.render import print_stages, print_status
 from pipelines.results import CanaryOutcome
@@ -124,8 +126,18 @@ def _run_canary(params: CanaryParams, *, policy: Path | None = None) -> None:
             },
         )
     result = canary_flow(params)
-    print_stages(console, result)
-    if result.outcome is CanaryOutcome.ROLLED_BACK:
+    weights = None
+    if params.live is not None and params.live.router is RouterKind.NGINX:
+        from pipelines.rollout import gateway_weights
+
+        weights = gateway_weights(result.rollout_id, params.db_url)
+    print_stages(console, result, gateway_weights=weights)
+    _exit_for(result.outcome)
+
+
+def _exit_for(outcome: CanaryOutcome) -> None:
+    """Exit 3 when the canary rolled the candidate back (``fp4roll canary``, ``fp4roll demo --live``)."""
+    if outcome is CanaryOutcome.ROLLED_BACK:
         raise typer.Exit(3)
 
 
@@ -325,12 +337,46 @@ def ui(
     raise typer.Exit(run_until_interrupted(procs))
 
 
-def demo(model: ModelOption = DEFAULT_MODEL_NAME) -> None:
+def demo(
+    model: ModelOption = DEFAULT_MODEL_NAME,
+    live: Annotated[
+        bool,
+        typer.Option(
+            "--live",
+            help="Run the canary flow against live endpoints instead: llama.cpp servers on the "
+            "packaged GGUF and a requantized candidate, nginx in front, MLflow versions in "
+            "$FP4ROLL_HOME/live-demo (needs the `serving` extra and nginx). Exit 3 = rolled back.",
+        ),
+    ] = False,
+    candidate: Annotated[
+        LiveCandidate | None,
+        typer.Option(
+            help="With --live: Q8_0 (promoted), Q2_K (rolled back) or AA (the baseline itself, "
+            "the noise floor). Default Q8_0."
+        ),
+    ] = None,
+) -> None:
     """The whole pipeline on embedded defaults: import the shipped logs into SQLite, prepare SmolLM2,
-    recalibrate, canary, promote, then print the summary and how to open the MLflow and Prefect UIs."""
-    from pipelines.demo import run_demo
+    recalibrate, canary, promote, then print the summary and how to open the MLflow and Prefect UIs.
+    With --live: the canary flow against llama.cpp servers behind nginx."""
+    if not live:
+        if candidate is not None:
+            err_console.print("[red]--candidate needs --live[/red]")
+            raise typer.Exit(2)
+        from pipelines.demo import run_demo
 
-    run_demo(model_name=model, console=console)
+        run_demo(model_name=model, console=console)
+        return
+    from pipelines.demo_live import live_demo_missing_reason, run_live_demo
+
+    missing = live_demo_missing_reason()
+    if missing:
+        err_console.print(f"[red]fp4roll demo --live cannot run here:[/red] {missing}")
+        raise typer.Exit(2)
+    record = run_live_demo(
+        model_name=model, candidate=candidate or LiveCandidate.Q8_0, console=console
+    )
+    _exit_for(record.outcome)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from rich.console import Console
 from rich.table import Table
 
 from pipelines.results import CanaryRecord, ModelStatus
 
 
-def print_stages(console: Console, result: CanaryRecord) -> None:
-    """The canary's stages: traffic, requests, judge outcome and decision, score, failed metrics."""
+def print_stages(
+    console: Console,
+    result: CanaryRecord,
+    gateway_weights: Mapping[int, Sequence[float]] | None = None,
+) -> None:
+    """The canary's stages: traffic, requests, judge outcome and decision, score, failed metrics;
+    with ``gateway_weights`` (stage -> weights read back from the gateway, in order) a column of
+    those (``10 → 0 %``: the stage rolled back)."""
     table = Table(
         title=f"canary of v{result.candidate_version} vs v{result.baseline_version}: "
         f"{result.outcome.value}"
     )
+    columns = ["stage", "traffic"]
+    if gateway_weights is not None:
+        columns.append("weight at gateway")
     for column in (
-        "stage",
-        "traffic",
+        *columns,
         "requests",
         "outcome",
         "decision",
@@ -25,9 +35,14 @@ def print_stages(console: Console, result: CanaryRecord) -> None:
     ):
         table.add_column(column)
     for s in result.stages:
+        read_back = []
+        if gateway_weights is not None:
+            weights = gateway_weights.get(s.stage_index, ())
+            read_back = [" → ".join(f"{w:g}" for w in weights) + " %" if weights else "-"]
         table.add_row(
             str(s.stage_index),
             f"{s.traffic_percent:g} %",
+            *read_back,
             str(s.requests),
             s.outcome.value,
             s.decision.value,

@@ -352,6 +352,16 @@ def weight_journal(plan: CanaryPlan, rollout_id: int) -> LedgerWeightJournal:
     return LedgerWeightJournal(rollout_id, _router_name(plan.live), plan.db_url)
 
 
+def gateway_weights(rollout_id: int, db_url: str | None = None) -> dict[int, tuple[float, ...]]:
+    """Per stage of ``rollout_id``, the weights the gateway reported back after each change
+    (journaled ``applied``), in order: a stage that rolled back shows its weight, then 0."""
+    weights: dict[int, list[float]] = {}
+    for row in ledger.traffic_weights(rollout_id, db_url=db_url):
+        if row.phase is ledger.WeightPhase.APPLIED and row.stage is not None:
+            weights.setdefault(row.stage, []).append(row.candidate_percent)
+    return {stage: tuple(values) for stage, values in weights.items()}
+
+
 def traffic_router(live: LiveCanaryParams, expected: float | None = None) -> TrafficRouter:
     """The router ``live`` names: the running nginx gateway in ``nginx_dir`` (attached, reloaded
     per stage, never stopped here), or the replay-only router holding ``expected`` (the weight the

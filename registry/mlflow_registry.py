@@ -124,11 +124,13 @@ def code_version() -> str:
 
 
 class RegistrationMetrics(BaseModel):
-    """Quality and size figures of one recalibration (from the KL sweep / evaluation)."""
+    """Quality and size figures of one recalibration (from the KL sweep / evaluation). A candidate
+    built elsewhere (a requantized GGUF of the live demo) registers without them: None is not
+    logged."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    combined_kl: float
+    combined_kl: float | None = None
     p99_kl: float | None = None
     top1_agreement: float | None = Field(None, ge=0, le=1)
     delta_perplexity: float | None = None

@@ -1,7 +1,7 @@
 """The canary: replay stages and their judge adapter (:mod:`.replay`), evaluators against live
 OpenAI-compatible endpoints (:mod:`.endpoints`), traffic routers (:mod:`.router`, :mod:`.nginx`),
 per-route judging and task metrics (:mod:`.judging`, :mod:`.tasks`), the live stage driver
-(:mod:`.live`).
+(:mod:`.live`), llama.cpp's server and GGUF helpers for endpoints on one machine (:mod:`.llamacpp`).
 
 The replay names below are loaded on first use: :mod:`.replay` imports torch, and the flow
 parameters (imported by every ``fp4roll`` command) only need the light modules of this package.

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from registry.aliases import Alias
 from registry.mlflow_registry import (
     GROUP_TABLE,
+    RegistrationMetrics,
     RegistryError,
     aliases,
     idempotency_key,
@@ -216,6 +217,19 @@ def test_reject_challenger_and_errors(mlflow_sqlite_uri, make_request):
         promote(name, "99", tracking_uri=uri)
     with pytest.raises(RegistryError, match="does not exist"):
         aliases("no-such-model", tracking_uri=uri)
+
+
+def test_a_version_registered_without_figures_logs_none(mlflow_sqlite_uri, make_request):
+    """A candidate built elsewhere (the live demo's requantized GGUF) has no KL yet: nothing is
+    logged for it, and the status reads None, not a made-up 0."""
+    from registry.versions import version_summaries
+
+    uri = mlflow_sqlite_uri
+    registered = register(make_request(metrics=RegistrationMetrics()), tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(registered.run_id).data.metrics == {}
+    (summary,) = version_summaries(registered.model_name, tracking_uri=uri)
+    assert summary.combined_kl is None and summary.top1_agreement is None
 
 
 @pytest.mark.integration

@@ -303,7 +303,7 @@ def main(argv: list[str]) -> int:
     import llama_cpp
 
     from calibration.models import smollm2_gguf_path
-    from tests.serving.llama_server import LlamaServer
+    from pipelines.canary.llamacpp import LlamaServer
 
     api_key = "fixture-key"
     gguf = smollm2_gguf_path()

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving.llama_server import LlamaServer
+from pipelines.canary.llamacpp import LlamaServer, quantize_gguf
+from pipelines.demo_live import LIVE_DEMO, SERVED_MODEL
 
 
 @pytest.fixture(scope="session")
 def gguf_files(tmp_path_factory) -> dict[str, Path]:
-    from benchmarks.serving_candidates import quantize
     from calibration.models import ModelLoadError, smollm2_gguf_path
 
     try:
@@ -24,7 +24,7 @@ def gguf_files(tmp_path_factory) -> dict[str, Path]:
     files = {"baseline": source}
     for type_name in ("Q8_0", "Q2_K"):
         files[type_name] = folder / f"smollm2-{type_name}.gguf"
-        quantize(source, files[type_name], type_name)
+        quantize_gguf(source, files[type_name], type_name)
     return files
 
 
@@ -37,7 +37,9 @@ class _Servers:
 
     def __getitem__(self, name: str) -> LlamaServer:
         if name not in self.running:
-            self.running[name] = LlamaServer(self.files[name], alias="smollm2", n_ctx=512)
+            self.running[name] = LlamaServer(
+                self.files[name], alias=SERVED_MODEL, n_ctx=LIVE_DEMO.n_ctx
+            )
         return self.running[name]
 
     def close(self) -> None:

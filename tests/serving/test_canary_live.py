@@ -23,10 +23,15 @@ import pytest
 from pipelines.canary.endpoints import CanaryRequest, ClientSettings, Endpoint, EndpointEvaluator
 from pipelines.canary.judging import build_endpoint_policy
 from pipelines.canary.live import MemoryWeightJournal, run_live_canary
+from pipelines.canary.llamacpp import (
+    LlamaServer,
+    gguf_chat_template,
+    llama_cpp_server_missing_reason,
+    render_chat_template,
+)
 from pipelines.canary.nginx import ROUTE_HEADER, UPSTREAM_HEADER, NginxGateway, nginx_binary
 from pipelines.canary.router import NginxRouter
 from registry.judge import Decision
-from tests.serving.llama_server import LlamaServer, llama_cpp_server_missing_reason
 
 _MISSING = llama_cpp_server_missing_reason() or (
     None if nginx_binary() else "nginx is not installed (apt-get install nginx)"
@@ -47,19 +52,16 @@ STEPS = (10.0, 50.0, 100.0)
 @pytest.fixture(scope="session")
 def holdout(gguf_files) -> list[CanaryRequest]:
     """Held-out chat requests from the shipped logs (two routes), rendered with the GGUF's template."""
-    import gguf
+    from benchmarks.serving_candidates import pick_prompts
 
-    from benchmarks.serving_candidates import pick_prompts, render_chatml
-
-    template = bytes(
-        gguf.GGUFReader(str(gguf_files["baseline"])).fields["tokenizer.chat_template"].parts[-1]
-    ).decode()
+    template = gguf_chat_template(gguf_files["baseline"])
     wanted = ("chat-support", "code-help")
     # Short messages: llama.cpp's server sorts the whole vocabulary in Python for every echoed
     # position (~0.1 s each on this machine), so the scoring cost grows with the prompt.
     prompts = [p for p in pick_prompts(80, 60) if p["route"] in wanted][:12]
     return [
-        CanaryRequest(render_chatml(template, p["messages"]), route=p["route"]) for p in prompts
+        CanaryRequest(render_chat_template(template, p["messages"]), route=p["route"])
+        for p in prompts
     ]
 
 

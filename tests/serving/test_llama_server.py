@@ -9,8 +9,8 @@ import socket
 import httpx
 import pytest
 
+from pipelines.canary.llamacpp import LlamaServer, llama_cpp_server_missing_reason
 from tests.serving.capture import LOGGED_RESPONSE, RENDERED_PROMPT
-from tests.serving.llama_server import LlamaServer, llama_cpp_server_missing_reason
 
 _MISSING = llama_cpp_server_missing_reason()
 
