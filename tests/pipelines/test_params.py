@@ -212,6 +212,10 @@ def test_canary_cli_builds_the_live_params(tmp_path, monkeypatch):
     stub = types.ModuleType("pipelines.flows")
     stub.canary_flow = canary_flow
     monkeypatch.setitem(sys.modules, "pipelines.flows", stub)
+    # the stubbed flow journaled nothing: the gateway column reads an empty journal
+    import pipelines.rollout
+
+    monkeypatch.setattr(pipelines.rollout, "gateway_weights", lambda rollout_id, db_url=None: {})
     runner = CliRunner()
     help_text = runner.invoke(app, ["canary", "--help"], env={"COLUMNS": "200"}).output
     for option in ("--candidate-url", "--baseline-api-key-env", "--router", "--nginx-dir",
